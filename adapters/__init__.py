@@ -1,0 +1,1 @@
+"""Adapter store and validation (PEFT on-disk format plus Quiver metadata)."""

@@ -1,0 +1,25 @@
+"""Python clients of Quiver's gRPC API (quiver.v1.GenerationService), blocking and asyncio.
+
+Example:
+
+    with QuiverClient("127.0.0.1:50051") as client:
+        print(client.generate("Hello", adapter="summarize", max_new_tokens=32).text)
+"""
+
+from __future__ import annotations
+
+from quiver.clients.aio import AsyncQuiverClient
+from quiver.clients.client import QuiverClient
+from quiver.clients.errors import QuiverRpcError
+from quiver.clients.types import DEFAULT_TARGET, FinishReason, Generation, GenerationChunk, ModelInfo
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncQuiverClient",
+    "FinishReason",
+    "Generation",
+    "GenerationChunk",
+    "ModelInfo",
+    "QuiverClient",
+    "QuiverRpcError",
+]

@@ -1,0 +1,48 @@
+"""Command-line flags generated from config dataclasses, so each flag maps 1:1 onto a documented field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    """`X | None` -> X; other types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of dataclass `cls`; help comes from the field's `help` metadata."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default
+        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": default}
+        if typing.get_origin(tp) is Literal:
+            kwargs.update(choices=list(typing.get_args(tp)), help=f"{help_text} (default: %(default)s)")
+        elif tp is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kwargs.update(type=tp, help=f"{help_text} (default: %(default)s)")
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build `cls` from the flags `add_dataclass_args` added; the dataclass validates in __post_init__."""
+    values = {f.name: getattr(args, f"{cls.__name__}.{f.name}") for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**values)

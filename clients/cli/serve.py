@@ -1,0 +1,38 @@
+"""`quiver serve`: load the base model and serve it over gRPC; flags map 1:1 onto the server configs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from quiver.clients.cli.dataclass_args import add_dataclass_args, from_args
+from quiver.server.config import EngineConfig, ModelConfig, ServerConfig
+
+HELP = "start the gRPC server (default model: SmolLM2-135M-Instruct)"
+CONFIGS = (ModelConfig, EngineConfig, ServerConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for cls in CONFIGS:
+        add_dataclass_args(parser, cls)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model, engine, server = (from_args(cls, args) for cls in CONFIGS)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Imported here: torch and transformers take seconds to import, client commands need neither.
+    from quiver.server.app import serve
+    from quiver.server.errors import ModelLoadError
+
+    try:
+        serve(model, engine, server)  # type: ignore[arg-type]
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

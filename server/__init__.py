@@ -1,0 +1,1 @@
+"""Quiver's gRPC server: one resident base model, a continuous-batching engine, many task adapters."""

@@ -1,0 +1,122 @@
+"""Assembles a running Quiver server: engine, gRPC services, health, reflection and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from quiver.server.config import EngineConfig, ModelConfig, ServerConfig
+from quiver.server.engine import Engine
+from quiver.server.interceptors import StatusInterceptor
+from quiver.server.metrics import ServerMetrics
+from quiver.server.model_loader import LoadedModel, load_base_model
+from quiver.server.request_builder import RequestBuilder, RequestLimits
+from quiver.server.service import GenerationService
+from quiver.v1 import generation_pb2 as pb
+from quiver.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# Engine load is sampled for the gauges this often.
+_GAUGE_PERIOD_S = 1.0
+
+
+def model_info(loaded: LoadedModel, engine_config: EngineConfig) -> pb.ModelInfoResponse:
+    info = loaded.info
+    return pb.ModelInfoResponse(
+        model_name=info.name,
+        fingerprint=info.fingerprint,
+        quantization=info.quantization,
+        device=info.device,
+        context_length=info.context_length,
+        resident_bytes=info.resident_bytes,
+        dtype=info.dtype,
+        architecture=info.architecture,
+        max_new_tokens_limit=engine_config.max_new_tokens_limit,
+        has_chat_template=info.has_chat_template,
+    )
+
+
+@dataclass
+class RunningServer:
+    """A started server; `port` and `metrics_port` are the bound ports (useful when 0 was asked)."""
+
+    server: grpc.aio.Server
+    engine: Engine
+    health: health_aio.HealthServicer
+    metrics: ServerMetrics
+    port: int
+    metrics_port: int | None
+    _gauges: asyncio.Task[None]
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        self._gauges.cancel()
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.engine.stop)
+
+
+async def _update_gauges(engine: Engine, metrics: ServerMetrics) -> None:
+    while True:
+        metrics.running.set(engine.num_running)
+        metrics.waiting.set(engine.num_waiting)
+        await asyncio.sleep(_GAUGE_PERIOD_S)
+
+
+async def start_server(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> RunningServer:
+    """Start the engine and a grpc.aio server around an already loaded model."""
+    metrics = ServerMetrics()
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
+    engine.start()
+    limits = RequestLimits(
+        context_length=loaded.info.context_length,
+        max_new_tokens_limit=engine_config.max_new_tokens_limit,
+        default_max_new_tokens=engine_config.default_max_new_tokens,
+    )
+    server = grpc.aio.server(interceptors=[StatusInterceptor(metrics)])
+    service = GenerationService(engine, RequestBuilder(loaded.tokenizer, limits), model_info(loaded, engine_config))
+    pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if config.reflection:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        engine.stop()
+        raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
+    await server.start()
+    metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    gauges = asyncio.create_task(_update_gauges(engine, metrics))
+    log.info("serving %s on %s:%d (metrics port %s)", loaded.info.name, config.host, port, metrics_port)
+    return RunningServer(server, engine, health, metrics, port, metrics_port, gauges)
+
+
+async def _serve_until_signal(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> None:
+    running = await start_server(loaded, engine_config, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    print(f"quiver: serving {loaded.info.name} on {config.host}:{running.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", config.grace_seconds)
+    await running.stop(config.grace_seconds)
+
+
+def serve(model_config: ModelConfig, engine_config: EngineConfig, config: ServerConfig) -> None:
+    """Load the model, serve until SIGINT/SIGTERM, then drain gracefully."""
+    loaded = load_base_model(model_config)
+    asyncio.run(_serve_until_signal(loaded, engine_config, config))

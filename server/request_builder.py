@@ -1,0 +1,157 @@
+"""Turns a wire request into a validated, tokenized `GenerationRequest` for the engine.
+
+Every user mistake becomes `InvalidArgument` naming the offending field, so clients get INVALID_ARGUMENT
+with a precise message and the engine only ever sees valid requests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from quiver.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from quiver.server.sampling import SamplingParams
+from quiver.v1 import generation_pb2 as pb
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request the engine can run as is."""
+
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask for on this server."""
+
+    context_length: int
+    max_new_tokens_limit: int
+    default_max_new_tokens: int
+
+
+class WireRequest(Protocol):
+    """Fields shared by GenerateRequest and GenerateStreamRequest."""
+
+    adapter: str
+    sampling: pb.SamplingParameters
+    stopping: pb.StoppingCriteria
+    text: str
+    chat: pb.ChatMessages
+
+    def WhichOneof(self, name: str) -> str | None: ...
+
+
+# Sampling field -> (test a set value must pass, what the message says otherwise).
+_SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
+    "top_p": (lambda v: math.isfinite(v) and 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "must be >= 0"),
+    "repetition_penalty": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    "seed": (lambda v: True, ""),
+}
+
+
+class RequestBuilder:
+    """Validates and tokenizes requests against one tokenizer and one set of limits."""
+
+    def __init__(self, tokenizer: Any, limits: RequestLimits) -> None:
+        self._tokenizer = tokenizer
+        self._limits = limits
+
+    def build(self, request: WireRequest) -> GenerationRequest:
+        if request.adapter:
+            # Adapters are not served yet: fail closed rather than answer with the base model.
+            raise NotFound(f"adapter {request.adapter!r} not found")
+        prompt_ids = self._prompt_ids(request)
+        max_new_tokens = self._max_new_tokens(request.stopping, len(prompt_ids))
+        return GenerationRequest(
+            prompt_ids=tuple(prompt_ids),
+            sampling=_sampling_params(request.sampling),
+            max_new_tokens=max_new_tokens,
+            stop_sequences=_stop_sequences(request.stopping),
+        )
+
+    def _prompt_ids(self, request: WireRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            if not request.text:
+                raise InvalidArgument("text", "must not be empty")
+            ids = list(self._tokenizer(request.text, add_special_tokens=False)["input_ids"])
+        elif kind == "chat":
+            ids = self._chat_ids(request.chat)
+        else:
+            raise InvalidArgument("input", "set either text or chat")
+        if not ids:
+            raise InvalidArgument(kind, "tokenizes to no tokens")
+        if len(ids) >= self._limits.context_length:
+            raise InvalidArgument(
+                kind, f"prompt is {len(ids)} tokens; the context holds {self._limits.context_length}"
+            )
+        return ids
+
+    def _chat_ids(self, chat: pb.ChatMessages) -> list[int]:
+        if not chat.messages:
+            raise InvalidArgument("chat.messages", "must hold at least one message")
+        for i, message in enumerate(chat.messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidArgument(f"chat.messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)}")
+            if not message.content:
+                raise InvalidArgument(f"chat.messages[{i}].content", "must not be empty")
+        if not self._tokenizer.chat_template:
+            raise FailedPrecondition("this model has no chat template; send text instead")
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        rendered: str = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template already holds any special tokens the model expects.
+        return list(self._tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def _max_new_tokens(self, stopping: pb.StoppingCriteria, prompt_len: int) -> int:
+        room = self._limits.context_length - prompt_len
+        if not stopping.HasField("max_new_tokens"):
+            return min(self._limits.default_max_new_tokens, room)
+        value = stopping.max_new_tokens
+        limit = self._limits.max_new_tokens_limit
+        if not 1 <= value <= limit:
+            raise InvalidArgument("stopping.max_new_tokens", f"must be in [1, {limit}], got {value}")
+        if value > room:
+            raise InvalidArgument(
+                "stopping.max_new_tokens",
+                f"prompt ({prompt_len} tokens) plus {value} new tokens exceeds the context "
+                f"({self._limits.context_length} tokens)",
+            )
+        return value
+
+
+def _sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
+    values: dict[str, Any] = {}
+    for name, (valid, problem) in _SAMPLING_RULES.items():
+        if not sampling.HasField(name):
+            continue
+        value = getattr(sampling, name)
+        if not valid(value):
+            raise InvalidArgument(f"sampling.{name}", f"{problem}, got {value}")
+        values[name] = value
+    return SamplingParams(**values)
+
+
+def _stop_sequences(stopping: pb.StoppingCriteria) -> tuple[str, ...]:
+    stops = tuple(stopping.stop_sequences)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("stopping.stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise InvalidArgument(f"stopping.stop_sequences[{i}]", "must not be empty")
+        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise InvalidArgument(
+                f"stopping.stop_sequences[{i}]", f"longer than {MAX_STOP_SEQUENCE_CHARS} characters"
+            )
+    return stops

@@ -1,0 +1,77 @@
+"""Fixtures for engine and gRPC tests: a tiny random Llama that shares the default model's tokenizer."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(default_checkpoint: Path) -> Any:
+    """The default model's tokenizer, from its converted checkpoint (parsing the GGUF again is slow)."""
+    tok = AutoTokenizer.from_pretrained(default_checkpoint)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smol_tokenizer: Any) -> LlamaForCausalLM:
+    """Random 2-layer Llama over the real vocabulary, so real text round-trips through it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        bos_token_id=smol_tokenizer.bos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform logits; sharpen them so greedy ties cannot hide a bug.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    return model.eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServerThread:
+    """A real Quiver gRPC server on its own event loop in a background thread."""
+
+    def __init__(self, loaded: Any, engine_config: Any = None) -> None:
+        import asyncio
+
+        from quiver.server.app import start_server
+        from quiver.server.config import EngineConfig, ServerConfig
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=_free_port())
+        start = start_server(loaded, engine_config or EngineConfig(), config)
+        self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

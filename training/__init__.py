@@ -1,0 +1,1 @@
+"""Training of LoRA, QLoRA, prompt-tuning and prefix-tuning adapters."""
