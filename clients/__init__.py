@@ -1,13 +1,17 @@
-"""Python clients of Quiver's gRPC API (quiver.v1.GenerationService), blocking and asyncio.
+"""Python clients of Quiver's gRPC API (quiver.v1.GenerationService and AdapterService), blocking and asyncio.
 
 Example:
 
     with QuiverClient("127.0.0.1:50051") as client:
         print(client.generate("Hello", adapter="summarize", max_new_tokens=32).text)
+
+    with QuiverClient("127.0.0.1:50051", admin_token=token) as client:
+        print(client.register_adapter("out/summarize", "summarize", mode="new_version").ref)
 """
 
 from __future__ import annotations
 
+from quiver.clients.adapters_types import AdapterDetails, AdapterInfo, AdapterKind, AdapterPage, RegisterMode
 from quiver.clients.aio import AsyncQuiverClient
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
@@ -15,6 +19,10 @@ from quiver.clients.types import DEFAULT_TARGET, FinishReason, Generation, Gener
 
 __all__ = [
     "DEFAULT_TARGET",
+    "AdapterDetails",
+    "AdapterInfo",
+    "AdapterKind",
+    "AdapterPage",
     "AsyncQuiverClient",
     "FinishReason",
     "Generation",
@@ -22,4 +30,5 @@ __all__ = [
     "ModelInfo",
     "QuiverClient",
     "QuiverRpcError",
+    "RegisterMode",
 ]

@@ -1,12 +1,27 @@
-"""asyncio Python client of quiver.v1.GenerationService; the same API as `QuiverClient`, awaitable."""
+"""asyncio Python client of quiver.v1.GenerationService and AdapterService; `QuiverClient`'s API, awaitable."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Self
 
 import grpc
 
+from quiver.clients.adapters_types import (
+    AdapterDetails,
+    AdapterInfo,
+    AdapterPage,
+    RegisterMode,
+    adapter_info_from_proto,
+    admin_metadata,
+    deleted_from_response,
+    details_from_response,
+    list_request,
+    page_from_response,
+    registration_options,
+)
 from quiver.clients.errors import QuiverRpcError
 from quiver.clients.types import (
     DEFAULT_TARGET,
@@ -18,6 +33,9 @@ from quiver.clients.types import (
     generation_from_response,
     model_info_from_response,
 )
+from quiver.clients.upload import Upload
+from quiver.v1 import adapters_pb2 as apb
+from quiver.v1 import adapters_pb2_grpc as apb_grpc
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
@@ -26,8 +44,9 @@ class AsyncQuiverClient:
     """One grpc.aio channel to a Quiver server; use `async with`, or `await close()`.
 
     Create it inside the event loop that will use it. `timeout` (seconds) is the deadline of each call
-    (of the whole stream for `generate_stream`); `metadata` is sent with every call. Every failed call
-    raises `QuiverRpcError`; arguments the wire cannot carry raise ValueError before anything is sent.
+    (of the whole stream for `generate_stream`); `metadata` is sent with every call, and `admin_token` (as
+    `authorization: Bearer <token>`) with every adapter call. Every failed call raises `QuiverRpcError`;
+    arguments the wire cannot carry raise ValueError before anything is sent.
     """
 
     def __init__(
@@ -36,11 +55,14 @@ class AsyncQuiverClient:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        admin_token: str | None = None,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._adapters = apb_grpc.AdapterServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = tuple(metadata)
+        self._admin_metadata = admin_metadata(metadata, admin_token)
 
     async def __aenter__(self) -> Self:
         return self
@@ -139,3 +161,92 @@ class AsyncQuiverClient:
         except grpc.RpcError as e:
             raise QuiverRpcError.from_grpc(e) from e
         return model_info_from_response(response)
+
+    # --- adapters -------------------------------------------------------------------------------------
+
+    async def register_adapter(
+        self,
+        path: str | Path,
+        name: str,
+        *,
+        mode: RegisterMode = "create",
+        description: str = "",
+        prompt_template: str | None = None,
+        chunk_size: int = 1 << 20,
+    ) -> AdapterInfo:
+        """Uploads the adapter directory `path` (its plain files, not subdirectories) and registers it as `name`.
+
+        Files are read lazily on worker threads, `chunk_size` bytes per message. A directory that cannot be
+        listed raises OSError before the call starts; a file that cannot be read raises its OSError (the call
+        is cancelled).
+        """
+        upload = Upload(path, registration_options(name, mode, description, prompt_template), chunk_size)
+        try:
+            response = await self._adapters.RegisterAdapter(
+                upload.in_threads(), timeout=self._timeout, metadata=self._admin_metadata
+            )
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        except asyncio.CancelledError:
+            # grpc.aio cancels the call when the request iterator raises; awaiting it then raises this.
+            if upload.read_error is None:
+                raise
+            raise upload.read_error from None
+        return adapter_info_from_proto(response.adapter)
+
+    async def import_adapter(
+        self,
+        server_path: str,
+        name: str,
+        *,
+        mode: RegisterMode = "create",
+        description: str = "",
+        prompt_template: str | None = None,
+    ) -> AdapterInfo:
+        """Registers the adapter directory `server_path` on the server's own disk (under an import root) as `name`."""
+        options = registration_options(name, mode, description, prompt_template)
+        request = apb.ImportAdapterRequest(path=server_path, options=options)
+        try:
+            response = await self._adapters.ImportAdapter(request, timeout=self._timeout, metadata=self._admin_metadata)
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        return adapter_info_from_proto(response.adapter)
+
+    async def list_adapters(self, page_size: int = 100, page_token: str = "") -> AdapterPage:
+        """One page of the latest version of every adapter, sorted by name."""
+        request = list_request(page_size, page_token)
+        try:
+            response = await self._adapters.ListAdapters(request, timeout=self._timeout, metadata=self._admin_metadata)
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        return page_from_response(response)
+
+    async def iter_adapters(self, page_size: int = 100) -> AsyncIterator[AdapterInfo]:
+        """The latest version of every adapter, sorted by name, fetching pages as the iteration reaches them."""
+        page_token = ""
+        while True:
+            page = await self.list_adapters(page_size, page_token)
+            for adapter in page.adapters:
+                yield adapter
+            if not (page_token := page.next_page_token):
+                return
+
+    async def get_adapter(self, ref: str) -> AdapterDetails:
+        """Describes `name` (its latest version) or `name@version`, with every version number of the name."""
+        try:
+            response = await self._adapters.GetAdapter(
+                apb.GetAdapterRequest(adapter=ref), timeout=self._timeout, metadata=self._admin_metadata
+            )
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        return details_from_response(response)
+
+    async def delete_adapter(self, ref: str) -> list[AdapterInfo]:
+        """Deletes every version of `name`, or only `name@version`; returns the versions deleted."""
+        try:
+            response = await self._adapters.DeleteAdapter(
+                apb.DeleteAdapterRequest(adapter=ref), timeout=self._timeout, metadata=self._admin_metadata
+            )
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        return deleted_from_response(response)

@@ -5,27 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from quiver.server.config import EngineConfig, ModelConfig, ServerConfig
+from quiver.adapters.base_spec import base_spec_from_checkpoint
+from quiver.adapters.names import parse_ref
+from quiver.adapters.registry import AdapterRegistry
+from quiver.adapters.store import LocalAdapterStore, default_store_dir
+from quiver.adapters.validation import ValidationLimits
+from quiver.server.adapter_service import AdapterService
+from quiver.server.auth import AdminTokenInterceptor
+from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 from quiver.server.engine import Engine
 from quiver.server.interceptors import StatusInterceptor
 from quiver.server.metrics import ServerMetrics
 from quiver.server.model_loader import LoadedModel, load_base_model
 from quiver.server.request_builder import RequestBuilder, RequestLimits
 from quiver.server.service import GenerationService
+from quiver.v1 import adapters_pb2, adapters_pb2_grpc
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+ADAPTER_SERVICE_NAME = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
+SERVICE_NAMES = (SERVICE_NAME, ADAPTER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
 # Engine load is sampled for the gauges this often.
 _GAUGE_PERIOD_S = 1.0
 
@@ -72,39 +84,73 @@ async def _update_gauges(engine: Engine, metrics: ServerMetrics) -> None:
         await asyncio.sleep(_GAUGE_PERIOD_S)
 
 
-async def start_server(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> RunningServer:
-    """Start the engine and a grpc.aio server around an already loaded model."""
-    metrics = ServerMetrics()
-    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
-    engine.start()
+def build_registry(loaded: LoadedModel, config: AdapterConfig) -> AdapterRegistry:
+    store_dir = Path(config.store) if config.store else default_store_dir()
+    limits = ValidationLimits(max_rank=config.max_rank, max_adapter_bytes=config.max_adapter_bytes)
+    base = base_spec_from_checkpoint(loaded.checkpoint_dir)
+    registry = AdapterRegistry(LocalAdapterStore(store_dir), base, limits)
+    log.info("adapter store: %s", store_dir)
+    return registry
+
+
+def _interceptors(metrics: ServerMetrics, config: AdapterConfig) -> list[grpc.aio.ServerInterceptor]:
+    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
+    token = config.admin_token or os.environ.get("QUIVER_ADMIN_TOKEN")
+    if token:
+        interceptors.append(AdminTokenInterceptor(token))
+    else:
+        log.warning("adapter registration and deletion are unprotected (no --admin-token)")
+    return interceptors
+
+
+def _add_services(
+    server: grpc.aio.Server, loaded: LoadedModel, engine: Engine, engine_config: EngineConfig,
+    registry: AdapterRegistry, adapter_config: AdapterConfig,
+) -> None:
     limits = RequestLimits(
         context_length=loaded.info.context_length,
         max_new_tokens_limit=engine_config.max_new_tokens_limit,
         default_max_new_tokens=engine_config.default_max_new_tokens,
     )
-    server = grpc.aio.server(interceptors=[StatusInterceptor(metrics)])
-    service = GenerationService(engine, RequestBuilder(loaded.tokenizer, limits), model_info(loaded, engine_config))
+    builder = RequestBuilder(loaded.tokenizer, limits, lambda ref: registry.store.get(parse_ref(ref)))
+    service = GenerationService(engine, builder, model_info(loaded, engine_config))
     pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+    import_roots = tuple(Path(root) for root in adapter_config.import_roots)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+        AdapterService(registry, import_roots, adapter_config.max_adapter_bytes), server
+    )
+
+
+async def start_server(
+    loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig, adapter_config: AdapterConfig
+) -> RunningServer:
+    """Start the engine and a grpc.aio server around an already loaded model."""
+    metrics = ServerMetrics()
+    registry = build_registry(loaded, adapter_config)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
+    server = grpc.aio.server(interceptors=_interceptors(metrics, adapter_config))
+    _add_services(server, loaded, engine, engine_config, registry, adapter_config)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if config.reflection:
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
-        engine.stop()
         raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
+    engine.start()
     await server.start()
     metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
-    for name in ("", SERVICE_NAME):
+    for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     gauges = asyncio.create_task(_update_gauges(engine, metrics))
     log.info("serving %s on %s:%d (metrics port %s)", loaded.info.name, config.host, port, metrics_port)
     return RunningServer(server, engine, health, metrics, port, metrics_port, gauges)
 
 
-async def _serve_until_signal(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> None:
-    running = await start_server(loaded, engine_config, config)
+async def _serve_until_signal(
+    loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig, adapter_config: AdapterConfig
+) -> None:
+    running = await start_server(loaded, engine_config, config, adapter_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,7 +162,9 @@ async def _serve_until_signal(loaded: LoadedModel, engine_config: EngineConfig, 
     await running.stop(config.grace_seconds)
 
 
-def serve(model_config: ModelConfig, engine_config: EngineConfig, config: ServerConfig) -> None:
+def serve(
+    model_config: ModelConfig, engine_config: EngineConfig, config: ServerConfig, adapter_config: AdapterConfig
+) -> None:
     """Load the model, serve until SIGINT/SIGTERM, then drain gracefully."""
     loaded = load_base_model(model_config)
-    asyncio.run(_serve_until_signal(loaded, engine_config, config))
+    asyncio.run(_serve_until_signal(loaded, engine_config, config, adapter_config))

@@ -70,6 +70,37 @@ class EngineConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Where adapters are stored, what registration accepts, and who may change them."""
+
+    store: str | None = field(
+        default=None,
+        metadata={"help": "adapter store directory (default: $QUIVER_STORE_DIR or ~/.local/share/quiver/adapters)"},
+    )
+    max_rank: int = field(default=256, metadata={"help": "largest LoRA rank accepted at registration"})
+    max_adapter_bytes: int = field(
+        default=256 * 2**20, metadata={"help": "largest adapter (all files) accepted at registration, in bytes"}
+    )
+    import_roots: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "server directory adapters may be imported from by path (repeatable; none by default)"},
+    )
+    admin_token: str | None = field(
+        default=None,
+        metadata={"help": "bearer token required by RegisterAdapter, ImportAdapter and DeleteAdapter "
+                  "(default: $QUIVER_ADMIN_TOKEN; unset = unprotected)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise ValueError("--max-rank must be >= 1")
+        if self.max_adapter_bytes < 1:
+            raise ValueError("--max-adapter-bytes must be >= 1")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("--admin-token must not be empty")
+
+
+@dataclass
 class ServerConfig:
     """Network side of the server."""
 

@@ -80,6 +80,7 @@ def _wrap_unary(
             raise
         except Exception as e:
             if _is_abort(e):
+                call.code = _context_code(context)
                 raise
             await call.fail(e)
         finally:
@@ -101,12 +102,24 @@ def _wrap_stream(
             raise
         except Exception as e:
             if _is_abort(e):
+                call.code = _context_code(context)
                 raise
             await call.fail(e)
         finally:
             call.done()
 
     return handler
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status an abort set; grpc.aio may report it as a StatusCode or as its integer value."""
+    code: object = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN) if isinstance(code, int) else grpc.StatusCode.UNKNOWN
 
 
 def _is_abort(error: Exception) -> bool:

@@ -61,17 +61,31 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+class AdapterResolver(Protocol):
+    """Finds a registered adapter by `name` or `name@version`; raises NotFound (or InvalidArgument)."""
+
+    def __call__(self, ref: str) -> Any: ...
+
+
+def _no_adapters(ref: str) -> Any:
+    raise NotFound(f"adapter {ref!r} not found")
+
+
 class RequestBuilder:
     """Validates and tokenizes requests against one tokenizer and one set of limits."""
 
-    def __init__(self, tokenizer: Any, limits: RequestLimits) -> None:
+    def __init__(self, tokenizer: Any, limits: RequestLimits, resolve_adapter: AdapterResolver = _no_adapters) -> None:
         self._tokenizer = tokenizer
         self._limits = limits
+        self._resolve_adapter = resolve_adapter
 
     def build(self, request: WireRequest) -> GenerationRequest:
         if request.adapter:
-            # Adapters are not served yet: fail closed rather than answer with the base model.
-            raise NotFound(f"adapter {request.adapter!r} not found")
+            self._resolve_adapter(request.adapter)  # unknown names fail here: NOT_FOUND, never the base model
+            # Known adapters are stored and validated, but the engine cannot apply them yet: fail closed.
+            raise FailedPrecondition(
+                f"adapter {request.adapter!r} is registered, but this server does not serve adapters yet"
+            )
         prompt_ids = self._prompt_ids(request)
         max_new_tokens = self._max_new_tokens(request.stopping, len(prompt_ids))
         return GenerationRequest(

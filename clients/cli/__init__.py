@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "serve": "quiver.clients.cli.serve",
     "generate": "quiver.clients.cli.generate",
     "info": "quiver.clients.cli.info",
+    "adapters": "quiver.clients.cli.adapters",
 }
 
 

@@ -35,6 +35,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": default}
         if typing.get_origin(tp) is Literal:
             kwargs.update(choices=list(typing.get_args(tp)), help=f"{help_text} (default: %(default)s)")
+        elif typing.get_origin(tp) is tuple:
+            kwargs.update(action="append", type=typing.get_args(tp)[0], help=help_text)
+            kwargs["default"] = None
         elif tp is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -44,5 +47,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Build `cls` from the flags `add_dataclass_args` added; the dataclass validates in __post_init__."""
-    values = {f.name: getattr(args, f"{cls.__name__}.{f.name}") for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(args, f"{cls.__name__}.{f.name}")
+        if value is None and f.default is not dataclasses.MISSING and f.default is not None:
+            value = f.default  # a repeatable flag given zero times
+        values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)

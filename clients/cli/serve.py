@@ -7,10 +7,10 @@ import logging
 import sys
 
 from quiver.clients.cli.dataclass_args import add_dataclass_args, from_args
-from quiver.server.config import EngineConfig, ModelConfig, ServerConfig
+from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 
 HELP = "start the gRPC server (default model: SmolLM2-135M-Instruct)"
-CONFIGS = (ModelConfig, EngineConfig, ServerConfig)
+CONFIGS = (ModelConfig, EngineConfig, ServerConfig, AdapterConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model, engine, server = (from_args(cls, args) for cls in CONFIGS)
+        model, engine, server, adapters = (from_args(cls, args) for cls in CONFIGS)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from quiver.server.errors import ModelLoadError
 
     try:
-        serve(model, engine, server)  # type: ignore[arg-type]
+        serve(model, engine, server, adapters)  # type: ignore[arg-type]
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -55,17 +55,18 @@ def _free_port() -> int:
 class ServerThread:
     """A real Quiver gRPC server on its own event loop in a background thread."""
 
-    def __init__(self, loaded: Any, engine_config: Any = None) -> None:
+    def __init__(self, loaded: Any, store: Path, engine_config: Any = None, adapter_config: Any = None) -> None:
         import asyncio
 
         from quiver.server.app import start_server
-        from quiver.server.config import EngineConfig, ServerConfig
+        from quiver.server.config import AdapterConfig, EngineConfig, ServerConfig
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         config = ServerConfig(host="127.0.0.1", port=0, metrics_port=_free_port())
-        start = start_server(loaded, engine_config or EngineConfig(), config)
+        adapter_config = adapter_config or AdapterConfig(store=str(store))
+        start = start_server(loaded, engine_config or EngineConfig(), config, adapter_config)
         self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)
         self.target = f"127.0.0.1:{self.running.port}"
 

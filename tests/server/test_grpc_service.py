@@ -30,8 +30,8 @@ def loaded(default_cache_dir: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def server(loaded: Any) -> Iterator[ServerThread]:
-    srv = ServerThread(loaded)
+def server(loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    srv = ServerThread(loaded, store=tmp_path_factory.mktemp("store"))
     yield srv
     srv.close()
 
