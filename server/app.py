@@ -84,9 +84,11 @@ async def _update_gauges(engine: Engine, metrics: ServerMetrics) -> None:
         await asyncio.sleep(_GAUGE_PERIOD_S)
 
 
-def build_registry(loaded: LoadedModel, config: AdapterConfig) -> AdapterRegistry:
+def build_registry(loaded: LoadedModel, config: AdapterConfig, engine_config: EngineConfig) -> AdapterRegistry:
     store_dir = Path(config.store) if config.store else default_store_dir()
-    limits = ValidationLimits(max_rank=config.max_rank, max_adapter_bytes=config.max_adapter_bytes)
+    # Registration refuses what the engine's LoRA slots could not hold: fail at the door, not per request.
+    max_rank = min(config.max_rank, engine_config.max_lora_rank)
+    limits = ValidationLimits(max_rank=max_rank, max_adapter_bytes=config.max_adapter_bytes)
     base = base_spec_from_checkpoint(loaded.checkpoint_dir)
     registry = AdapterRegistry(LocalAdapterStore(store_dir), base, limits)
     log.info("adapter store: %s", store_dir)
@@ -126,7 +128,7 @@ async def start_server(
 ) -> RunningServer:
     """Start the engine and a grpc.aio server around an already loaded model."""
     metrics = ServerMetrics()
-    registry = build_registry(loaded, adapter_config)
+    registry = build_registry(loaded, adapter_config, engine_config)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
     server = grpc.aio.server(interceptors=_interceptors(metrics, adapter_config))
     _add_services(server, loaded, engine, engine_config, registry, adapter_config)

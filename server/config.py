@@ -60,9 +60,24 @@ class EngineConfig:
     max_queued: int = field(
         default=1024, metadata={"help": "most requests waiting to start; beyond it RESOURCE_EXHAUSTED"}
     )
+    max_lora_rank: int = field(
+        default=64,
+        metadata={"help": "rank of the preallocated LoRA slots; registration refuses higher ranks"},
+    )
+    max_lora_slots: int = field(
+        default=16, metadata={"help": "most LoRA adapters resident on the device at once"}
+    )
+    max_device_adapter_bytes: int = field(
+        default=2**30,
+        metadata={"help": "device bytes for adapters: the LoRA slot stacks plus resident prompts and prefixes"},
+    )
+    max_host_adapter_bytes: int = field(
+        default=4 * 2**30, metadata={"help": "host-memory LRU of loaded adapters, in bytes"}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued"):
+        for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued",
+                     "max_lora_rank", "max_lora_slots", "max_device_adapter_bytes", "max_host_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

@@ -1,9 +1,10 @@
-"""The generation engine: owns the model on one thread and advances every running sequence step by step.
+"""The generation engine: owns the model on one thread and decodes every running sequence in one batch.
 
 Iteration-level scheduling as in Orca (Yu et al., OSDI 2022): at every step the engine admits waiting
-requests (prefill), decodes one token for each running sequence and retires finished or cancelled ones at
-once, so a short request submitted while a long one runs finishes first. Each sequence keeps its own
-key/value cache; sampling runs over all running rows together.
+requests (each prefilled on its own), samples one token for every running sequence, retires finished or
+cancelled ones at once and runs one batched forward for the rest. Rows of one batch may use different
+adapters of different kinds (S-LoRA-style multi-LoRA slots, soft prompts, key/value prefixes) or none; the
+weights never change between requests.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache
+from quiver.server.batch import DecodeBatch
 from quiver.server.config import EngineConfig
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
+from quiver.server.lora import LoraSlots
+from quiver.server.prefill import prefill_inputs
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import RowSampler, sample_next
+from quiver.server.scheduler import Scheduler, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class RequestHandle:
 
 @dataclass(eq=False)
 class _Sequence:
-    """Engine-thread state of one running request."""
+    """Engine-thread state of one request."""
 
     request: GenerationRequest
     sink: Sink
@@ -74,9 +80,21 @@ class _Sequence:
     text: TextStream
     seen: torch.Tensor  # (prompt_len + max_new_tokens,) token ids; the first `n_seen` are valid
     n_seen: int
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    adapter: DeviceAdapter | None = None
     logits: torch.Tensor | None = None  # (V,) next-token logits
     n_generated: int = 0
+    done: bool = field(default=False)
+
+
+def _lora_slots(model: Any, config: EngineConfig, dtype: torch.dtype) -> LoraSlots:
+    """As many LoRA slots as the device adapter budget holds, at most `max_lora_slots`, at least one."""
+    probe = LoraSlots(model, num_slots=1, max_rank=config.max_lora_rank, dtype=dtype)
+    slot_bytes = probe.slot_bytes
+    probe.unwrap()
+    fit = config.max_device_adapter_bytes // slot_bytes
+    slots = max(1, min(config.max_lora_slots, fit))
+    log.info("LoRA: %d device slots of rank %d (%.1f MiB each)", slots, config.max_lora_rank, slot_bytes / 2**20)
+    return LoraSlots(model, num_slots=slots, max_rank=config.max_lora_rank, dtype=dtype)
 
 
 class Engine:
@@ -88,8 +106,14 @@ class Engine:
         self._eos = eos_token_ids
         self._config = config
         self._device = next(model.parameters()).device
-        self._waiting: queue.Queue[_Sequence] = queue.Queue()
+        dtype = model.get_input_embeddings().weight.dtype
+        self.lora = _lora_slots(model, config, dtype)
+        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes)
+        self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype)
+        self._scheduler: Scheduler[_Sequence] = Scheduler(self.host_adapters, self.device_adapters)
+        self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._running: list[_Sequence] = []
+        self._batch = DecodeBatch(self._device)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
@@ -101,7 +125,10 @@ class Engine:
         """Finish no more work: running and waiting requests get UNAVAILABLE."""
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.host_adapters.close()
+        self.lora.unwrap()
 
     @property
     def num_running(self) -> int:
@@ -109,28 +136,22 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._waiting.qsize()
+        return self._inbox.qsize() + len(self._scheduler)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue `request`; `sink` is called from the engine thread with every event."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
-        if self._waiting.qsize() >= self._config.max_queued:
+        if self.num_waiting >= self._config.max_queued:
             raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
         handle = RequestHandle()
-        seen = torch.zeros(len(request.prompt_ids) + request.max_new_tokens, dtype=torch.long)
-        seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids, dtype=torch.long)
-        self._waiting.put(
-            _Sequence(
-                request=request,
-                sink=sink,
-                handle=handle,
-                sampler=RowSampler(request.sampling),
-                text=TextStream(self._tokenizer, request.stop_sequences),
-                seen=seen,
-                n_seen=len(request.prompt_ids),
-            )
+        prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
+        seen = torch.cat([prompt, torch.zeros(request.max_new_tokens, dtype=torch.long)])
+        sequence = _Sequence(
+            request, sink, handle, RowSampler(request.sampling), TextStream(self._tokenizer, request.stop_sequences),
+            seen, len(request.prompt_ids),
         )
+        self._inbox.put(sequence)
         self._wake.set()
         return handle
 
@@ -139,55 +160,100 @@ class Engine:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
+                self._take_inbox()
                 self._admit()
                 if not self._running:
-                    self._wake.wait()
+                    # Nothing to decode: sleep until a request arrives (or a cold adapter may have loaded).
+                    self._wake.wait(timeout=0.005 if len(self._scheduler) else None)
                     self._wake.clear()
                     continue
                 try:
                     self._step()
                 except Exception as e:  # a model failure fails the batch, not the server
                     log.exception("engine step failed")
-                    self._fail_all(self._running, e)
-                    self._running = []
-        self._fail_all(self._running + self._drain_waiting(), Unavailable("the server is shutting down"))
+                    self._finish_all(self._running, e)
+        self._finish_all(self._running, Unavailable("the server is shutting down"))
+        self._take_inbox()
+        for waiting in self._scheduler.take_all():
+            self._fail(waiting.item, Unavailable("the server is shutting down"))
 
-    def _admit(self) -> None:
-        """Prefill waiting requests while there is room."""
-        while len(self._running) < self._config.max_running:
+    def _take_inbox(self) -> None:
+        while True:
             try:
-                seq = self._waiting.get_nowait()
+                seq = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            self._scheduler.add(seq, seq.request.adapter)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while the batch has room and their adapters are on the device."""
+        for gone in self._scheduler.drop(lambda s: s.handle.cancelled):
+            if gone.device is not None:
+                self.device_adapters.release(gone.device)
+        for entry in self._scheduler.admit(self._config.max_running - len(self._running)):
+            self._start(entry)
+
+    def _start(self, entry: Waiting[_Sequence]) -> None:
+        seq = entry.item
+        if entry.error is not None:
+            self._fail(seq, entry.error)
+            return
+        seq.adapter = entry.device
+        try:
+            self._prefill(seq)
+        except Exception as e:
+            log.exception("prefill failed")
+            self._finish_all([seq], e)
+            return
+        self._running.append(seq)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self._device)  # (1, T)
+        inputs = prefill_inputs(self._model, ids, seq.adapter)
+        cache = inputs.cache if inputs.cache is not None else DynamicCache()
+        self._set_lora([seq])
+        out = self._model(
+            **inputs.model_kwargs, attention_mask=torch.ones(1, inputs.total, dtype=torch.long, device=self._device),
+            position_ids=inputs.positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
+        seq.logits = out.logits[0, -1].float()  # (V,)
+        self._batch.add(cache, inputs.total)
+
+    def _set_lora(self, rows: list[_Sequence]) -> None:
+        slots = [s.adapter.lora_slot if s.adapter else 0 for s in rows]
+        ranks = [s.adapter.rank if s.adapter else 0 for s in rows]
+        self.lora.set_batch(slots, ranks)
+
+    def _drop_cancelled(self) -> None:
+        alive = [i for i, seq in enumerate(self._running) if not seq.handle.cancelled]
+        if len(alive) == len(self._running):
+            return
+        for seq in self._running:
             if seq.handle.cancelled:
-                continue
-            try:
-                self._forward(seq, seq.request.prompt_ids)
-            except Exception as e:
-                log.exception("prefill failed")
-                self._fail_all([seq], e)
-                continue
-            self._running.append(seq)
+                self._retire(seq)
+        self._running = [self._running[i] for i in alive]
+        self._batch.keep(alive)
 
     def _step(self) -> None:
-        """Sample one token for every running sequence, emit it, then run the next forward."""
-        self._running = [s for s in self._running if not s.handle.cancelled]
+        """Sample one token for every running sequence, emit it, then decode the survivors in one forward."""
+        self._drop_cancelled()
         batch = self._running
         if not batch:
             return
         logits = torch.stack([s.logits for s in batch if s.logits is not None])  # (B, V)
         tokens = sample_next(logits, [s.sampler for s in batch], [s.seen[: s.n_seen] for s in batch])
-        still_running = []
-        for seq, token in zip(batch, tokens.tolist(), strict=True):
-            if self._emit(seq, token):
-                still_running.append(seq)
-                self._forward(seq, (token,))
-        self._running = still_running
-
-    def _forward(self, seq: _Sequence, token_ids: tuple[int, ...]) -> None:
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self._device)  # (1, T)
-        out = self._model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
-        seq.logits = out.logits[0, -1].float()  # (V,)
+        keep = [i for i, (seq, token) in enumerate(zip(batch, tokens.tolist(), strict=True)) if self._emit(seq, token)]
+        for i, seq in enumerate(batch):
+            if i not in keep:
+                self._retire(seq)
+        self._running = [batch[i] for i in keep]
+        self._batch.keep(keep)
+        if not self._running:
+            return
+        self._set_lora(self._running)
+        next_logits = self._batch.forward(self._model, tokens[keep].to(self._device))  # (B', V)
+        for seq, row in zip(self._running, next_logits, strict=True):
+            seq.logits = row
 
     def _emit(self, seq: _Sequence, token: int) -> bool:
         """Record `token` and send its event; returns whether the sequence goes on."""
@@ -196,8 +262,7 @@ class Engine:
         seq.n_generated += 1
         finish: FinishReason | None = None
         if token in self._eos:
-            finish = FinishReason.EOS_TOKEN
-            text = ""
+            finish, text = FinishReason.EOS_TOKEN, ""
         else:
             text = seq.text.push(token)
             if seq.text.stopped:
@@ -206,14 +271,13 @@ class Engine:
                 finish = FinishReason.LENGTH
         if finish is not None and finish is not FinishReason.STOP_SEQUENCE:
             text += seq.text.finish()
-        event = GenerationEvent(
-            text=text,
-            token_ids=(token,),
-            prompt_tokens=len(seq.request.prompt_ids),
-            completion_tokens=seq.n_generated,
-            finish_reason=finish,
-        )
+        event = GenerationEvent(text, (token,), len(seq.request.prompt_ids), seq.n_generated, finish)
         return self._send(seq, event) and finish is None
+
+    def _retire(self, seq: _Sequence) -> None:
+        if seq.adapter is not None and not seq.done:
+            self.device_adapters.release(seq.adapter)
+        seq.done = True
 
     def _send(self, seq: _Sequence, event: GenerationEvent) -> bool:
         try:
@@ -224,16 +288,15 @@ class Engine:
             return False
         return True
 
-    def _fail_all(self, seqs: list[_Sequence], error: BaseException) -> None:
+    def _fail(self, seq: _Sequence, error: BaseException) -> None:
         if not isinstance(error, QuiverError):
             error = RuntimeError(f"generation failed: {error}")
-        for seq in seqs:
-            self._send(seq, GenerationEvent("", (), len(seq.request.prompt_ids), seq.n_generated, error=error))
+        self._send(seq, GenerationEvent("", (), len(seq.request.prompt_ids), seq.n_generated, error=error))
 
-    def _drain_waiting(self) -> list[_Sequence]:
-        drained = []
-        while True:
-            try:
-                drained.append(self._waiting.get_nowait())
-            except queue.Empty:
-                return drained
+    def _finish_all(self, seqs: list[_Sequence], error: BaseException) -> None:
+        for seq in seqs:
+            self._fail(seq, error)
+            self._retire(seq)
+        if seqs is self._running:
+            self._running = []
+            self._batch.keep([])

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from quiver.adapters.store import StoredAdapter
 from quiver.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from quiver.server.sampling import SamplingParams
 from quiver.v1 import generation_pb2 as pb
@@ -28,6 +29,7 @@ class GenerationRequest:
     sampling: SamplingParams
     max_new_tokens: int
     stop_sequences: tuple[str, ...]
+    adapter: StoredAdapter | None = None  # the adapter version to apply, resolved when the request arrived
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,10 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 class AdapterResolver(Protocol):
     """Finds a registered adapter by `name` or `name@version`; raises NotFound (or InvalidArgument)."""
 
-    def __call__(self, ref: str) -> Any: ...
+    def __call__(self, ref: str) -> StoredAdapter: ...
 
 
-def _no_adapters(ref: str) -> Any:
+def _no_adapters(ref: str) -> StoredAdapter:
     raise NotFound(f"adapter {ref!r} not found")
 
 
@@ -80,40 +82,40 @@ class RequestBuilder:
         self._resolve_adapter = resolve_adapter
 
     def build(self, request: WireRequest) -> GenerationRequest:
-        if request.adapter:
-            self._resolve_adapter(request.adapter)  # unknown names fail here: NOT_FOUND, never the base model
-            # Known adapters are stored and validated, but the engine cannot apply them yet: fail closed.
-            raise FailedPrecondition(
-                f"adapter {request.adapter!r} is registered, but this server does not serve adapters yet"
-            )
-        prompt_ids = self._prompt_ids(request)
-        max_new_tokens = self._max_new_tokens(request.stopping, len(prompt_ids))
+        # Unknown names fail here with NOT_FOUND: never a base-model answer.
+        adapter = self._resolve_adapter(request.adapter) if request.adapter else None
+        template = adapter.metadata.prompt_template if adapter else None
+        virtual = (adapter.metadata.num_virtual_tokens or 0) if adapter else 0
+        prompt_ids = self._prompt_ids(request, template, virtual)
+        max_new_tokens = self._max_new_tokens(request.stopping, len(prompt_ids) + virtual)
         return GenerationRequest(
             prompt_ids=tuple(prompt_ids),
             sampling=_sampling_params(request.sampling),
             max_new_tokens=max_new_tokens,
             stop_sequences=_stop_sequences(request.stopping),
+            adapter=adapter,
         )
 
-    def _prompt_ids(self, request: WireRequest) -> list[int]:
+    def _prompt_ids(self, request: WireRequest, template: str | None, virtual: int) -> list[int]:
         kind = request.WhichOneof("input")
         if kind == "text":
             if not request.text:
                 raise InvalidArgument("text", "must not be empty")
-            ids = list(self._tokenizer(request.text, add_special_tokens=False)["input_ids"])
+            text = request.text if template is None else template.format(input=request.text)
+            ids = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
         elif kind == "chat":
-            ids = self._chat_ids(request.chat)
+            ids = self._chat_ids(request.chat, template)
         else:
             raise InvalidArgument("input", "set either text or chat")
         if not ids:
             raise InvalidArgument(kind, "tokenizes to no tokens")
-        if len(ids) >= self._limits.context_length:
+        if len(ids) + virtual >= self._limits.context_length:
             raise InvalidArgument(
-                kind, f"prompt is {len(ids)} tokens; the context holds {self._limits.context_length}"
+                kind, f"prompt is {len(ids) + virtual} tokens; the context holds {self._limits.context_length}"
             )
         return ids
 
-    def _chat_ids(self, chat: pb.ChatMessages) -> list[int]:
+    def _chat_ids(self, chat: pb.ChatMessages, template: str | None) -> list[int]:
         if not chat.messages:
             raise InvalidArgument("chat.messages", "must hold at least one message")
         for i, message in enumerate(chat.messages):
@@ -124,6 +126,9 @@ class RequestBuilder:
         if not self._tokenizer.chat_template:
             raise FailedPrecondition("this model has no chat template; send text instead")
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if template is not None and users:  # the adapter was trained on its template around the user's words
+            messages[users[-1]]["content"] = template.format(input=messages[users[-1]]["content"])
         rendered: str = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The template already holds any special tokens the model expects.
         return list(self._tokenizer(rendered, add_special_tokens=False)["input_ids"])

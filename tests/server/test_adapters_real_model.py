@@ -47,7 +47,7 @@ def test_each_kind_registers_and_survives_restart(loaded: Any, default_checkpoin
         with QuiverClient(second.target) as client:
             assert {a.name: a for a in client.iter_adapters()} == registered
             with pytest.raises(QuiverRpcError) as err:
-                client.generate("Hello", adapter="smol-lora")
-            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                client.generate("Hello", adapter="smol-missing")
+            assert err.value.code == grpc.StatusCode.NOT_FOUND
     finally:
         second.close()

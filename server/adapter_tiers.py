@@ -1,0 +1,234 @@
+"""Adapter tiers sized in bytes: device residency <- host-memory LRU <- the store on disk (as in S-LoRA).
+
+Cold adapters load from the store (safetensors) on a loader thread into a host LRU, so the engine thread never
+waits on disk; the engine then copies them into a preallocated device slot (LoRA) or a small device tensor
+(soft prompt, prefix) between two steps. Entries in use by running sequences are pinned by a reference count
+and are never evicted, so deleting or replacing an adapter in the store never breaks a running request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+
+from quiver.adapters.peft_config import LoraSpec, read_peft_config
+from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY
+from quiver.adapters.store import StoredAdapter
+from quiver.server.errors import ResourceExhausted
+from quiver.server.lora import LoraSlots, lora_pairs
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+PROMPT_KEY = "prompt_embeddings"
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """Identity of one stored adapter version; a replaced adapter gets a new key, so nothing stale is served."""
+
+    name: str
+    version: int
+    sha256: str
+
+    @classmethod
+    def of(cls, stored: StoredAdapter) -> AdapterKey:
+        return cls(stored.metadata.name, stored.metadata.version, stored.metadata.sha256)
+
+
+@dataclass(frozen=True)
+class HostAdapter:
+    """An adapter's tensors in host memory, ready to copy to the device."""
+
+    key: AdapterKey
+    kind: str  # "lora" | "prompt_tuning" | "prefix_tuning"
+    # LoRA: the PEFT state dict; prompt: {"prompt": (P, H)}; prefix: {"prefix": (L, 2, H_kv, P, D)}
+    tensors: dict[str, torch.Tensor]
+    scalings: dict[str, float]  # LoRA module path -> alpha / r (or alpha / sqrt(r))
+    rank: int
+    nbytes: int
+
+
+def _load_lora(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    tensors = load_file(str(stored.path / WEIGHTS_FILE))
+    spec = read_peft_config(stored.path).spec
+    assert isinstance(spec, LoraSpec), "validated at registration"
+    return tensors, {module: spec.scaling_for(module) for module in lora_pairs(tensors)}
+
+
+def _load_prompt(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    return {"prompt": load_file(str(stored.path / WEIGHTS_FILE))[PROMPT_KEY]}, {}
+
+
+def _load_prefix(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    return {"prefix": load_file(str(stored.path / PREFIX_FILE))[PREFIX_KEY]}, {}
+
+
+_LOADERS: dict[str, Callable[[StoredAdapter], tuple[dict[str, torch.Tensor], dict[str, float]]]] = {
+    "lora": _load_lora,
+    "prompt_tuning": _load_prompt,
+    "prefix_tuning": _load_prefix,
+}
+
+
+def load_host_adapter(stored: StoredAdapter) -> HostAdapter:
+    """Read a stored adapter's tensors (safetensors only) into host memory."""
+    kind = stored.metadata.kind
+    tensors, scalings = _LOADERS[kind](stored)
+    return HostAdapter(
+        key=AdapterKey.of(stored),
+        kind=kind,
+        tensors=tensors,
+        scalings=scalings,
+        rank=stored.metadata.rank or 0,
+        nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+    )
+
+
+class HostAdapterCache:
+    """Thread-safe LRU of host adapters bounded in bytes, filled by one loader thread."""
+
+    def __init__(self, max_bytes: int, loader: Callable[[StoredAdapter], HostAdapter] = load_host_adapter) -> None:
+        self._max_bytes = max_bytes
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[AdapterKey, HostAdapter] = OrderedDict()
+        self._loading: dict[AdapterKey, Future[HostAdapter]] = {}
+        self._bytes = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-adapter-loader")
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def fetch(self, stored: StoredAdapter) -> Future[HostAdapter]:
+        """A future of the host adapter: already done when cached, else loading in the background."""
+        key = AdapterKey.of(stored)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                done: Future[HostAdapter] = Future()
+                done.set_result(self._entries[key])
+                return done
+            if key not in self._loading:
+                self._loading[key] = self._pool.submit(self._load, stored)
+            return self._loading[key]
+
+    def _load(self, stored: StoredAdapter) -> HostAdapter:
+        key = AdapterKey.of(stored)
+        try:
+            adapter = self._loader(stored)
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+        if adapter.nbytes > self._max_bytes:
+            raise ResourceExhausted(
+                f"adapter {key.name}@{key.version} needs {adapter.nbytes} bytes; --max-host-adapter-bytes is "
+                f"{self._max_bytes}"
+            )
+        with self._lock:
+            self._entries[key] = adapter
+            self._bytes += adapter.nbytes
+            while self._bytes > self._max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+        return adapter
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(eq=False)
+class DeviceAdapter:
+    """An adapter resident on the device, pinned while `refs` > 0."""
+
+    key: AdapterKey
+    kind: str
+    nbytes: int
+    lora_slot: int = 0  # 0 = no LoRA
+    rank: int = 0
+    prompt: torch.Tensor | None = None  # (P, H) soft prompt
+    prefix: torch.Tensor | None = None  # (L, 2, H_kv, P, D) key/value prefix
+    refs: int = field(default=0)
+
+
+class DeviceAdapters:
+    """Device residency, engine thread only: LoRA slots in preallocated stacks, prompts and prefixes as tensors.
+
+    `max_bytes` bounds the LoRA stacks (allocated up front by `lora`) plus the resident prompts and prefixes.
+    """
+
+    def __init__(self, lora: LoraSlots, max_bytes: int, device: torch.device, dtype: torch.dtype) -> None:
+        self._lora = lora
+        self._device = device
+        self._dtype = dtype
+        self._tensor_budget = max(0, max_bytes - lora.slot_bytes * lora.num_slots)
+        self._tensor_bytes = 0
+        self._entries: OrderedDict[AdapterKey, DeviceAdapter] = OrderedDict()
+        self._free_slots = list(range(lora.num_slots, 0, -1))
+
+    @property
+    def resident(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: AdapterKey) -> DeviceAdapter | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def acquire(self, host: HostAdapter) -> DeviceAdapter | None:
+        """Pin `host` on the device, loading it if needed; None when everything resident is pinned."""
+        if host.kind != "lora" and host.nbytes > self._tensor_budget:
+            raise ResourceExhausted(
+                f"adapter {host.key.name} needs {host.nbytes} device bytes; only {self._tensor_budget} of "
+                "--max-device-adapter-bytes are left beside the LoRA slots"
+            )
+        entry = self.lookup(host.key) or self._load(host)
+        if entry is not None:
+            entry.refs += 1
+        return entry
+
+    def release(self, entry: DeviceAdapter) -> None:
+        entry.refs -= 1
+
+    def _load(self, host: HostAdapter) -> DeviceAdapter | None:
+        if host.kind == "lora":
+            if not self._free_slots and not self._evict(lora=True):
+                return None
+            slot = self._free_slots.pop()
+            rank = self._lora.load(slot, host.tensors, host.scalings)
+            entry = DeviceAdapter(host.key, host.kind, self._lora.slot_bytes, lora_slot=slot, rank=rank)
+        else:
+            while self._tensor_bytes + host.nbytes > self._tensor_budget:
+                if not self._evict(lora=False):
+                    return None
+            tensor = next(iter(host.tensors.values())).to(self._device, self._dtype)
+            entry = DeviceAdapter(host.key, host.kind, host.nbytes)
+            if host.kind == "prompt_tuning":
+                entry.prompt = tensor
+            else:
+                entry.prefix = tensor
+            self._tensor_bytes += host.nbytes
+        self._entries[host.key] = entry
+        return entry
+
+    def _evict(self, *, lora: bool) -> bool:
+        """Evict the least recently used unpinned entry of the given sort; False if there is none."""
+        for key, entry in self._entries.items():
+            if entry.refs == 0 and (entry.lora_slot > 0) == lora:
+                del self._entries[key]
+                if entry.lora_slot:
+                    self._lora.clear(entry.lora_slot)
+                    self._free_slots.append(entry.lora_slot)
+                else:
+                    self._tensor_bytes -= entry.nbytes
+                return True
+        return False

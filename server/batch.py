@@ -1,0 +1,85 @@
+"""The running batch: one key/value cache for all decoding sequences, left-padded to a common length.
+
+Sequences join after their own prefill (their cache is left-padded and concatenated along the batch) and leave
+by index selection, as in TGI's dynamic batching; a 2-D attention mask hides the padding and explicit
+per-row position ids keep every row's positions its own. A row's cache may start with an adapter's key/value
+prefix (prefix tuning) or hold soft-prompt tokens (prompt tuning): to the batch they are ordinary entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's per-layer entries; each holds `keys` and `values` of shape (B, H_kv, L, D)."""
+    return list(cache.layers)
+
+
+def _pad_left(t: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
+    if amount == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [amount, 0]  # F.pad lists dims from the last one
+    return F.pad(t, pad)
+
+
+class DecodeBatch:
+    """Cache, mask and positions of the rows being decoded together."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, L): 1 = real entry, 0 = padding
+        self.lengths: list[int] = []  # valid entries per row = the next position id
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    def add(self, row_cache: DynamicCache, length: int) -> None:
+        """Append a prefilled row whose cache holds `length` entries (no padding)."""
+        row_mask = torch.ones(1, length, dtype=torch.long, device=self._device)
+        if self.cache is None:
+            self.cache, self.mask, self.lengths = row_cache, row_mask, [length]
+            return
+        old = self.mask.shape[1]
+        width = max(old, length)
+        for mine, theirs in zip(_layers(self.cache), _layers(row_cache), strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - old, 2), _pad_left(theirs.keys, width - length, 2)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width - old, 2), _pad_left(theirs.values, width - length, 2)]
+            )  # (B + 1, H_kv, width, D)
+        self.mask = torch.cat([_pad_left(self.mask, width - old, 1), _pad_left(row_mask, width - length, 1)])
+        self.lengths.append(length)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order), then drop padding columns no row needs any more."""
+        if not rows:
+            self.cache, self.lengths = None, []
+            self.mask = self.mask[:0, :0]
+            return
+        assert self.cache is not None
+        index = torch.tensor(rows, dtype=torch.long, device=self._device)
+        trim = self.mask.shape[1] - max(self.lengths[i] for i in rows)
+        for layer in _layers(self.cache):
+            layer.keys = layer.keys[index, :, trim:]  # (B', H, L', D)
+            layer.values = layer.values[index, :, trim:]
+        self.mask = self.mask[index, trim:]
+        self.lengths = [self.lengths[i] for i in rows]
+
+    def forward(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode one token per row: `tokens` (B,) -> next-token logits (B, V)."""
+        positions = torch.tensor(self.lengths, dtype=torch.long, device=self._device)[:, None]  # (B, 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)  # (B, L + 1)
+        out = model(
+            input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+        )
+        self.lengths = [n + 1 for n in self.lengths]
+        logits: torch.Tensor = out.logits[:, -1].float()  # (B, V)
+        return logits

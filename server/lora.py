@@ -1,0 +1,231 @@
+"""Batched multi-LoRA over any base linear, with preallocated adapter slots.
+
+LoRA (Hu et al., 2021) adds a low-rank update to a frozen linear: y = W x + s * B A x. Serving many adapters
+at once follows S-LoRA (Sheng et al., 2023) and Punica (Chen et al., 2023): the base weights are never merged,
+swapped or re-selected; every target linear is wrapped once, and each forward computes the LoRA term for all
+rows together by gathering each row's adapter from a stack of preallocated slots:
+
+    y[b] = base_layer(x[b]) + (x[b] @ A[s_b]) @ B[s_b]        s_b = slot_ids[b]; slot 0 is all zeros
+
+Slots are rank-padded to `max_rank` (columns above an adapter's rank are zero), and each forward uses only the
+first `rank` columns, the largest rank in the batch. The scale s (alpha / r, or alpha / sqrt(r) with rsLoRA,
+per module) is folded into B when a slot is loaded, so the hot path is two gathers and two batched matmuls,
+the second accumulating in place into the base output. `base_layer` may be an nn.Linear or a bitsandbytes
+Linear4bit / Linear8bitLt (both subclass nn.Linear); the LoRA math runs in the slots' own dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quiver.adapters.base_spec import EMBEDDING_LEAF_NAMES
+
+# PEFT's LoRA keys: "base_model.model.<module path>.lora_A.weight" (".lora_A.default.weight" also occurs).
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.default)?\.weight$")
+
+
+@dataclass
+class LoraBatch:
+    """Per-forward LoRA selection, set by the engine before each model forward (shared by all wrappers)."""
+
+    slot_ids: torch.Tensor | None = None
+    """(B,) long on the model device: the slot of each row; None when no row uses LoRA (wrappers skip the math)."""
+    rank: int = 0
+    """Columns of the stacks to use: the largest rank among this batch's slots (<= max_rank)."""
+
+
+class BatchedLoraLinear(nn.Module):
+    """A base linear plus rank-padded LoRA slot stacks; one forward serves rows with different adapters."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: torch.Tensor
+
+    def __init__(
+        self, base_layer: nn.Module, *, num_slots: int, max_rank: int, dtype: torch.dtype, batch: LoraBatch
+    ) -> None:
+        super().__init__()
+        assert isinstance(base_layer, nn.Linear), "bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear"
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.batch = batch
+        device = _layer_device(base_layer)
+        slots = num_slots + 1  # slot 0: no LoRA, always zeros
+        # Buffers, not parameters: never trained, never in named_parameters(), not saved with the model.
+        self.register_buffer(
+            "lora_A", torch.zeros(slots, self.in_features, max_rank, dtype=dtype, device=device), persistent=False
+        )  # (S+1, in, max_rank): A^T per slot
+        self.register_buffer(
+            "lora_B", torch.zeros(slots, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
+        )  # (S+1, max_rank, out): scale * B^T per slot
+        self.register_buffer("scaling", torch.zeros(slots, dtype=dtype, device=device), persistent=False)  # (S+1,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (B, T, out)
+        slot_ids, rank = self.batch.slot_ids, self.batch.rank
+        if slot_ids is None:
+            return out
+        rows = x.shape[0]
+        a = self.lora_A[:, :, :rank].index_select(0, slot_ids)  # (B, in, r)
+        b = self.lora_B[:, :rank, :].index_select(0, slot_ids)  # (B, r, out)
+        h = torch.bmm(x.reshape(rows, -1, self.in_features).to(a.dtype), a)  # (B, T, r)
+        if out.dtype == b.dtype:
+            out.view(rows, -1, self.out_features).baddbmm_(h, b)  # (B, T, out) += h @ b, in place
+            return out
+        return out + torch.bmm(h, b).view(out.shape).to(out.dtype)  # (B, T, out)
+
+    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
+        """Fill `slot` with A (r, in) and B (out, r) scaled by `scale`, zero above rank r; None: zeros."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scaling[slot] = 0.0
+        if a is None or b is None:
+            return
+        r = a.shape[0]
+        self.lora_A[slot, :, :r].copy_(a.T)  # (in, r)
+        self.lora_B[slot, :r, :].copy_(b.T)  # (r, out)
+        self.lora_B[slot, :r, :].mul_(scale)
+        self.scaling[slot] = scale
+
+    def extra_repr(self) -> str:
+        slots, _, max_rank = self.lora_A.shape
+        return f"num_slots={slots - 1}, max_rank={max_rank}, dtype={self.lora_A.dtype}"
+
+
+class LoraSlots:
+    """Wraps a model's target linears in place (BatchedLoraLinear) and manages the slot stacks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype | None = None,
+        target_leaf_names: Collection[str] | None = None,
+    ) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError(f"num_slots ({num_slots}) and max_rank ({max_rank}) must be at least 1")
+        self.model = model
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.dtype = dtype if dtype is not None else _compute_dtype(model)
+        self.batch = LoraBatch()
+        self._device = next(model.parameters()).device
+        self._wrappers: dict[str, BatchedLoraLinear] = {}
+        for path in _target_paths(model, target_leaf_names):
+            wrapper = BatchedLoraLinear(
+                model.get_submodule(path), num_slots=num_slots, max_rank=max_rank, dtype=self.dtype, batch=self.batch
+            )
+            _replace(model, path, wrapper)
+            self._wrappers[path] = wrapper
+        if not self._wrappers:
+            raise ValueError(f"{type(model).__name__} has no linear layer to wrap (targets: {target_leaf_names})")
+        self.module_paths = frozenset(self._wrappers)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        self.slot_bytes = element * sum(
+            max_rank * (w.in_features + w.out_features) + 1 for w in self._wrappers.values()
+        )
+
+    def load(self, slot: int, tensors: Mapping[str, torch.Tensor], scalings: Mapping[str, float]) -> int:
+        """Copy a PEFT LoRA state dict into `slot` (1..num_slots); modules it does not target are zeroed.
+
+        `scalings` maps module path -> scale (ValidatedAdapter.lora_scalings). Returns the adapter's rank.
+        The adapter was validated at registration, so a mismatch here is a ValueError, with the slot untouched.
+        """
+        self._check_slot(slot)
+        pairs = lora_pairs(tensors)
+        problems = [self._pair_problem(path, a, b, scalings) for path, (a, b) in sorted(pairs.items())]
+        if reasons := [p for p in problems if p]:
+            raise ValueError(f"cannot load LoRA into slot {slot}: " + "; ".join(reasons))
+        with torch.no_grad():
+            for path, wrapper in self._wrappers.items():
+                a, b = pairs.get(path, (None, None))
+                wrapper.set_slot(slot, a, b, scalings.get(path, 0.0))
+        return max(a.shape[0] for a, _ in pairs.values())
+
+    def clear(self, slot: int) -> None:
+        """Zero `slot`, so rows pointing at it get the base output."""
+        self._check_slot(slot)
+        with torch.no_grad():
+            for wrapper in self._wrappers.values():
+                wrapper.set_slot(slot, None, None, 0.0)
+
+    def set_batch(self, slot_ids: Sequence[int], ranks: Sequence[int]) -> None:
+        """Select each row's slot for the next forward; `ranks` are the rows' adapter ranks (0 for slot 0)."""
+        if not any(slot_ids):
+            self.batch.slot_ids, self.batch.rank = None, 0
+            return
+        self.batch.slot_ids = torch.tensor(slot_ids, dtype=torch.long, device=self._device)  # (B,)
+        self.batch.rank = max(ranks)
+
+    def unwrap(self) -> None:
+        """Put the original base layers back; this LoraSlots is unusable afterwards."""
+        for path, wrapper in self._wrappers.items():
+            _replace(self.model, path, wrapper.base_layer)
+        self._wrappers.clear()
+        self.batch.slot_ids, self.batch.rank = None, 0
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.num_slots:
+            raise ValueError(f"slot {slot} is outside 1..{self.num_slots}")
+
+    def _pair_problem(self, path: str, a: torch.Tensor, b: torch.Tensor, scalings: Mapping[str, float]) -> str:
+        wrapper = self._wrappers.get(path)
+        if wrapper is None:
+            return f"{path} is not a wrapped module"
+        r = a.shape[0]
+        if r > self.max_rank:
+            return f"{path} has rank {r}, over max_rank {self.max_rank}"
+        if tuple(a.shape) != (r, wrapper.in_features) or tuple(b.shape) != (wrapper.out_features, r):
+            shapes = f"A {tuple(a.shape)} / B {tuple(b.shape)}"
+            return f"{path}: {shapes} do not fit {wrapper.in_features} -> {wrapper.out_features} features"
+        if path not in scalings:
+            return f"{path} has no scaling"
+        return ""
+
+
+def lora_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (A (r, in), B (out, r)) from PEFT's saved keys; ValueError for any other key or half."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _LORA_KEY.match(name)
+        if match is None:
+            raise ValueError(f"tensor {name!r} is not a PEFT LoRA weight")
+        halves.setdefault(match["module"], {})[match["half"]] = tensor
+    missing = sorted(module for module, pair in halves.items() if len(pair) != 2)
+    if missing:
+        raise ValueError(f"modules with only one of lora_A / lora_B: {missing}")
+    return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}
+
+
+def _target_paths(model: nn.Module, leaf_names: Collection[str] | None) -> list[str]:
+    # Every linear except the output head / embeddings, as in quiver.adapters.base_spec (what validation accepts).
+    paths = []
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if not isinstance(module, nn.Linear) or leaf in EMBEDDING_LEAF_NAMES:
+            continue
+        if leaf_names is None or leaf in leaf_names:
+            paths.append(path)
+    return paths
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    # Quantized weights are integer tensors; the first floating parameter (the embeddings) has the compute dtype.
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _layer_device(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device

@@ -1,0 +1,98 @@
+"""Admission of waiting requests: iteration-level scheduling (Orca) with adapter-aware, starvation-free order.
+
+A request may start when there is room in the batch and its adapter is resident on the device. Cold adapters
+load in the background meanwhile, so requests whose adapters are ready overtake requests whose adapters are
+still loading. Device residency is granted strictly in arrival order: once the oldest request that needs a
+new residency cannot get one (every slot is pinned by running sequences), no later request may take one
+either, so it gets the first slot that frees up and cannot starve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from quiver.adapters.store import StoredAdapter
+from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapter, HostAdapterCache
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Waiting(Generic[T]):
+    """A request waiting to start, and the state of its adapter."""
+
+    item: T
+    stored: StoredAdapter | None
+    host: Future[HostAdapter] | None = None
+    device: DeviceAdapter | None = None
+    error: BaseException | None = field(default=None)
+
+
+class Scheduler(Generic[T]):
+    """Holds waiting requests in arrival order and yields the ones that can start now."""
+
+    def __init__(self, host: HostAdapterCache, device: DeviceAdapters) -> None:
+        self._host = host
+        self._device = device
+        self._waiting: list[Waiting[T]] = []
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, item: T, stored: StoredAdapter | None) -> None:
+        entry = Waiting(item, stored)
+        if stored is not None:
+            entry.host = self._host.fetch(stored)  # starts a cold load at once
+        self._waiting.append(entry)
+
+    def drop(self, is_dead: Callable[[T], bool]) -> list[Waiting[T]]:
+        """Remove waiting requests that were cancelled; returns them."""
+        dead = [w for w in self._waiting if is_dead(w.item)]
+        self._waiting = [w for w in self._waiting if not is_dead(w.item)]
+        return dead
+
+    def admit(self, room: int) -> list[Waiting[T]]:
+        """Up to `room` requests that can start now (adapter pinned on the device) or whose adapter failed."""
+        blocked = False  # an older request is waiting for a device residency
+        kept: list[Waiting[T]] = []
+        admitted: list[Waiting[T]] = []
+        for entry in self._waiting:
+            if len(admitted) < room and self._ready(entry, may_take_residency=not blocked):
+                admitted.append(entry)
+                continue
+            if entry.error is None and entry.host is not None and entry.host.done() and entry.device is None:
+                blocked = True
+            kept.append(entry)
+        self._waiting = kept
+        return admitted
+
+    def _ready(self, entry: Waiting[T], *, may_take_residency: bool) -> bool:
+        if entry.stored is None:
+            return True
+        assert entry.host is not None
+        if not entry.host.done():
+            return False
+        error = entry.host.exception()
+        if error is not None:
+            entry.error = error
+            return True
+        host = entry.host.result()
+        resident = self._device.lookup(host.key)
+        if resident is None and not may_take_residency:
+            return False
+        try:
+            entry.device = self._device.acquire(host)
+        except Exception as e:  # e.g. an adapter larger than the whole device budget
+            entry.error = e
+            return True
+        return entry.device is not None
+
+    def __iter__(self) -> Iterator[Waiting[T]]:
+        return iter(self._waiting)
+
+    def take_all(self) -> list[Waiting[T]]:
+        taken, self._waiting = self._waiting, []
+        return taken
