@@ -184,6 +184,17 @@ class DeviceAdapters:
             self._entries.move_to_end(key)
         return entry
 
+    def has_room(self, stored: StoredAdapter) -> bool:
+        """Whether `stored` is resident or could become so now (a free slot, or an unpinned entry to evict)."""
+        if AdapterKey.of(stored) in self._entries:
+            return True
+        lora = stored.metadata.kind == "lora"
+        if lora and self._free_slots:
+            return True
+        if not lora and self._tensor_bytes < self._tensor_budget:
+            return True
+        return any(e.refs == 0 and (e.lora_slot > 0) == lora for e in self._entries.values())
+
     def acquire(self, host: HostAdapter) -> DeviceAdapter | None:
         """Pin `host` on the device, loading it if needed; None when everything resident is pinned."""
         if host.kind != "lora" and host.nbytes > self._tensor_budget:

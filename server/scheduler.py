@@ -3,8 +3,9 @@
 A request may start when there is room in the batch and its adapter is resident on the device. Cold adapters
 load in the background meanwhile, so requests whose adapters are ready overtake requests whose adapters are
 still loading. Device residency is granted strictly in arrival order: once the oldest request that needs a
-new residency cannot get one (every slot is pinned by running sequences), no later request may take one
-either, so it gets the first slot that frees up and cannot starve.
+new residency cannot get one (every slot is pinned by running sequences), no later request that names an
+adapter may start (it would take a slot or keep one pinned); base-only requests still do. The blocked
+request therefore gets the first slot that frees up and cannot starve.
 """
 
 from __future__ import annotations
@@ -60,16 +61,17 @@ class Scheduler(Generic[T]):
         kept: list[Waiting[T]] = []
         admitted: list[Waiting[T]] = []
         for entry in self._waiting:
-            if len(admitted) < room and self._ready(entry, may_take_residency=not blocked):
+            held = blocked and entry.stored is not None
+            if len(admitted) < room and not held and self._ready(entry):
                 admitted.append(entry)
                 continue
-            if entry.error is None and entry.host is not None and entry.host.done() and entry.device is None:
+            if entry.stored is not None and entry.error is None and not self._device.has_room(entry.stored):
                 blocked = True
             kept.append(entry)
         self._waiting = kept
         return admitted
 
-    def _ready(self, entry: Waiting[T], *, may_take_residency: bool) -> bool:
+    def _ready(self, entry: Waiting[T]) -> bool:
         if entry.stored is None:
             return True
         assert entry.host is not None
@@ -80,9 +82,6 @@ class Scheduler(Generic[T]):
             entry.error = error
             return True
         host = entry.host.result()
-        resident = self._device.lookup(host.key)
-        if resident is None and not may_take_residency:
-            return False
         try:
             entry.device = self._device.acquire(host)
         except Exception as e:  # e.g. an adapter larger than the whole device budget
