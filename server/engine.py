@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache
 from quiver.server.batch import DecodeBatch
@@ -26,7 +25,7 @@ from quiver.server.config import EngineConfig
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import prefill_inputs
+from quiver.server.prefill import prefill
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler, Waiting
@@ -209,15 +208,8 @@ class Engine:
 
     def _prefill(self, seq: _Sequence) -> None:
         ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self._device)  # (1, T)
-        inputs = prefill_inputs(self._model, ids, seq.adapter)
-        cache = inputs.cache if inputs.cache is not None else DynamicCache()
-        self._set_lora([seq])
-        out = self._model(
-            **inputs.model_kwargs, attention_mask=torch.ones(1, inputs.total, dtype=torch.long, device=self._device),
-            position_ids=inputs.positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
-        )
-        seq.logits = out.logits[0, -1].float()  # (V,)
-        self._batch.add(cache, inputs.total)
+        seq.logits, cache, total = prefill(self._model, self.lora, ids, seq.adapter)
+        self._batch.add(cache, total)
 
     def _set_lora(self, rows: list[_Sequence]) -> None:
         slots = [s.adapter.lora_slot if s.adapter else 0 for s in rows]

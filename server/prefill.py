@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from quiver.server.adapter_tiers import DeviceAdapter
+from quiver.server.lora import LoraSlots
 
 
 @dataclass
@@ -64,3 +65,15 @@ _KINDS: dict[str | None, Callable[[Any, torch.Tensor, DeviceAdapter | None], Pre
 def prefill_inputs(model: Any, ids: torch.Tensor, adapter: DeviceAdapter | None) -> PrefillInputs:
     """Inputs for prefilling `ids` (1, T) under `adapter` (or none)."""
     return _KINDS[adapter.kind if adapter else None](model, ids, adapter)
+
+
+def prefill(model: Any, lora: LoraSlots, ids: torch.Tensor, adapter: DeviceAdapter | None
+            ) -> tuple[torch.Tensor, DynamicCache, int]:
+    """Run one row's prefill: next-token logits (V,), the row's cache, and its number of cache entries."""
+    inputs = prefill_inputs(model, ids, adapter)
+    cache = inputs.cache if inputs.cache is not None else DynamicCache()
+    lora.set_batch([adapter.lora_slot if adapter else 0], [adapter.rank if adapter else 0])
+    mask = torch.ones(1, inputs.total, dtype=torch.long, device=ids.device)
+    out = model(**inputs.model_kwargs, attention_mask=mask, position_ids=inputs.positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float(), cache, inputs.total

@@ -1,0 +1,193 @@
+"""Quiver's engine against PEFT, side by side in one process on one base model, with the same prompts and lengths.
+
+Scenarios (bench/README.md explains each): a) base model only, batched; b) N distinct LoRAs in one batch;
+c) PEFT one request at a time; d) PEFT's mixed-batch generate; e) LoRA, prompt and prefix adapters mixed;
+f) Zipf traffic over 1,000 adapters with a few device slots vs one adapter; g) cold-adapter load and
+time-to-first-token. Prints a table and the targets, and writes everything to a JSON file.
+
+    python -m bench.bench_engine                 # full CPU run, writes bench/results/engine-cpu.json
+    python -m bench.bench_engine --quick         # smoke run, small sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import peft_scenarios, quiver_scenarios
+from bench.context import BenchOptions, Context, ScenarioResult
+from bench.workload import MODEL_CONFIGS, cache_dir, environment, load_bench_model
+
+Scenario = Callable[[Context], list[ScenarioResult]]
+
+# Scenario letter -> what it runs; run in this order.
+SCENARIOS: dict[str, Scenario] = {
+    "a": quiver_scenarios.scenario_a,
+    "b": quiver_scenarios.scenario_b,
+    "c": peft_scenarios.scenario_c,
+    "d": peft_scenarios.scenario_d,
+    "e": quiver_scenarios.scenario_e,
+    "f": quiver_scenarios.scenario_f,
+    "g": quiver_scenarios.scenario_g,
+}
+QUICK = BenchOptions(n=4, max_new_tokens=8, f_adapters=40, f_requests=16, f_slots=4, g_loads=5, ttft_loads=2)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal on one measured value: a ratio of two scenarios' tokens/s, or a latency."""
+
+    label: str
+    value: Callable[[dict[str, ScenarioResult]], float | None]
+    goal: float
+    unit: str = "x"
+    higher_is_better: bool = True
+
+    def check(self, results: dict[str, ScenarioResult]) -> dict[str, Any]:
+        try:
+            value = self.value(results)
+        except KeyError:  # a scenario it needs was not run
+            value = None
+        if value is None:
+            verdict = "n/a"
+        else:
+            verdict = "PASS" if (value >= self.goal if self.higher_is_better else value <= self.goal) else "MISS"
+        sign = ">=" if self.higher_is_better else "<="
+        return {"target": self.label, "value": None if value is None else round(value, 3),
+                "goal": f"{sign} {self.goal:g}{self.unit}", "result": verdict}
+
+
+def _ratio(results: dict[str, ScenarioResult], top: str, bottom: str) -> float | None:
+    a, b = results[top].tokens_per_s, results[bottom].tokens_per_s
+    return None if a is None or not b else a / b
+
+
+TARGETS = (
+    Target("(b)/(a) tokens/s: distinct LoRAs vs base", lambda r: _ratio(r, "b", "a"), 0.85),
+    Target("(b)/(c) tokens/s: vs PEFT one at a time", lambda r: _ratio(r, "b", "c"), 8.0),
+    Target("(b)/(d) tokens/s: vs PEFT mixed batch", lambda r: _ratio(r, "b", "d"), 3.0),
+    Target("(e)/(a) tokens/s: mixed kinds vs base", lambda r: _ratio(r, "e", "a"), 0.8),
+    Target("(f)/(f1) tokens/s: Zipf vs one adapter", lambda r: _ratio(r, "f", "f1"), 0.7),
+    Target("(g) cold load, LoRA r16 all-linear, median", lambda r: r["g"].details["cold_load_median_ms"], 50.0,
+           unit=" ms", higher_is_better=False),
+)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated letters (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (flags still override)")
+    parser.add_argument("--out", type=Path, help="JSON output (default: bench/results/engine-<device>[-quick].json)")
+    parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default="smollm2-135m",
+                        help="base model: the default checkpoint, or a random-weight Llama of these shapes")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument("--quantize", choices=("none", "nf4", "int8", "auto"), default="none")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="compute dtype; auto = float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--cache-dir", help="model cache (default: $QUIVER_CACHE_DIR, else the test suite's cache)")
+    parser.add_argument("--work-dir", type=Path, help="keep adapters and the store here (default: a temp dir)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--verbose", action="store_true", help="log Quiver's INFO messages")
+    for option in dataclasses.fields(BenchOptions):
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, dest=option.name,
+                            help=f"{_doc(option.name)} (default {getattr(BenchOptions(), option.name)}, "
+                                 f"--quick {getattr(QUICK, option.name)})")
+    return parser.parse_args(argv)
+
+
+def _doc(name: str) -> str:
+    docs = {
+        "n": "concurrent requests in a-e", "max_new_tokens": "tokens every request generates",
+        "f_adapters": "registered adapters in f", "f_requests": "requests in f",
+        "f_slots": "device LoRA slots in f", "f_max_running": "batch limit in f",
+        "g_loads": "cold loads timed in g", "ttft_loads": "adapters whose TTFT g measures",
+    }
+    return docs[name]
+
+
+def _options(args: argparse.Namespace) -> BenchOptions:
+    base = QUICK if args.quick else BenchOptions()
+    chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions) if getattr(args, f.name)}
+    return dataclasses.replace(base, **chosen)
+
+
+def _table(results: list[ScenarioResult], checks: list[dict[str, Any]]) -> str:
+    lines = [f"{'':3}{'scenario':<48}{'req':>5}{'tokens':>8}{'wall s':>9}{'tok/s':>9}"]
+    for r in results:
+        if r.tokens_per_s is None:
+            continue
+        assert r.wall_s is not None and r.tokens is not None  # set with tokens_per_s
+        lines.append(f"{r.key:<3}{r.title:<48}{r.requests:>5}{r.tokens:>8}{r.wall_s:>9.2f}{r.tokens_per_s:>9.1f}")
+    for r in results:
+        extra = {k: v for k, v in r.details.items() if k not in ("ttft_median_s",)}
+        if extra:
+            lines.append(f"{r.key:<3}{json.dumps(extra)}")
+    lines.append("")
+    lines.append(f"{'target':<46}{'measured':>10}{'goal':>12}  result")
+    for c in checks:
+        value = "-" if c["value"] is None else f"{c['value']:g}"
+        lines.append(f"{c['target']:<46}{value:>10}{c['goal']:>12}  {c['result']}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace, options: BenchOptions, work_dir: Path) -> dict[str, Any]:
+    selected = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(selected) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"--scenarios: unknown {unknown}; choose from {','.join(SCENARIOS)}")
+    bm = load_bench_model(args.model_config, cache_dir(args.cache_dir), args.device, args.quantize, args.dtype)
+    env = environment(bm, args.quantize)
+    ctx = Context(bm, options, work_dir)
+    results: list[ScenarioResult] = []
+    for key in (k for k in SCENARIOS if k in selected):
+        start = time.perf_counter()
+        print(f"[bench] scenario {key} ...", file=sys.stderr, flush=True)
+        results.extend(SCENARIOS[key](ctx))
+        print(f"[bench] scenario {key} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    by_key = {r.key: r for r in results}
+    checks = [t.check(by_key) for t in TARGETS]
+    print(_table(results, checks))
+    env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return {
+        "command": " ".join(["python -m bench.bench_engine", *sys.argv[1:]]),
+        "environment": env,
+        "options": dataclasses.asdict(options),
+        "scenarios": {r.key: r.as_json() for r in results},
+        "targets": checks,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, raised inside PEFT
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = _options(args)
+    out = args.out or RESULTS_DIR / f"engine-{args.device}{'-quick' if args.quick else ''}.json"
+    if args.work_dir:
+        report = _run(args, options, args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="quiver-bench-") as tmp:
+            report = _run(args, options, Path(tmp))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
