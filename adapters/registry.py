@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -86,10 +86,12 @@ class AdapterRegistry:
                 files[file_name] = Path(tmp) / file_name
             size = sum(p.stat().st_size for p in files.values())
             digest = sha256_file(files[WEIGHTS_FILE])
+            config_digest = sha256_file(files[CONFIG_FILE])
             created = utc_now()
 
             def make_metadata(version: int) -> AdapterMetadata:
-                return self._metadata(options, version, validated, size, digest, created, template)
+                metadata = self._metadata(options, version, validated, size, digest, created, template)
+                return replace(metadata, extra={"config_sha256": config_digest})
 
             return self.store.put(options.name, files, make_metadata, options.mode)
 

@@ -132,7 +132,8 @@ def _random_checkpoint(name: str, dims: RandomLlama, cache: Path) -> Path:
         hidden_size=dims.hidden_size, intermediate_size=dims.intermediate_size,
         num_hidden_layers=dims.num_hidden_layers, num_attention_heads=dims.num_attention_heads,
         num_key_value_heads=dims.num_key_value_heads, vocab_size=dims.vocab_size,
-        max_position_embeddings=dims.max_position_embeddings, rope_theta=dims.rope_theta,
+        max_position_embeddings=dims.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": dims.rope_theta},
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
     )
     # Initialised where it will run: 8B parameters draw in seconds on a GPU, minutes on a CPU.

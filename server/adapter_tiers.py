@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from quiver.adapters.peft_config import LoraSpec, read_peft_config
 from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY
 from quiver.adapters.store import StoredAdapter
-from quiver.server.errors import ResourceExhausted
+from quiver.server.errors import FailedPrecondition, NotFound, ResourceExhausted
 from quiver.server.lora import LoraSlots, lora_pairs
 
 log = logging.getLogger(__name__)
@@ -30,17 +30,24 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 
 
+CONFIG_DIGEST = "config_sha256"  # set by the registry in metadata.extra
+
+
 @dataclass(frozen=True)
 class AdapterKey:
-    """Identity of one stored adapter version; a replaced adapter gets a new key, so nothing stale is served."""
+    """Identity of one stored adapter publication: a deleted and re-registered name may reuse a version number,
+    so the key also holds the weights' and the config's digests and the registration time."""
 
     name: str
     version: int
     sha256: str
+    config_sha256: str
+    created_at: str
 
     @classmethod
     def of(cls, stored: StoredAdapter) -> AdapterKey:
-        return cls(stored.metadata.name, stored.metadata.version, stored.metadata.sha256)
+        m = stored.metadata
+        return cls(m.name, m.version, m.sha256, m.extra.get(CONFIG_DIGEST, ""), m.created_at)
 
 
 @dataclass(frozen=True)
@@ -125,15 +132,21 @@ class HostAdapterCache:
         key = AdapterKey.of(stored)
         try:
             adapter = self._loader(stored)
-        finally:
+        except FileNotFoundError as e:  # deleted from the store while the request waited
+            raise NotFound(f"adapter {key.name}@{key.version} was deleted") from e
+        except BaseException:
             with self._lock:
                 self._loading.pop(key, None)
-        if adapter.nbytes > self._max_bytes:
-            raise ResourceExhausted(
-                f"adapter {key.name}@{key.version} needs {adapter.nbytes} bytes; --max-host-adapter-bytes is "
-                f"{self._max_bytes}"
-            )
-        with self._lock:
+            raise
+        with self._lock:  # one block: a concurrent fetch sees either the load in flight or the entry
+            self._loading.pop(key, None)
+            if adapter.nbytes > self._max_bytes:
+                raise ResourceExhausted(
+                    f"adapter {key.name}@{key.version} needs {adapter.nbytes} bytes; --max-host-adapter-bytes "
+                    f"is {self._max_bytes}"
+                )
+            previous = self._entries.pop(key, None)
+            self._bytes -= previous.nbytes if previous else 0
             self._entries[key] = adapter
             self._bytes += adapter.nbytes
             while self._bytes > self._max_bytes:
@@ -185,18 +198,25 @@ class DeviceAdapters:
         return entry
 
     def has_room(self, stored: StoredAdapter) -> bool:
-        """Whether `stored` is resident or could become so now (a free slot, or an unpinned entry to evict)."""
+        """Whether `stored` is resident or could become so now (a free slot, or unpinned entries to evict)."""
         if AdapterKey.of(stored) in self._entries:
             return True
-        lora = stored.metadata.kind == "lora"
-        if lora and self._free_slots:
-            return True
-        if not lora and self._tensor_bytes < self._tensor_budget:
-            return True
-        return any(e.refs == 0 and (e.lora_slot > 0) == lora for e in self._entries.values())
+        if stored.metadata.kind == "lora":
+            return bool(self._free_slots) or any(e.refs == 0 and e.lora_slot for e in self._entries.values())
+        return self._tensor_fits(stored.metadata.size_bytes)
+
+    def _tensor_fits(self, nbytes: int) -> bool:
+        """Whether a prompt/prefix of `nbytes` fits once every unpinned prompt/prefix is evicted."""
+        unpinned = sum(e.nbytes for e in self._entries.values() if e.refs == 0 and not e.lora_slot)
+        return self._tensor_bytes - unpinned + nbytes <= self._tensor_budget
 
     def acquire(self, host: HostAdapter) -> DeviceAdapter | None:
         """Pin `host` on the device, loading it if needed; None when everything resident is pinned."""
+        if host.kind == "lora" and host.rank > self._lora.max_rank:
+            raise FailedPrecondition(
+                f"adapter {host.key.name} has rank {host.rank}; this server's LoRA slots hold rank "
+                f"{self._lora.max_rank} (--max-lora-rank)"
+            )
         if host.kind != "lora" and host.nbytes > self._tensor_budget:
             raise ResourceExhausted(
                 f"adapter {host.key.name} needs {host.nbytes} device bytes; only {self._tensor_budget} of "
@@ -215,12 +235,18 @@ class DeviceAdapters:
             if not self._free_slots and not self._evict(lora=True):
                 return None
             slot = self._free_slots.pop()
-            rank = self._lora.load(slot, host.tensors, host.scalings)
+            try:
+                rank = self._lora.load(slot, host.tensors, host.scalings)
+            except BaseException:
+                self._lora.clear(slot)
+                self._free_slots.append(slot)
+                raise
             entry = DeviceAdapter(host.key, host.kind, self._lora.slot_bytes, lora_slot=slot, rank=rank)
         else:
+            if not self._tensor_fits(host.nbytes):
+                return None  # evicting now would empty the cache and still not make room
             while self._tensor_bytes + host.nbytes > self._tensor_budget:
-                if not self._evict(lora=False):
-                    return None
+                self._evict(lora=False)
             tensor = next(iter(host.tensors.values())).to(self._device, self._dtype)
             entry = DeviceAdapter(host.key, host.kind, host.nbytes)
             if host.kind == "prompt_tuning":

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from grpc_reflection.v1alpha import reflection
 from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import AdapterRegistry
-from quiver.adapters.store import LocalAdapterStore, default_store_dir
+from quiver.adapters.store import LocalAdapterStore, StoredAdapter, default_store_dir
 from quiver.adapters.validation import ValidationLimits
 from quiver.server.adapter_service import AdapterService
 from quiver.server.auth import AdminTokenInterceptor
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 from quiver.server.engine import Engine
+from quiver.server.errors import FailedPrecondition
 from quiver.server.interceptors import StatusInterceptor
 from quiver.server.metrics import ServerMetrics
 from quiver.server.model_loader import LoadedModel, load_base_model
@@ -105,6 +107,21 @@ def _interceptors(metrics: ServerMetrics, config: AdapterConfig) -> list[grpc.ai
     return interceptors
 
 
+def _resolver(registry: AdapterRegistry, fingerprint: str) -> Callable[[str], StoredAdapter]:
+    """Finds a requested adapter; one validated against another base (a shared store) is refused."""
+
+    def resolve(ref: str) -> StoredAdapter:
+        stored = registry.store.get(parse_ref(ref))
+        if stored.metadata.base_fingerprint != fingerprint:
+            raise FailedPrecondition(
+                f"adapter {ref!r} was registered for base {stored.metadata.base_fingerprint}, "
+                f"not for this server's base {fingerprint}"
+            )
+        return stored
+
+    return resolve
+
+
 def _add_services(
     server: grpc.aio.Server, loaded: LoadedModel, engine: Engine, engine_config: EngineConfig,
     registry: AdapterRegistry, adapter_config: AdapterConfig,
@@ -114,7 +131,7 @@ def _add_services(
         max_new_tokens_limit=engine_config.max_new_tokens_limit,
         default_max_new_tokens=engine_config.default_max_new_tokens,
     )
-    builder = RequestBuilder(loaded.tokenizer, limits, lambda ref: registry.store.get(parse_ref(ref)))
+    builder = RequestBuilder(loaded.tokenizer, limits, _resolver(registry, loaded.info.fingerprint))
     service = GenerationService(engine, builder, model_info(loaded, engine_config))
     pb_grpc.add_GenerationServiceServicer_to_server(service, server)
     import_roots = tuple(Path(root) for root in adapter_config.import_roots)

@@ -126,6 +126,9 @@ class Engine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
+        self._take_inbox()  # a submit that raced the thread's last look still gets its answer
+        for waiting in self._scheduler.take_all():
+            self._fail(waiting.item, Unavailable("the server is shutting down"))
         self.host_adapters.close()
         self.lora.unwrap()
 

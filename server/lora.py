@@ -34,7 +34,9 @@ class LoraBatch:
     """Per-forward LoRA selection, set by the engine before each model forward (shared by all wrappers)."""
 
     slot_ids: torch.Tensor | None = None
-    """(B,) long on the model device: the slot of each row; None when no row uses LoRA (wrappers skip the math)."""
+    """(G,) long on the model device: the slot of each of G equal runs of consecutive rows, G = B (one slot per
+    row) or G = 1 (every row shares one slot: one gathered adapter and plain matmuls); None when no row uses
+    LoRA (wrappers skip the math)."""
     rank: int = 0
     """Columns of the stacks to use: the largest rank among this batch's slots (<= max_rank)."""
 
@@ -71,12 +73,12 @@ class BatchedLoraLinear(nn.Module):
         slot_ids, rank = self.batch.slot_ids, self.batch.rank
         if slot_ids is None:
             return out
-        rows = x.shape[0]
-        a = self.lora_A[:, :, :rank].index_select(0, slot_ids)  # (B, in, r)
-        b = self.lora_B[:, :rank, :].index_select(0, slot_ids)  # (B, r, out)
-        h = torch.bmm(x.reshape(rows, -1, self.in_features).to(a.dtype), a)  # (B, T, r)
+        groups = slot_ids.shape[0]  # G = B, or 1 when all rows share a slot (then T below is B * T)
+        a = self.lora_A[:, :, :rank].index_select(0, slot_ids)  # (G, in, r)
+        b = self.lora_B[:, :rank, :].index_select(0, slot_ids)  # (G, r, out)
+        h = torch.bmm(x.reshape(groups, -1, self.in_features).to(a.dtype), a)  # (G, T, r)
         if out.dtype == b.dtype:
-            out.view(rows, -1, self.out_features).baddbmm_(h, b)  # (B, T, out) += h @ b, in place
+            out.view(groups, -1, self.out_features).baddbmm_(h, b)  # (G, T, out) += h @ b, in place
             return out
         return out + torch.bmm(h, b).view(out.shape).to(out.dtype)  # (B, T, out)
 
@@ -162,7 +164,9 @@ class LoraSlots:
         if not any(slot_ids):
             self.batch.slot_ids, self.batch.rank = None, 0
             return
-        self.batch.slot_ids = torch.tensor(slot_ids, dtype=torch.long, device=self._device)  # (B,)
+        shared = len(set(slot_ids)) == 1  # one adapter for the whole batch: a single group
+        groups = slot_ids[:1] if shared else slot_ids
+        self.batch.slot_ids = torch.tensor(groups, dtype=torch.long, device=self._device)  # (G,)
         self.batch.rank = max(ranks)
 
     def unwrap(self) -> None:

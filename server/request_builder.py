@@ -58,7 +58,7 @@ _SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
     "top_p": (lambda v: math.isfinite(v) and 0 < v <= 1, "must be in (0, 1]"),
     "top_k": (lambda v: v >= 0, "must be >= 0"),
-    "repetition_penalty": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    "repetition_penalty": (lambda v: 0.01 <= v <= 100, "must be in [0.01, 100]"),
     "seed": (lambda v: True, ""),
 }
 
@@ -150,6 +150,10 @@ class RequestBuilder:
         return value
 
 
+# Below this a temperature only overflows the softmax; such requests decode greedily, as in vLLM.
+GREEDY_BELOW = 1e-5
+
+
 def _sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
     values: dict[str, Any] = {}
     for name, (valid, problem) in _SAMPLING_RULES.items():
@@ -159,6 +163,8 @@ def _sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
         if not valid(value):
             raise InvalidArgument(f"sampling.{name}", f"{problem}, got {value}")
         values[name] = value
+    if values.get("temperature", 0.0) < GREEDY_BELOW:
+        values["temperature"] = 0.0
     return SamplingParams(**values)
 
 

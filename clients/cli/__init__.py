@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "generate": "quiver.clients.cli.generate",
     "info": "quiver.clients.cli.info",
     "adapters": "quiver.clients.cli.adapters",
+    "train": "quiver.clients.cli.train",
 }
 
 

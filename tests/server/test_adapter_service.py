@@ -279,3 +279,29 @@ def test_malformed_uploads(stub: Any, base_dir: Path, tmp_path: Path):
             stub.RegisterAdapter(iter(messages), metadata=AUTH)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, err.value.details())
     assert register(stub, lora, "x").version == 1  # the server still takes good uploads
+
+
+def test_adapter_of_another_base_in_a_shared_store_is_refused(server: ServerThread, store: Path, tmp_path: Path):
+    from quiver.adapters.base_spec import base_spec_from_checkpoint
+    from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
+    from quiver.adapters.store import LocalAdapterStore
+    from quiver.adapters.validation import ValidationLimits
+
+    # Same architecture and shapes, so only the fingerprint tells the bases apart.
+    other = write_tiny_checkpoint(tmp_path / "other", num_attention_heads=8, num_key_value_heads=4)
+    offline = AdapterRegistry(LocalAdapterStore(store), base_spec_from_checkpoint(other), ValidationLimits())
+    offline.register(make_lora(other, tmp_path / "lora", r=2), RegistrationOptions(name="elsewhere"))
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as err:
+        gpb_grpc.GenerationServiceStub(channel).Generate(gpb.GenerateRequest(adapter="elsewhere", text="w1"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "registered for base" in err.value.details()
+
+
+def test_tiny_temperature_decodes_greedily(server: ServerThread):
+    with grpc.insecure_channel(server.target) as channel:
+        gen = gpb_grpc.GenerationServiceStub(channel)
+        stopping = gpb.StoppingCriteria(max_new_tokens=5)
+        greedy = gen.Generate(gpb.GenerateRequest(text="w1 w2 w3", stopping=stopping))
+        tiny = gen.Generate(gpb.GenerateRequest(text="w1 w2 w3", stopping=stopping,
+                                                sampling=gpb.SamplingParameters(temperature=1e-38)))
+    assert list(tiny.token_ids) == list(greedy.token_ids)

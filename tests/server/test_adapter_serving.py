@@ -181,3 +181,28 @@ def test_delete_while_running_does_not_break_the_request(engine: Engine, base_di
     time.sleep(0.01)
     rest = run.tokens()
     assert len(rest) == 29 and reference[1:] == rest
+
+
+def test_reregistered_name_is_a_new_key(engine: Engine, base_dir: Path, registry: AdapterRegistry, tmp_path: Path):
+    # Same weights, same name and version after a delete, but another lora_alpha: must not reuse the old slot.
+    weak = registry.register(make_lora(base_dir, tmp_path / "weak", r=4, lora_alpha=1, seed=7),
+                             RegistrationOptions(name="reborn"))
+    weak_tokens = Run(engine, weak).tokens()
+    registry.store.delete(AdapterRef("reborn", None))
+    strong_dir = make_lora(base_dir, tmp_path / "strong", r=4, lora_alpha=400, seed=7)
+    strong = registry.register(strong_dir, RegistrationOptions(name="reborn"))
+    assert strong.metadata.version == weak.metadata.version and strong.metadata.sha256 == weak.metadata.sha256
+    assert Run(engine, strong).tokens() != weak_tokens
+
+
+def test_rank_above_the_slots_is_refused_and_frees_nothing(loaded: Any, base_dir: Path, registry: AdapterRegistry,
+                                                           tmp_path: Path, loras: list[StoredAdapter]):
+    big = registry.register(make_lora(base_dir, tmp_path / "big", r=16), RegistrationOptions(name="big"))
+    engine = make_engine(loaded, max_lora_rank=8, max_lora_slots=1)
+    try:
+        run = Run(engine, big)
+        event = run.events.get(timeout=30)
+        assert type(event.error).__name__ == "FailedPrecondition" and "rank 16" in str(event.error)
+        assert Run(engine, loras[0], max_new=2).tokens(timeout=30)  # the only slot is still usable
+    finally:
+        engine.stop()

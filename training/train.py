@@ -1,0 +1,385 @@
+"""One training run: data → PEFT adapter trained with the Hugging Face Trainer → an adapter directory Quiver registers.
+
+The steps: resolve the base checkpoint (quiver.server.model_source) and its fingerprint; read, mix, hold out
+and tokenize the data exactly as the server will prompt the adapter (quiver.training.data); wrap the base
+for the method (quiver.training.methods); train with `transformers.Trainer` (evaluation and a checkpoint
+every `eval_steps`, the best checkpoint by eval loss kept, early stopping, resume from the latest
+checkpoint); then write only the final (or best) adapter with `save_pretrained`, beside it
+`quiver_adapter.json` (the hints registration reads: prompt template and base fingerprint, plus provenance),
+`metrics.json` and a loss curve, and optionally register it with a running server.
+
+The same code runs under `torchrun` or `accelerate launch`: the Trainer wraps the model in DDP, and only the
+world's process zero writes outputs and registers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from quiver.adapters.metadata import METADATA_FILE, sha256_file, utc_now
+from quiver.server.fingerprint import fingerprint
+from quiver.server.model_source import default_cache_dir, resolve_checkpoint, source_name
+from quiver.server.quantization import quantization_config
+from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
+from quiver.training.data import (
+    DataSource,
+    Example,
+    FieldMapping,
+    detected_format,
+    mix,
+    parse_source,
+    prompt_template_for,
+    read_examples,
+    split_holdout,
+    tokenize_examples,
+)
+from quiver.training.methods import BaseFacts, check_gradient_checkpointing, method_for, wrap_for_training
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of a padded or prompt token: no loss
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+LOSS_PLOT = "loss.png"
+REGISTERED_FILES = ("adapter_config.json", "adapter_model.safetensors", METADATA_FILE)
+"""What registration uploads; metrics, plot and PEFT's README stay local."""
+ADMIN_TOKEN_ENV = "QUIVER_ADMIN_TOKEN"  # the same variable `quiver serve` and `quiver adapters` read
+REGISTER_MODES = {"create": "create", "new-version": "new_version", "replace": "replace"}
+MAX_PROBLEMS_LOGGED = 5
+
+Features = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Tokenized examples, the prompt template they were built with, and where they came from."""
+
+    train: list[Features]
+    eval: list[Features]
+    template: str
+    files: list[dict[str, Any]]
+    """Provenance of each input file: role (train/eval), path, sha256, weight, usable rows."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced."""
+
+    output: Path
+    global_step: int
+    final_eval_loss: float | None
+    written: bool
+    """Whether this process wrote the outputs (the world's process zero)."""
+    registered: Any = None
+    """The server's AdapterInfo when the adapter was registered (quiver.clients.adapters_types)."""
+
+
+@dataclass(frozen=True)
+class PaddingCollator:
+    """Right-pads a batch: input ids with the pad token, attention mask with 0, labels with IGNORE_INDEX."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+
+        def pad(key: str, value: int) -> torch.Tensor:  # (B, T)
+            return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features], dtype=torch.long)
+
+        return {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", IGNORE_INDEX),
+        }
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def _read(source: DataSource, mapping: FieldMapping) -> list[Example]:
+    examples, problems = read_examples(source, mapping)
+    if problems:
+        log.warning("%s: skipped %d unusable rows, e.g. %s", source.path, len(problems),
+                    "; ".join(problems[:MAX_PROBLEMS_LOGGED]))
+    return examples
+
+
+def _provenance(role: str, source: DataSource, rows: int) -> dict[str, Any]:
+    return {"role": role, "path": str(source.path), "sha256": sha256_file(source.path),
+            "weight": source.weight, "rows": rows}
+
+
+def load_data(config: DataConfig, tokenizer: Any, seed: int) -> TrainingData:
+    """Read every file, hold out eval rows (per file, before mixing, so no repeated row leaks), mix, tokenize."""
+    mapping = FieldMapping(config.input_field, config.output_field, config.instruction)
+    pairs = [(source, _read(source, mapping)) for source in map(parse_source, config.data)]
+    files = [_provenance("train", source, len(rows)) for source, rows in pairs]
+    held: list[Example] = []
+    if config.eval_data:
+        for source in (DataSource(Path(path)) for path in config.eval_data):
+            rows = _read(source, mapping)
+            held += rows
+            files.append(_provenance("eval", source, len(rows)))
+    elif config.eval_fraction > 0:
+        splits = [(source, *split_holdout(rows, config.eval_fraction, seed)) for source, rows in pairs]
+        pairs = [(source, train) for source, train, _ in splits]
+        held = [row for _, _, eval_rows in splits for row in eval_rows]
+    mixture = mix(pairs, seed)
+    template = prompt_template_for(mapping, detected_format(mixture + held))
+    train = tokenize_examples(tokenizer, template, mixture, config.max_length)
+    evaluation = tokenize_examples(tokenizer, template, held, config.max_length) if held else None
+    for name, result in (("train", train), ("eval", evaluation)):
+        if result is not None and (result.dropped or result.truncated):
+            log.warning("%s: %d examples dropped (output longer than --max-length), %d prompts cut from the left",
+                        name, len(result.dropped), result.truncated)
+    log.info("data: %d training and %d eval examples; prompt template %r",
+             len(train.features), len(evaluation.features) if evaluation else 0, template)
+    return TrainingData(train.features, evaluation.features if evaluation else [], template, files)
+
+
+# --- model and trainer -----------------------------------------------------------------------------------------
+
+
+def _device_type(config: TrainConfig) -> str:
+    return "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(config: TrainConfig) -> torch.dtype:
+    """The base weights' dtype: auto = bfloat16 on CUDA (where supported), float32 on CPU."""
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if _device_type(config) == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
+    """The Trainer's arguments: one flag of ours each, plus the fixed choices explained inline."""
+    assert run.output is not None  # TrainConfig checked it
+    evaluate = "steps" if has_eval else "no"
+    return TrainingArguments(
+        output_dir=str(Path(run.output) / CHECKPOINTS_DIR),
+        seed=run.seed,
+        data_seed=run.seed,
+        num_train_epochs=run.epochs,
+        max_steps=run.max_steps or -1,
+        learning_rate=run.learning_rate or method_for(method).default_learning_rate,
+        lr_scheduler_type=run.lr_schedule,
+        warmup_steps=run.warmup if run.warmup < 1 else int(run.warmup),
+        weight_decay=run.weight_decay,
+        per_device_train_batch_size=run.batch_size,
+        per_device_eval_batch_size=run.batch_size,
+        gradient_accumulation_steps=run.grad_accum,
+        eval_strategy=evaluate,
+        eval_steps=run.eval_steps,
+        save_strategy="steps",  # a checkpoint at every evaluation, so the best one can be restored
+        save_steps=run.eval_steps,
+        save_total_limit=run.save_total_limit,
+        load_best_model_at_end=has_eval and run.load_best,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        logging_strategy="steps",
+        logging_steps=run.log_steps,
+        logging_first_step=True,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=run.device == "cpu",
+        dataloader_pin_memory=_device_type(run) == "cuda",
+        report_to="none",
+        remove_unused_columns=False,  # our features are exactly the model's inputs
+        label_names=["labels"],  # PeftModel.forward takes **kwargs, so the Trainer cannot find them itself
+        ddp_find_unused_parameters=False,  # every trainable adapter parameter is used in each step
+    )
+
+
+def load_model(checkpoint: Path, method: MethodConfig, run: TrainConfig, args: TrainingArguments,
+               dtype: torch.dtype) -> Any:
+    """The base model loaded as the method needs it, prepared and wrapped in a trainable PeftModel."""
+    scheme = method_for(method).quantization
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
+    quant = quantization_config(scheme, dtype)
+    if quant is not None:
+        # Quantized weights are made on their device at load time; one copy per process under DDP.
+        kwargs.update(quantization_config=quant, device_map={"": args.device})
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+    model.config.use_cache = False  # no generation during training
+    facts = BaseFacts(checkpoint_dir=checkpoint, hidden_size=int(model.config.get_text_config().hidden_size))
+    transformers.set_seed(run.seed)  # the adapter's initialisation
+    peft_model = wrap_for_training(model, method, facts, run.gradient_checkpointing)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("%s: %d trainable parameters of %d (%.3f%%), base in %s (%s)", method.method, trainable, total,
+             100 * trainable / total, str(dtype).removeprefix("torch."), scheme)
+    return peft_model
+
+
+def resume_checkpoint(run: TrainConfig) -> str | None:
+    """The latest checkpoint to resume from with --resume; without it, earlier checkpoints are an error."""
+    assert run.output is not None
+    folder = Path(run.output) / CHECKPOINTS_DIR
+    latest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if latest is not None and not run.resume:
+        raise ValueError(f"{folder} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         "or choose another --output")
+    if run.resume and latest is None:
+        log.info("--resume: no checkpoint in %s, starting from step 0", folder)
+    return latest
+
+
+# --- outputs ---------------------------------------------------------------------------------------------------
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Training and eval loss by optimizer step, from the Trainer's log (which survives resumes)."""
+    train = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e]
+    evaluation = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return {"train_loss": train, "eval_loss": evaluation}
+
+
+def plot_losses(history: dict[str, list[dict[str, float]]], path: Path, title: str) -> bool:
+    """Draw the loss curves into a PNG; False (with a warning) when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return False
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.subplots()
+    for key, label, style in (("train_loss", "train", "-"), ("eval_loss", "eval", "o-")):
+        points = history[key]
+        if points:
+            axes.plot([p["step"] for p in points], [p["loss"] for p in points], style, label=label)
+    axes.set_title(title)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: TrainConfig, data: TrainingData,
+                  base: dict[str, str], history: dict[str, list[dict[str, float]]],
+                  final_eval_loss: float | None, seconds: float) -> None:
+    """Save the adapter (final, or best by eval loss) and its quiver_adapter.json, metrics.json and loss.png."""
+    output.mkdir(parents=True, exist_ok=True)
+    peft_model: Any = trainer.model
+    peft_model.save_pretrained(str(output))
+    state = trainer.state
+    _write_json(output / METADATA_FILE, {
+        "prompt_template": data.template,
+        "base_fingerprint": base["fingerprint"],
+        "base_model": base["name"],
+        "method": method.method,
+        "peft_type": str(peft_model.peft_config["default"].peft_type.value),
+        "data": data.files,
+        "steps": state.global_step,
+        "eval_loss": final_eval_loss,
+        "seed": run.seed,
+        "trained_at": utc_now(),
+    })
+    _write_json(output / METRICS_FILE, {
+        **history,
+        "final_eval_loss": final_eval_loss,
+        "best_step": state.best_global_step,
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "seconds": round(seconds, 3),
+    })
+    plot_losses(history, output / LOSS_PLOT, f"{method.method} on {base['name']}")
+    log.info("adapter written to %s (step %d, eval loss %s)", output, state.global_step, final_eval_loss)
+
+
+def register_adapter(output: Path, config: RegisterConfig, template: str) -> Any:
+    """Upload the adapter's files (not metrics or plot) to the server named by --register."""
+    from quiver.clients.client import QuiverClient
+
+    assert config.register is not None and config.name is not None  # RegisterConfig checked both
+    token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+    with tempfile.TemporaryDirectory(prefix="quiver-train-upload-") as tmp:
+        for name in REGISTERED_FILES:
+            shutil.copy2(output / name, Path(tmp) / name)
+        with QuiverClient(config.register, admin_token=token) as client:
+            info = client.register_adapter(
+                tmp, config.name, mode=REGISTER_MODES[config.register_mode],  # type: ignore[arg-type]
+                description=config.description, prompt_template=template,
+            )
+    log.info("registered %s@%d with %s", info.name, info.version, config.register)
+    return info
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: RegisterConfig | None = None
+          ) -> TrainResult:
+    """Train one adapter and write it to `run.output`; register it when `register.register` is set.
+
+    Raises ValueError for flag combinations that cannot work, quiver.server.errors.QuiverError for bad data
+    or a base model that cannot be loaded.
+    """
+    started = time.monotonic()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing below may reach the hub
+    assert run.output is not None
+    output = Path(run.output)
+    has_eval = bool(data.eval_data) or data.eval_fraction > 0
+    if run.early_stopping_patience and not has_eval:
+        raise ValueError("--early-stopping-patience needs eval data (--eval-data or --eval-fraction > 0)")
+    check_gradient_checkpointing(method, run.gradient_checkpointing)
+    resume_from = resume_checkpoint(run)
+
+    cache = Path(run.cache_dir).expanduser() if run.cache_dir else default_cache_dir()
+    checkpoint = resolve_checkpoint(run.model, cache)
+    base = {"fingerprint": fingerprint(checkpoint), "name": source_name(run.model)}
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out and carry no loss
+    prepared = load_data(data, tokenizer, run.seed)
+
+    dtype = resolve_dtype(run)
+    args = training_arguments(run, method, dtype, has_eval)
+    model = load_model(checkpoint, method, run, args, dtype)
+    callbacks = [EarlyStoppingCallback(run.early_stopping_patience)] if run.early_stopping_patience else []
+    trainer = Trainer(
+        model=model, args=args, train_dataset=prepared.train,  # type: ignore[arg-type]
+        eval_dataset=prepared.eval or None, data_collator=PaddingCollator(int(tokenizer.pad_token_id)),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    # Taken before the final evaluation, which logs the kept (possibly best, earlier) adapter's loss.
+    history = loss_history(trainer.state.log_history)
+    final_eval_loss = float(trainer.evaluate()["eval_loss"]) if has_eval else None
+    if final_eval_loss is not None and not math.isfinite(final_eval_loss):
+        log.warning("the final eval loss is %s: lower --learning-rate", final_eval_loss)
+
+    registered = None
+    written = trainer.is_world_process_zero()
+    if written:
+        seconds = time.monotonic() - started
+        write_outputs(trainer, output, method, run, prepared, base, history, final_eval_loss, seconds)
+        if register is not None and register.register is not None:
+            registered = register_adapter(output, register, prepared.template)
+    return TrainResult(output, trainer.state.global_step, final_eval_loss, written, registered)
