@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 MethodName = Literal["lora", "qlora", "prompt-tuning", "prefix-tuning"]
@@ -93,7 +94,7 @@ class MethodConfig:
     init_text: str | None = field(
         default=None,
         metadata={"help": "prompt-tuning only: initialise the soft prompt from this text's token embeddings "
-                  "(repeated or cut to --num-virtual-tokens); default random"},
+                  "(repeated or cut to --num-virtual-tokens); unset = random"},
     )
     prefix_projection: bool = field(
         default=False,
@@ -138,7 +139,12 @@ class TrainConfig:
     output: str | None = field(
         default=None,
         metadata={"help": "directory the adapter is written to (adapter_config.json, adapter_model.safetensors, "
-                  "quiver_adapter.json, metrics.json, loss.png); checkpoints go to its checkpoints/ folder"},
+                  "quiver_adapter.json, metrics.json, loss.png)"},
+    )
+    checkpoint_dir: str | None = field(
+        default=None,
+        metadata={"help": "where training checkpoints go, outside the adapter directory so that it registers as "
+                  "is (default: OUTPUT-checkpoints beside OUTPUT)"},
     )
     model: str | None = field(
         default=None,
@@ -181,11 +187,11 @@ class TrainConfig:
         metadata={"help": "keep the checkpoint with the lowest eval loss rather than the last one (needs eval data)"},
     )
     save_total_limit: int = field(
-        default=2, metadata={"help": "checkpoints kept in OUTPUT/checkpoints (the best one is always kept)"}
+        default=2, metadata={"help": "checkpoints kept in the checkpoint directory (the best one is always kept)"}
     )
     resume: bool = field(
         default=False,
-        metadata={"help": "continue from the latest checkpoint in OUTPUT/checkpoints (start afresh if none)"},
+        metadata={"help": "continue from the latest checkpoint in the checkpoint directory (start afresh if none)"},
     )
     gradient_checkpointing: bool = field(
         default=False,
@@ -205,6 +211,8 @@ class TrainConfig:
             raise ValueError("--output is required (the adapter directory to write)")
         if self.model is not None and not self.model.strip():
             raise ValueError("--model must not be empty")
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
+            raise ValueError("--checkpoint-dir must not be empty")
         _require_positive(self, "batch_size", "grad_accum", "eval_steps", "log_steps", "save_total_limit")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
@@ -218,6 +226,14 @@ class TrainConfig:
             raise ValueError("--weight-decay must be >= 0")
         if self.early_stopping_patience < 0:
             raise ValueError("--early-stopping-patience must be >= 0")
+
+    def checkpoints(self) -> Path:
+        """The checkpoint directory: --checkpoint-dir, else OUTPUT-checkpoints beside OUTPUT."""
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir).expanduser()
+        assert self.output is not None  # __post_init__ checked it
+        output = Path(self.output).expanduser().resolve()
+        return output.with_name(f"{output.name}-checkpoints")
 
 
 @dataclass

@@ -3,10 +3,10 @@
 The steps: resolve the base checkpoint (quiver.server.model_source) and its fingerprint; read, mix, hold out
 and tokenize the data exactly as the server will prompt the adapter (quiver.training.data); wrap the base
 for the method (quiver.training.methods); train with `transformers.Trainer` (evaluation and a checkpoint
-every `eval_steps`, the best checkpoint by eval loss kept, early stopping, resume from the latest
-checkpoint); then write only the final (or best) adapter with `save_pretrained`, beside it
-`quiver_adapter.json` (the hints registration reads: prompt template and base fingerprint, plus provenance),
-`metrics.json` and a loss curve, and optionally register it with a running server.
+every `eval_steps` in a directory beside the output, early stopping, resume from the latest checkpoint); then
+write only one adapter, the best checkpoint's by eval loss (or the final one), in `save_pretrained`'s format,
+beside it `quiver_adapter.json` (the hints registration reads: prompt template and base fingerprint, plus
+provenance), `metrics.json` and a loss curve, and optionally register it with a running server.
 
 The same code runs under `torchrun` or `accelerate launch`: the Trainer wraps the model in DDP, and only the
 world's process zero writes outputs and registers.
@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from quiver.adapters.metadata import METADATA_FILE, sha256_file, utc_now
@@ -52,10 +59,11 @@ from quiver.training.methods import BaseFacts, check_gradient_checkpointing, met
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of a padded or prompt token: no loss
-CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"
-REGISTERED_FILES = ("adapter_config.json", "adapter_model.safetensors", METADATA_FILE)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REGISTERED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE)
 """What registration uploads; metrics, plot and PEFT's README stay local."""
 ADMIN_TOKEN_ENV = "QUIVER_ADMIN_TOKEN"  # the same variable `quiver serve` and `quiver adapters` read
 REGISTER_MODES = {"create": "create", "new-version": "new_version", "replace": "replace"}
@@ -172,10 +180,9 @@ def resolve_dtype(config: TrainConfig) -> torch.dtype:
 
 def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
     """The Trainer's arguments: one flag of ours each, plus the fixed choices explained inline."""
-    assert run.output is not None  # TrainConfig checked it
     evaluate = "steps" if has_eval else "no"
     return TrainingArguments(
-        output_dir=str(Path(run.output) / CHECKPOINTS_DIR),
+        output_dir=str(run.checkpoints()),
         seed=run.seed,
         data_seed=run.seed,
         num_train_epochs=run.epochs,
@@ -192,7 +199,10 @@ def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtyp
         save_strategy="steps",  # a checkpoint at every evaluation, so the best one can be restored
         save_steps=run.eval_steps,
         save_total_limit=run.save_total_limit,
-        load_best_model_at_end=has_eval and run.load_best,
+        # The Trainer tracks (and never rotates away) the best checkpoint by eval loss; `train` copies its adapter
+        # rather than having the Trainer load it back, which fails for a projected prefix (the checkpoint holds
+        # the MLP's output, the model being trained the MLP).
+        load_best_model_at_end=False,
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
         logging_strategy="steps",
@@ -200,7 +210,7 @@ def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtyp
         logging_first_step=True,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu=run.device == "cpu",
+        use_cpu=_device_type(run) == "cpu",  # also what makes torchrun on CPU data-parallel (gloo)
         dataloader_pin_memory=_device_type(run) == "cuda",
         report_to="none",
         remove_unused_columns=False,  # our features are exactly the model's inputs
@@ -229,10 +239,27 @@ def load_model(checkpoint: Path, method: MethodConfig, run: TrainConfig, args: T
     return peft_model
 
 
+class BestAdapterEarlyStopping(EarlyStoppingCallback):
+    """Early stopping without its warning that the best model will not be loaded: `train` keeps the best adapter."""
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        return None  # `training_arguments` sets the eval strategy and metric the base class checks for here
+
+
+def kept_eval_loss(trainer: Trainer, history: dict[str, list[dict[str, float]]], best: str | None) -> float:
+    """The eval loss of the adapter that is kept: the best checkpoint's, else that of the final step."""
+    if best is not None and trainer.state.best_metric is not None:
+        return float(trainer.state.best_metric)
+    last = history["eval_loss"][-1] if history["eval_loss"] else None
+    if last is not None and last["step"] == trainer.state.global_step:
+        return float(last["loss"])
+    return float(trainer.evaluate()["eval_loss"])  # every process calls it: evaluation is collective under DDP
+
+
 def resume_checkpoint(run: TrainConfig) -> str | None:
-    """The latest checkpoint to resume from with --resume; without it, earlier checkpoints are an error."""
-    assert run.output is not None
-    folder = Path(run.output) / CHECKPOINTS_DIR
+    """The latest checkpoint to resume from with --resume; without --resume, earlier checkpoints are an error
+    (a new run would mix its checkpoints with theirs)."""
+    folder = run.checkpoints()
     latest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     if latest is not None and not run.resume:
         raise ValueError(f"{folder} holds checkpoints of an earlier run: pass --resume to continue it, "
@@ -279,20 +306,29 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def save_adapter(trainer: Trainer, output: Path, best_checkpoint: str | None) -> None:
+    """The adapter into `output`: the best checkpoint's, whose files are `save_pretrained`'s, or the final one."""
+    output.mkdir(parents=True, exist_ok=True)
+    if best_checkpoint is None:
+        peft_model: Any = trainer.model
+        peft_model.save_pretrained(str(output))
+        return
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copyfile(Path(best_checkpoint) / name, output / name)
+    log.info("kept the adapter of %s (lowest eval loss)", best_checkpoint)
+
+
 def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: TrainConfig, data: TrainingData,
                   base: dict[str, str], history: dict[str, list[dict[str, float]]],
                   final_eval_loss: float | None, seconds: float) -> None:
-    """Save the adapter (final, or best by eval loss) and its quiver_adapter.json, metrics.json and loss.png."""
-    output.mkdir(parents=True, exist_ok=True)
-    peft_model: Any = trainer.model
-    peft_model.save_pretrained(str(output))
+    """quiver_adapter.json, metrics.json and loss.png beside the saved adapter."""
     state = trainer.state
     _write_json(output / METADATA_FILE, {
         "prompt_template": data.template,
         "base_fingerprint": base["fingerprint"],
         "base_model": base["name"],
         "method": method.method,
-        "peft_type": str(peft_model.peft_config["default"].peft_type.value),
+        "peft_type": json.loads((output / ADAPTER_CONFIG).read_text())["peft_type"],
         "data": data.files,
         "steps": state.global_step,
         "eval_loss": final_eval_loss,
@@ -362,22 +398,25 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
     dtype = resolve_dtype(run)
     args = training_arguments(run, method, dtype, has_eval)
     model = load_model(checkpoint, method, run, args, dtype)
-    callbacks = [EarlyStoppingCallback(run.early_stopping_patience)] if run.early_stopping_patience else []
+    callbacks: list[TrainerCallback] = []
+    if run.early_stopping_patience:
+        callbacks.append(BestAdapterEarlyStopping(run.early_stopping_patience))
     trainer = Trainer(
         model=model, args=args, train_dataset=prepared.train,  # type: ignore[arg-type]
         eval_dataset=prepared.eval or None, data_collator=PaddingCollator(int(tokenizer.pad_token_id)),
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_from)
-    # Taken before the final evaluation, which logs the kept (possibly best, earlier) adapter's loss.
     history = loss_history(trainer.state.log_history)
-    final_eval_loss = float(trainer.evaluate()["eval_loss"]) if has_eval else None
+    best = trainer.state.best_model_checkpoint if has_eval and run.load_best else None
+    final_eval_loss = kept_eval_loss(trainer, history, best) if has_eval else None
     if final_eval_loss is not None and not math.isfinite(final_eval_loss):
         log.warning("the final eval loss is %s: lower --learning-rate", final_eval_loss)
 
     registered = None
     written = trainer.is_world_process_zero()
     if written:
+        save_adapter(trainer, output, best)
         seconds = time.monotonic() - started
         write_outputs(trainer, output, method, run, prepared, base, history, final_eval_loss, seconds)
         if register is not None and register.register is not None:
