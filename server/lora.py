@@ -26,6 +26,8 @@ from torch import nn
 from quiver.adapters.base_spec import EMBEDDING_LEAF_NAMES
 
 # PEFT's LoRA keys: "base_model.model.<module path>.lora_A.weight" (".lora_A.default.weight" also occurs).
+# Most bytes of gathered per-row LoRA weights kept between decode steps (see LoraBatch.reuse).
+REUSE_BYTES = 512 * 2**20
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.default)?\.weight$")
 
 
@@ -39,6 +41,11 @@ class LoraBatch:
     LoRA (wrappers skip the math)."""
     rank: int = 0
     """Columns of the stacks to use: the largest rank among this batch's slots (<= max_rank)."""
+    generation: int = 0
+    """Changes whenever the selection or a slot's weights change; wrappers key their gathered weights on it."""
+    reuse: bool = False
+    """Whether wrappers keep the gathered per-row weights for the next forward with the same generation: decode
+    steps repeat the same selection until a sequence joins or leaves, so the gather then runs once, not per step."""
 
 
 class BatchedLoraLinear(nn.Module):
@@ -67,6 +74,17 @@ class BatchedLoraLinear(nn.Module):
             "lora_B", torch.zeros(slots, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
         )  # (S+1, max_rank, out): scale * B^T per slot
         self.register_buffer("scaling", torch.zeros(slots, dtype=dtype, device=device), persistent=False)  # (S+1,)
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, a, b)
+
+    def _weights(self, slot_ids: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's A^T (G, in, r) and scaled B^T (G, r, out), reused while the generation holds."""
+        generation = self.batch.generation
+        if self._gathered is not None and self._gathered[0] == generation:
+            return self._gathered[1], self._gathered[2]
+        a = self.lora_A.narrow(2, 0, rank).index_select(0, slot_ids)  # (G, in, r)
+        b = self.lora_B.narrow(1, 0, rank).index_select(0, slot_ids)  # (G, r, out)
+        self._gathered = (generation, a, b) if self.batch.reuse else None
+        return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (B, T, out)
@@ -74,8 +92,7 @@ class BatchedLoraLinear(nn.Module):
         if slot_ids is None:
             return out
         groups = slot_ids.shape[0]  # G = B, or 1 when all rows share a slot (then T below is B * T)
-        a = self.lora_A[:, :, :rank].index_select(0, slot_ids)  # (G, in, r)
-        b = self.lora_B[:, :rank, :].index_select(0, slot_ids)  # (G, r, out)
+        a, b = self._weights(slot_ids, rank)
         h = torch.bmm(x.reshape(groups, -1, self.in_features).to(a.dtype), a)  # (G, T, r)
         if out.dtype == b.dtype:
             out.view(groups, -1, self.out_features).baddbmm_(h, b)  # (G, T, out) += h @ b, in place
@@ -130,6 +147,7 @@ class LoraSlots:
         if not self._wrappers:
             raise ValueError(f"{type(model).__name__} has no linear layer to wrap (targets: {target_leaf_names})")
         self.module_paths = frozenset(self._wrappers)
+        self._selection: tuple[tuple[int, ...], int] | None = None
         element = torch.empty((), dtype=self.dtype).element_size()
         self.slot_bytes = element * sum(
             max_rank * (w.in_features + w.out_features) + 1 for w in self._wrappers.values()
@@ -146,15 +164,22 @@ class LoraSlots:
         problems = [self._pair_problem(path, a, b, scalings) for path, (a, b) in sorted(pairs.items())]
         if reasons := [p for p in problems if p]:
             raise ValueError(f"cannot load LoRA into slot {slot}: " + "; ".join(reasons))
+        self._invalidate()
         with torch.no_grad():
             for path, wrapper in self._wrappers.items():
                 a, b = pairs.get(path, (None, None))
                 wrapper.set_slot(slot, a, b, scalings.get(path, 0.0))
         return max(a.shape[0] for a, _ in pairs.values())
 
+    def _invalidate(self) -> None:
+        """A slot's weights change: no wrapper may reuse weights gathered before."""
+        self._selection = None
+        self.batch.generation += 1
+
     def clear(self, slot: int) -> None:
         """Zero `slot`, so rows pointing at it get the base output."""
         self._check_slot(slot)
+        self._invalidate()
         with torch.no_grad():
             for wrapper in self._wrappers.values():
                 wrapper.set_slot(slot, None, None, 0.0)
@@ -163,11 +188,18 @@ class LoraSlots:
         """Select each row's slot for the next forward; `ranks` are the rows' adapter ranks (0 for slot 0)."""
         if not any(slot_ids):
             self.batch.slot_ids, self.batch.rank = None, 0
+            self._selection = None
             return
         shared = len(set(slot_ids)) == 1  # one adapter for the whole batch: a single group
-        groups = slot_ids[:1] if shared else slot_ids
-        self.batch.slot_ids = torch.tensor(groups, dtype=torch.long, device=self._device)  # (G,)
-        self.batch.rank = max(ranks)
+        groups = tuple(slot_ids[:1] if shared else slot_ids)
+        rank = max(ranks)
+        if (groups, rank) != self._selection:
+            self._selection = (groups, rank)
+            self.batch.generation += 1
+            self.batch.slot_ids = torch.tensor(groups, dtype=torch.long, device=self._device)  # (G,)
+            self.batch.rank = rank
+        # Keeping the gathered copies costs G slots' worth of memory at this rank; bound it.
+        self.batch.reuse = len(groups) * self.slot_bytes * rank <= REUSE_BYTES * self.max_rank
 
     def unwrap(self) -> None:
         """Put the original base layers back; this LoraSlots is unusable afterwards."""

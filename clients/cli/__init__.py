@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "info": "quiver.clients.cli.info",
     "adapters": "quiver.clients.cli.adapters",
     "train": "quiver.clients.cli.train",
+    "eval": "quiver.clients.cli.eval",
 }
 
 
