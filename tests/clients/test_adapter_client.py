@@ -202,11 +202,14 @@ def vanishing_file(monkeypatch: pytest.MonkeyPatch, adapter_dir: Path) -> None:
 
 
 def test_register_raises_a_read_error_rather_than_a_cancelled_call(
-    client: QuiverClient, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+    adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vanishing_file(monkeypatch, adapter_dir)
-    with pytest.raises(FileNotFoundError, match="zz_gone"):
-        client.register_adapter(adapter_dir, "summarize")
+    # A server of its own: the cancelled upload may reach it after this test ends and must not show up
+    # in another test's record of calls.
+    with FakeAdapterServer() as own, QuiverClient(own.target) as client:
+        with pytest.raises(FileNotFoundError, match="zz_gone"):
+            client.register_adapter(adapter_dir, "summarize")
 
 
 # --- import, list, get, delete ------------------------------------------------------------------------
@@ -462,12 +465,12 @@ def test_async_errors_become_quiver_rpc_errors(
 
 
 def test_async_register_raises_a_read_error_rather_than_a_cancelled_call(
-    fake: FakeAdapterServer, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+    adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vanishing_file(monkeypatch, adapter_dir)
 
     async def body(c: AsyncQuiverClient) -> AdapterInfo:
         return await c.register_adapter(adapter_dir, "summarize")
 
-    with pytest.raises(FileNotFoundError, match="zz_gone"):
-        run_async(fake.target, body)
+    with FakeAdapterServer() as own, pytest.raises(FileNotFoundError, match="zz_gone"):
+        run_async(own.target, body)
