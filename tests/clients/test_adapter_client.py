@@ -207,9 +207,12 @@ def test_register_raises_a_read_error_rather_than_a_cancelled_call(
     vanishing_file(monkeypatch, adapter_dir)
     # A server of its own: the cancelled upload may reach it after this test ends and must not show up
     # in another test's record of calls.
-    with FakeAdapterServer() as own, QuiverClient(own.target) as client:
-        with pytest.raises(FileNotFoundError, match="zz_gone"):
-            client.register_adapter(adapter_dir, "summarize")
+    with (
+        FakeAdapterServer() as own,
+        QuiverClient(own.target) as client,
+        pytest.raises(FileNotFoundError, match="zz_gone"),
+    ):
+        client.register_adapter(adapter_dir, "summarize")
 
 
 # --- import, list, get, delete ------------------------------------------------------------------------
