@@ -101,16 +101,15 @@ class BatchedLoraLinear(nn.Module):
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Fill `slot` with A (r, in) and B (out, r) scaled by `scale`, zero above rank r; None: zeros."""
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.scaling[slot] = 0.0
+        r = 0 if a is None or b is None else a.shape[0]
+        # Write each element once: the adapter's columns, then zeros above its rank (cold loads are copy-bound).
+        self.lora_A[slot, :, r:].zero_()
+        self.lora_B[slot, r:, :].zero_()
+        self.scaling[slot] = scale if r else 0.0
         if a is None or b is None:
             return
-        r = a.shape[0]
         self.lora_A[slot, :, :r].copy_(a.T)  # (in, r)
-        self.lora_B[slot, :r, :].copy_(b.T)  # (r, out)
-        self.lora_B[slot, :r, :].mul_(scale)
-        self.scaling[slot] = scale
+        self.lora_B[slot, :r, :].copy_(b.T).mul_(scale)  # (r, out): the scale folded into B
 
     def extra_repr(self) -> str:
         slots, _, max_rank = self.lora_A.shape
