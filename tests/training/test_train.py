@@ -213,8 +213,7 @@ def test_flag_errors_exit_2(flags: list[str], message: str, capsys: pytest.Captu
 def test_two_processes_under_torchrun(base_dir: Path, data_file: Path, tmp_path: Path):
     """DDP over gloo on CPU: the two processes split the data; only process zero writes and reports."""
     quiver = Path(sys.executable).parent / "quiver"
-    if not quiver.exists():
-        pytest.skip("the quiver console script is not installed")
+    assert quiver.exists(), "the quiver console script comes with `pip install -e .`"
     output = tmp_path / "adapter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(quiver)]
