@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import types
 import typing
 from typing import Any, Literal, TypeVar
@@ -54,3 +55,13 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
             value = f.default  # a repeatable flag given zero times
         values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
+
+
+def add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
+    """The `--log-level` flag the long-running commands share."""
+    parser.add_argument("--log-level", default=default, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Configure logging from `--log-level` (see add_log_level)."""
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,11 +7,10 @@ the JSON report (--out).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from quiver.clients.cli.common import EXIT_RPC_ERROR, report_rpc_error, report_usage_error
-from quiver.clients.cli.dataclass_args import add_dataclass_args, from_args
+from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
 from quiver.training.evaluate import EvalConfig
 
 HELP = "compare an adapter with its base model on dev data (ROUGE, BLEU) and a general-ability set"
@@ -19,11 +18,11 @@ HELP = "compare an adapter with its base model on dev data (ROUGE, BLEU) and a g
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, EvalConfig)
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser, default="WARNING")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     try:
         config = from_args(EvalConfig, args)
     except ValueError as e:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from quiver.clients.cli.dataclass_args import add_dataclass_args, from_args
+from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 
 HELP = "start the gRPC server (default model: SmolLM2-135M-Instruct)"
@@ -16,11 +15,11 @@ CONFIGS = (ModelConfig, EngineConfig, ServerConfig, AdapterConfig)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for cls in CONFIGS:
         add_dataclass_args(parser, cls)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     try:
         model, engine, server, adapters = (from_args(cls, args) for cls in CONFIGS)
     except ValueError as e:

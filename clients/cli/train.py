@@ -7,11 +7,10 @@ process zero writes the adapter and registers it.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from quiver.clients.cli.common import report_rpc_error, report_usage_error
-from quiver.clients.cli.dataclass_args import add_dataclass_args, from_args
+from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 
 HELP = "train a LoRA, QLoRA, prompt-tuning or prefix-tuning adapter on JSONL data"
@@ -22,11 +21,11 @@ EXIT_FAILED = 1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for cls in CONFIGS:
         add_dataclass_args(parser, cls)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     try:
         data, method, train_config, register = (from_args(cls, args) for cls in CONFIGS)
     except ValueError as e:
