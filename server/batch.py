@@ -1,6 +1,6 @@
 """The running batch: one key/value cache for all decoding sequences, left-padded to a common length.
 
-Sequences join after their own prefill (their cache is left-padded and concatenated along the batch) and leave
+Sequences join after their prefill (their cache is left-padded and concatenated along the batch) and leave
 by index selection, as in TGI's dynamic batching; a 2-D attention mask hides the padding and explicit
 per-row position ids keep every row's positions its own. A row's cache may start with an adapter's key/value
 prefix (prefix tuning) or hold soft-prompt tokens (prompt tuning): to the batch they are ordinary entries.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 
-def _layers(cache: DynamicCache) -> list[Any]:
+def cache_layers(cache: DynamicCache) -> list[Any]:
     """The cache's per-layer entries; each holds `keys` and `values` of shape (B, H_kv, L, D)."""
     return list(cache.layers)
 
@@ -41,21 +41,20 @@ class DecodeBatch:
     def size(self) -> int:
         return len(self.lengths)
 
-    def add(self, row_cache: DynamicCache, length: int) -> None:
-        """Append a prefilled row whose cache holds `length` entries (no padding)."""
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self._device)
+    def add(self, cache: DynamicCache, mask: torch.Tensor, lengths: Sequence[int]) -> None:
+        """Append prefilled rows: their cache (B', H_kv, W', D) and mask (B', W'), valid entries right-aligned."""
         if self.cache is None:
-            self.cache, self.mask, self.lengths = row_cache, row_mask, [length]
+            self.cache, self.mask, self.lengths = cache, mask, list(lengths)
             return
-        old = self.mask.shape[1]
-        width = max(old, length)
-        for mine, theirs in zip(_layers(self.cache), _layers(row_cache), strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width - old, 2), _pad_left(theirs.keys, width - length, 2)])
+        old, new = self.mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(cache_layers(self.cache), cache_layers(cache), strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - old, 2), _pad_left(theirs.keys, width - new, 2)])
             mine.values = torch.cat(
-                [_pad_left(mine.values, width - old, 2), _pad_left(theirs.values, width - length, 2)]
-            )  # (B + 1, H_kv, width, D)
-        self.mask = torch.cat([_pad_left(self.mask, width - old, 1), _pad_left(row_mask, width - length, 1)])
-        self.lengths.append(length)
+                [_pad_left(mine.values, width - old, 2), _pad_left(theirs.values, width - new, 2)]
+            )  # (B + B', H_kv, width, D)
+        self.mask = torch.cat([_pad_left(self.mask, width - old, 1), _pad_left(mask, width - new, 1)])
+        self.lengths.extend(lengths)
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in that order), then drop padding columns no row needs any more."""
@@ -64,9 +63,11 @@ class DecodeBatch:
             self.mask = self.mask[:0, :0]
             return
         assert self.cache is not None
-        index = torch.tensor(rows, dtype=torch.long, device=self._device)
         trim = self.mask.shape[1] - max(self.lengths[i] for i in rows)
-        for layer in _layers(self.cache):
+        if not trim and list(rows) == list(range(self.size)):
+            return  # the usual decode step: nobody left, so no copy of the cache
+        index = torch.tensor(rows, dtype=torch.long, device=self._device)
+        for layer in cache_layers(self.cache):
             layer.keys = layer.keys[index, :, trim:]  # (B', H, L', D)
             layer.values = layer.values[index, :, trim:]
         self.mask = self.mask[index, trim:]

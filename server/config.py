@@ -60,6 +60,11 @@ class EngineConfig:
     max_queued: int = field(
         default=1024, metadata={"help": "most requests waiting to start; beyond it RESOURCE_EXHAUSTED"}
     )
+    max_prefill_tokens: int = field(
+        default=1024,
+        metadata={"help": "most padded prompt tokens prefilled in one forward (a longer prompt goes alone); "
+                  "larger batches prefill faster but stall the running decode longer"},
+    )
     max_lora_rank: int = field(
         default=64,
         metadata={"help": "rank of the preallocated LoRA slots; registration refuses higher ranks"},
@@ -77,7 +82,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued",
-                     "max_lora_rank", "max_lora_slots", "max_device_adapter_bytes", "max_host_adapter_bytes"):
+                     "max_prefill_tokens", "max_lora_rank", "max_lora_slots", "max_device_adapter_bytes",
+                     "max_host_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

@@ -1,10 +1,10 @@
 """The generation engine: owns the model on one thread and decodes every running sequence in one batch.
 
 Iteration-level scheduling as in Orca (Yu et al., OSDI 2022): at every step the engine admits waiting
-requests (each prefilled on its own), samples one token for every running sequence, retires finished or
-cancelled ones at once and runs one batched forward for the rest. Rows of one batch may use different
-adapters of different kinds (S-LoRA-style multi-LoRA slots, soft prompts, key/value prefixes) or none; the
-weights never change between requests.
+requests (prefilled together, in groups bounded by a token budget), samples one token for every running
+sequence, retires finished or cancelled ones at once and runs one batched forward for the rest. Rows of one
+batch may use different adapters of different kinds (S-LoRA-style multi-LoRA slots, soft prompts, key/value
+prefixes) or none; the weights never change between requests.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from quiver.server.config import EngineConfig
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import prefill
+from quiver.server.prefill import PrefillRow, plan_groups, prefill
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import RowSampler, sample_next
-from quiver.server.scheduler import Scheduler, Waiting
+from quiver.server.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ def _lora_slots(model: Any, config: EngineConfig, dtype: torch.dtype) -> LoraSlo
     slots = max(1, min(config.max_lora_slots, fit))
     log.info("LoRA: %d device slots of rank %d (%.1f MiB each)", slots, config.max_lora_rank, slot_bytes / 2**20)
     return LoraSlots(model, num_slots=slots, max_rank=config.max_lora_rank, dtype=dtype)
+
+
+def _no_lora(seq: _Sequence) -> bool:
+    """Sort key that puts sequences using a LoRA first (see LoraBatch.rows)."""
+    return seq.adapter is None or seq.adapter.lora_slot == 0
 
 
 class Engine:
@@ -192,27 +197,35 @@ class Engine:
         for gone in self._scheduler.drop(lambda s: s.handle.cancelled):
             if gone.device is not None:
                 self.device_adapters.release(gone.device)
+        ready: list[_Sequence] = []
         for entry in self._scheduler.admit(self._config.max_running - len(self._running)):
-            self._start(entry)
+            if entry.error is not None:
+                self._fail(entry.item, entry.error)
+                continue
+            entry.item.adapter = entry.device
+            ready.append(entry.item)
+        lengths = [len(seq.request.prompt_ids) for seq in ready]
+        for group in plan_groups(lengths, self._config.max_prefill_tokens):
+            self._prefill(sorted((ready[i] for i in group), key=_no_lora))
 
-    def _start(self, entry: Waiting[_Sequence]) -> None:
-        seq = entry.item
-        if entry.error is not None:
-            self._fail(seq, entry.error)
-            return
-        seq.adapter = entry.device
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Prefill `seqs` in one forward and add them to the running batch; on failure they fail, nothing else."""
+        rows = [PrefillRow(torch.tensor(s.request.prompt_ids, dtype=torch.long, device=self._device), s.adapter)
+                for s in seqs]
         try:
-            self._prefill(seq)
+            out = prefill(self._model, self.lora, rows)
         except Exception as e:
             log.exception("prefill failed")
-            self._finish_all([seq], e)
+            self._finish_all(seqs, e)
             return
-        self._running.append(seq)
-
-    def _prefill(self, seq: _Sequence) -> None:
-        ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self._device)  # (1, T)
-        seq.logits, cache, total = prefill(self._model, self.lora, ids, seq.adapter)
-        self._batch.add(cache, total)
+        for seq, logits in zip(seqs, out.logits, strict=True):
+            seq.logits = logits
+        self._batch.add(out.cache, out.mask, out.lengths)
+        self._running.extend(seqs)
+        order = sorted(range(len(self._running)), key=lambda i: _no_lora(self._running[i]))
+        if order != sorted(order):
+            self._batch.keep(order)  # one cache copy per join, so no decode step runs LoRA math for other rows
+            self._running = [self._running[i] for i in order]
 
     def _set_lora(self, rows: list[_Sequence]) -> None:
         slots = [s.adapter.lora_slot if s.adapter else 0 for s in rows]

@@ -36,9 +36,12 @@ class LoraBatch:
     """Per-forward LoRA selection, set by the engine before each model forward (shared by all wrappers)."""
 
     slot_ids: torch.Tensor | None = None
-    """(G,) long on the model device: the slot of each of G equal runs of consecutive rows, G = B (one slot per
-    row) or G = 1 (every row shares one slot: one gathered adapter and plain matmuls); None when no row uses
-    LoRA (wrappers skip the math)."""
+    """(G,) long on the model device: the slot of each of G equal runs of consecutive rows among the first
+    `rows`, G = rows (one slot per row) or G = 1 (they share one slot: one gathered adapter and plain matmuls);
+    None when no row uses LoRA (wrappers skip the math)."""
+    rows: int = 0
+    """LoRA applies to the first `rows` rows of the batch; the rows after them have no LoRA. The engine puts
+    LoRA rows first, so rows without one (base, soft prompt, prefix) cost nothing here."""
     rank: int = 0
     """Columns of the stacks to use: the largest rank among this batch's slots (<= max_rank)."""
     generation: int = 0
@@ -91,13 +94,15 @@ class BatchedLoraLinear(nn.Module):
         slot_ids, rank = self.batch.slot_ids, self.batch.rank
         if slot_ids is None:
             return out
-        groups = slot_ids.shape[0]  # G = B, or 1 when all rows share a slot (then T below is B * T)
+        groups, rows = slot_ids.shape[0], self.batch.rows  # G = rows, or 1 when they share a slot
         a, b = self._weights(slot_ids, rank)
-        h = torch.bmm(x.reshape(groups, -1, self.in_features).to(a.dtype), a)  # (G, T, r)
+        target = out[:rows]  # (R, T, out): the LoRA rows come first, so this is a contiguous view
+        h = torch.bmm(x[:rows].reshape(groups, -1, self.in_features).to(a.dtype), a)  # (G, R / G * T, r)
         if out.dtype == b.dtype:
-            out.view(groups, -1, self.out_features).baddbmm_(h, b)  # (G, T, out) += h @ b, in place
-            return out
-        return out + torch.bmm(h, b).view(out.shape).to(out.dtype)  # (B, T, out)
+            target.view(groups, -1, self.out_features).baddbmm_(h, b)  # (G, R / G * T, out) += h @ b, in place
+        else:
+            target += torch.bmm(h, b).view(target.shape).to(out.dtype)  # (R, T, out)
+        return out
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Fill `slot` with A (r, in) and B (out, r) scaled by `scale`, zero above rank r; None: zeros."""
@@ -146,7 +151,7 @@ class LoraSlots:
         if not self._wrappers:
             raise ValueError(f"{type(model).__name__} has no linear layer to wrap (targets: {target_leaf_names})")
         self.module_paths = frozenset(self._wrappers)
-        self._selection: tuple[tuple[int, ...], int] | None = None
+        self._selection: tuple[tuple[int, ...], int, int] | None = None
         element = torch.empty((), dtype=self.dtype).element_size()
         self.slot_bytes = element * sum(
             max_rank * (w.in_features + w.out_features) + 1 for w in self._wrappers.values()
@@ -186,17 +191,18 @@ class LoraSlots:
     def set_batch(self, slot_ids: Sequence[int], ranks: Sequence[int]) -> None:
         """Select each row's slot for the next forward; `ranks` are the rows' adapter ranks (0 for slot 0)."""
         if not any(slot_ids):
-            self.batch.slot_ids, self.batch.rank = None, 0
+            self.batch.slot_ids, self.batch.rank, self.batch.rows = None, 0, 0
             self._selection = None
             return
-        shared = len(set(slot_ids)) == 1  # one adapter for the whole batch: a single group
-        groups = tuple(slot_ids[:1] if shared else slot_ids)
+        rows = _leading_lora_rows(slot_ids)
+        shared = len(set(slot_ids[:rows])) == 1  # one adapter for all LoRA rows: a single group
+        groups = tuple(slot_ids[:1] if shared else slot_ids[:rows])
         rank = max(ranks)
-        if (groups, rank) != self._selection:
-            self._selection = (groups, rank)
+        if (groups, rows, rank) != self._selection:
+            self._selection = (groups, rows, rank)
             self.batch.generation += 1
             self.batch.slot_ids = torch.tensor(groups, dtype=torch.long, device=self._device)  # (G,)
-            self.batch.rank = rank
+            self.batch.rows, self.batch.rank = rows, rank
         # Keeping the gathered copies costs G slots' worth of memory at this rank; bound it.
         self.batch.reuse = len(groups) * self.slot_bytes * rank <= REUSE_BYTES * self.max_rank
 
@@ -205,7 +211,7 @@ class LoraSlots:
         for path, wrapper in self._wrappers.items():
             _replace(self.model, path, wrapper.base_layer)
         self._wrappers.clear()
-        self.batch.slot_ids, self.batch.rank = None, 0
+        self.batch.slot_ids, self.batch.rank, self.batch.rows = None, 0, 0
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.num_slots:
@@ -238,6 +244,11 @@ def lora_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Ten
     if missing:
         raise ValueError(f"modules with only one of lora_A / lora_B: {missing}")
     return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}
+
+
+def _leading_lora_rows(slot_ids: Sequence[int]) -> int:
+    """How many rows the LoRA math covers: up to the last row with a slot (slot-0 rows before it ride along)."""
+    return max(i for i, slot in enumerate(slot_ids) if slot) + 1
 
 
 def _target_paths(model: nn.Module, leaf_names: Collection[str] | None) -> list[str]:

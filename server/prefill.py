@@ -1,14 +1,21 @@
-"""How each adapter kind shapes a row's prefill; a registry keyed by kind, so the engine has no kind ladder.
+"""Batched prefill: the prompts of newly admitted rows, of any adapter kinds, in one forward.
 
+Each kind contributes its own part to a row, through a registry keyed by kind, so the engine has no kind ladder:
 - no adapter or LoRA: the prompt tokens as they are (LoRA acts inside the linears, per row).
 - prompt tuning (Lester et al., 2021): the soft prompt's virtual-token embeddings precede the prompt's.
 - prefix tuning (Li & Liang, 2021): the row's cache starts with the adapter's per-layer key/value prefix, so
   the prompt's positions start after it, exactly as PEFT places them.
+
+Rows are right-aligned: before the forward, row i's cache is [padding | prefix_i] and its new entries are
+[padding | soft prompt_i | prompt_i]; a 2-D attention mask hides the padding and per-token position ids count
+from each row's own start. A row with a prefix and a shorter prompt than the longest thus has padding in the
+middle of its cache; afterwards the cache is compacted so that every row is [padding | valid entries], the
+layout of `DecodeBatch`. Positions are already rotated into the keys, so moving entries changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,64 +23,128 @@ import torch
 from transformers import DynamicCache
 
 from quiver.server.adapter_tiers import DeviceAdapter
+from quiver.server.batch import cache_layers
 from quiver.server.lora import LoraSlots
 
 
-@dataclass
-class PrefillInputs:
-    """Model inputs for one row's prefill."""
+@dataclass(frozen=True)
+class PrefillRow:
+    """One admitted request: its prompt token ids (T,) and its resident adapter (or none)."""
 
-    model_kwargs: dict[str, torch.Tensor]  # input_ids or inputs_embeds, (1, T') or (1, T', H)
-    cache: DynamicCache | None  # pre-filled cache (prefix tuning) or None
-    positions: torch.Tensor  # (1, T') position ids of the new entries
-    total: int  # cache entries after the prefill = the row's next position
+    ids: torch.Tensor
+    adapter: DeviceAdapter | None
 
 
-def _plain(model: Any, ids: torch.Tensor, adapter: DeviceAdapter | None) -> PrefillInputs:
-    n = ids.shape[1]
-    return PrefillInputs({"input_ids": ids}, None, torch.arange(n, device=ids.device)[None], n)
+@dataclass(frozen=True)
+class _Parts:
+    """What an adapter kind adds to a row."""
+
+    soft: torch.Tensor | None = None  # (P, H) embeddings placed before the prompt's
+    prefix: torch.Tensor | None = None  # (L, 2, H_kv, P, D) cache entries placed before everything
 
 
-def _soft_prompt(model: Any, ids: torch.Tensor, adapter: DeviceAdapter | None) -> PrefillInputs:
-    assert adapter is not None and adapter.prompt is not None
-    embeds = model.get_input_embeddings()(ids)  # (1, T, H)
-    prompt = adapter.prompt.to(embeds.dtype)[None]  # (1, P, H)
-    inputs = torch.cat([prompt, embeds], dim=1)  # (1, P + T, H)
-    n = inputs.shape[1]
-    return PrefillInputs({"inputs_embeds": inputs}, None, torch.arange(n, device=ids.device)[None], n)
-
-
-def _prefix(model: Any, ids: torch.Tensor, adapter: DeviceAdapter | None) -> PrefillInputs:
-    assert adapter is not None and adapter.prefix is not None
-    prefix = adapter.prefix  # (L, 2, H_kv, P, D)
-    cache = DynamicCache()
-    for layer, kv in enumerate(prefix):
-        cache.update(kv[0][None], kv[1][None], layer)  # (1, H_kv, P, D) each
-    p, n = prefix.shape[3], ids.shape[1]
-    positions = torch.arange(p, p + n, device=ids.device)[None]  # (1, T)
-    return PrefillInputs({"input_ids": ids}, cache, positions, p + n)
-
-
-_KINDS: dict[str | None, Callable[[Any, torch.Tensor, DeviceAdapter | None], PrefillInputs]] = {
-    None: _plain,
-    "lora": _plain,
-    "prompt_tuning": _soft_prompt,
-    "prefix_tuning": _prefix,
+_KINDS: dict[str | None, Callable[[DeviceAdapter | None], _Parts]] = {
+    None: lambda adapter: _Parts(),
+    "lora": lambda adapter: _Parts(),
+    "prompt_tuning": lambda adapter: _Parts(soft=adapter.prompt if adapter else None),
+    "prefix_tuning": lambda adapter: _Parts(prefix=adapter.prefix if adapter else None),
 }
 
 
-def prefill_inputs(model: Any, ids: torch.Tensor, adapter: DeviceAdapter | None) -> PrefillInputs:
-    """Inputs for prefilling `ids` (1, T) under `adapter` (or none)."""
-    return _KINDS[adapter.kind if adapter else None](model, ids, adapter)
+@dataclass(frozen=True)
+class Prefilled:
+    """The outcome of one batched prefill, ready to join the decode batch."""
+
+    logits: torch.Tensor  # (B, V) float32 next-token logits
+    cache: DynamicCache  # per layer (B, H_kv, W, D), each row's valid entries right-aligned
+    mask: torch.Tensor  # (B, W) long: 1 = valid entry
+    lengths: list[int]  # valid entries per row = the row's next position id
 
 
-def prefill(model: Any, lora: LoraSlots, ids: torch.Tensor, adapter: DeviceAdapter | None
-            ) -> tuple[torch.Tensor, DynamicCache, int]:
-    """Run one row's prefill: next-token logits (V,), the row's cache, and its number of cache entries."""
-    inputs = prefill_inputs(model, ids, adapter)
-    cache = inputs.cache if inputs.cache is not None else DynamicCache()
-    lora.set_batch([adapter.lora_slot if adapter else 0], [adapter.rank if adapter else 0])
-    mask = torch.ones(1, inputs.total, dtype=torch.long, device=ids.device)
-    out = model(**inputs.model_kwargs, attention_mask=mask, position_ids=inputs.positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), cache, inputs.total
+def plan_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split rows (by their prompt lengths) into prefill groups of at most `max_tokens` padded tokens each.
+
+    Rows are sorted by length so that a group pads little; a row longer than the budget is prefilled alone.
+    """
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if group and (len(group) + 1) * lengths[i] > max_tokens:
+            groups.append(group)
+            group = []
+        group.append(i)
+    if group:
+        groups.append(group)
+    return groups
+
+
+def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefilled:
+    """Run the prompts of `rows` through `model` in one forward, each under its own adapter."""
+    parts = [_KINDS[row.adapter.kind if row.adapter else None](row.adapter) for row in rows]
+    device = rows[0].ids.device
+    prompt = [row.ids.numel() for row in rows]
+    new = [n + (p.soft.shape[0] if p.soft is not None else 0) for n, p in zip(prompt, parts, strict=True)]
+    past = [p.prefix.shape[3] if p.prefix is not None else 0 for p in parts]
+    b, t, pmax = len(rows), max(new), max(past)
+
+    ids = torch.zeros(b, t, dtype=torch.long, device=device)  # (B, T): id 0 under the padding, masked
+    mask = torch.zeros(b, pmax + t, dtype=torch.long, device=device)  # (B, P + T)
+    for i, row in enumerate(rows):
+        ids[i, t - prompt[i]:] = row.ids
+        mask[i, pmax - past[i]: pmax] = 1
+        mask[i, pmax + t - new[i]:] = 1
+    first = torch.tensor([p - (t - n) for p, n in zip(past, new, strict=True)], device=device)[:, None]  # (B, 1)
+    positions = (torch.arange(t, device=device)[None] + first).clamp(min=0)  # (B, T); padding clamped to 0
+    inputs = _inputs(model, ids, parts, prompt, new)
+    cache = _prefix_cache(parts, past, pmax, b)
+    lora.set_batch([r.adapter.lora_slot if r.adapter else 0 for r in rows],
+                   [r.adapter.rank if r.adapter else 0 for r in rows])
+    out = model(**inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    lengths = [p + n for p, n in zip(past, new, strict=True)]
+    if any(p and n < t for p, n in zip(past, new, strict=True)):  # padding between a prefix and the prompt
+        mask = _compact(cache, mask)
+    trim = mask.shape[1] - max(lengths)  # columns that are padding in every row
+    if trim:
+        for layer in cache_layers(cache):
+            layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+        mask = mask[:, trim:]
+    return Prefilled(out.logits[:, -1].float(), cache, mask, lengths)
+
+
+def _inputs(model: Any, ids: torch.Tensor, parts: list[_Parts], prompt: list[int], new: list[int]
+            ) -> dict[str, torch.Tensor]:
+    """input_ids (B, T), or inputs_embeds (B, T, H) with each soft prompt right before its row's prompt."""
+    if all(p.soft is None for p in parts):
+        return {"input_ids": ids}
+    embeds = model.get_input_embeddings()(ids)  # (B, T, H)
+    t = ids.shape[1]
+    for i, p in enumerate(parts):
+        if p.soft is not None:
+            embeds[i, t - new[i]: t - prompt[i]] = p.soft.to(embeds.dtype)  # (P, H)
+    return {"inputs_embeds": embeds}
+
+
+def _prefix_cache(parts: list[_Parts], past: list[int], pmax: int, b: int) -> DynamicCache:
+    """A cache holding every row's key/value prefix, right-aligned in `pmax` columns (zeros where none)."""
+    cache = DynamicCache()
+    if not pmax:
+        return cache
+    like = next(p.prefix for p in parts if p.prefix is not None)  # (L, 2, H_kv, P, D)
+    layers, _, heads, _, dim = like.shape
+    kv = like.new_zeros(layers, 2, b, heads, pmax, dim)  # (L, 2, B, H_kv, P_max, D)
+    for i, p in enumerate(parts):
+        if p.prefix is not None:
+            kv[:, :, i, :, pmax - past[i]:] = p.prefix
+    for layer in range(layers):
+        cache.update(kv[layer, 0], kv[layer, 1], layer)
+    return cache
+
+
+def _compact(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    """Move every row's valid entries to the right end, in order; returns the new mask."""
+    order = torch.sort(mask, dim=1, stable=True).indices  # (B, W): padding first, then valid entries in order
+    for layer in cache_layers(cache):
+        index = order[:, None, :, None].expand_as(layer.keys)  # (B, H_kv, W, D)
+        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+    return mask.gather(1, order)

@@ -130,6 +130,23 @@ def test_mixed_batch_equals_peft_per_row(
     assert torch.equal(_logits(model, ids), base_logits)
 
 
+@pytest.mark.parametrize(
+    ("row_slots", "groups", "rows"),
+    [([3, 1, 0, 0, 0], 2, 2), ([2, 2, 0, 0, 0], 1, 2), ([0, 4, 0, 0, 0], 2, 2), ([0, 0, 0, 0, 1], 5, 5)],
+)
+def test_lora_math_covers_only_rows_up_to_the_last_lora_row(
+    base_dir: Path, adapters: dict[str, Adapter], ids: torch.Tensor, base_logits: torch.Tensor,
+    peft_logits: dict[str, torch.Tensor], row_slots: list[int], groups: int, rows: int,
+):
+    model = load_base(base_dir)
+    slots = LoraSlots(model, num_slots=len(adapters), max_rank=MAX_RANK)
+    ranks = [slots.load(i + 1, a.tensors, a.scalings) for i, a in enumerate(adapters.values())]
+    slots.set_batch(row_slots, [0 if s == 0 else ranks[s - 1] for s in row_slots])
+    assert slots.batch.slot_ids is not None and slots.batch.slot_ids.shape == (groups,)
+    assert slots.batch.rows == rows
+    _assert_rows(_logits(model, ids), row_slots, list(peft_logits.values()), base_logits, ATOL)
+
+
 def test_batch_rank_below_max_uses_only_its_columns(
     base_dir: Path, adapters: dict[str, Adapter], ids: torch.Tensor, peft_logits: dict[str, torch.Tensor]
 ):

@@ -26,7 +26,7 @@ from quiver.adapters.validation import ValidationLimits
 from quiver.server.adapter_tiers import DeviceAdapters, load_host_adapter
 from quiver.server.config import ModelConfig
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import prefill
+from quiver.server.prefill import PrefillRow, prefill
 
 from ..adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
 
@@ -82,7 +82,7 @@ def test_adapter_logits_match_peft_on_quantized_base(scheme: str, default_cache_
             for name, (_, adapter) in stored.items():
                 entry = device.acquire(load_host_adapter(adapter))
                 assert entry is not None
-                ours[name] = prefill(model, slots, ids, entry)[0]
+                ours[name] = prefill(model, slots, [PrefillRow(ids[0], entry)]).logits[0]
                 device.release(entry)
             slots.set_batch([0], [0])
             base = model(input_ids=ids).logits[0, -1].float()

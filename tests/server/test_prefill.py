@@ -1,0 +1,113 @@
+"""Batched prefill: rows of every adapter kind and different lengths in one forward equal each row alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from quiver.server.adapter_tiers import AdapterKey, DeviceAdapter
+from quiver.server.batch import DecodeBatch
+from quiver.server.lora import LoraSlots
+from quiver.server.prefill import PrefillRow, plan_groups, prefill
+
+ATOL = 1e-4
+
+
+def _key(name: str) -> AdapterKey:
+    return AdapterKey(name, 1, "0" * 64, "0" * 64, "2026-01-01T00:00:00Z")
+
+
+@pytest.fixture
+def slots(tiny_model: Any) -> Iterator[LoraSlots]:
+    torch.manual_seed(1)
+    lora = LoraSlots(tiny_model, num_slots=2, max_rank=4)
+    for wrapper in lora._wrappers.values():
+        wrapper.set_slot(1, torch.randn(4, wrapper.in_features), torch.randn(wrapper.out_features, 4), 0.5)
+    yield lora
+    lora.unwrap()
+
+
+def _adapters(model: Any) -> dict[str, DeviceAdapter | None]:
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(2)
+    prompt = torch.randn(3, config.hidden_size)  # (P, H)
+    prefix = torch.randn(config.num_hidden_layers, 2, config.num_key_value_heads, 4, head_dim)  # (L, 2, H_kv, P, D)
+    return {
+        "base": None,
+        "lora": DeviceAdapter(_key("lora"), "lora", 0, lora_slot=1, rank=4),
+        "prompt": DeviceAdapter(_key("prompt"), "prompt_tuning", 0, prompt=prompt),
+        "prefix": DeviceAdapter(_key("prefix"), "prefix_tuning", 0, prefix=prefix),
+    }
+
+
+def _rows(model: Any) -> list[PrefillRow]:
+    adapters = _adapters(model)
+    torch.manual_seed(3)
+    # A short prefix row beside longer prompts leaves padding between its prefix and its prompt (compacted).
+    spec = [("base", 5), ("lora", 9), ("prompt", 3), ("prefix", 2), ("prefix", 11), ("lora", 1)]
+    return [PrefillRow(torch.randint(0, 1000, (n,)), adapters[kind]) for kind, n in spec]
+
+
+def _valid(t: torch.Tensor, row: int, length: int) -> torch.Tensor:
+    return t[row, :, t.shape[2] - length:]  # (H_kv, length, D): a row's right-aligned valid entries
+
+
+def test_batched_prefill_equals_each_row_alone(tiny_model: Any, slots: LoraSlots):
+    rows = _rows(tiny_model)
+    with torch.inference_mode():
+        together = prefill(tiny_model, slots, rows)
+        alone = [prefill(tiny_model, slots, [row]) for row in rows]
+    assert together.lengths == [a.lengths[0] for a in alone] == [5, 9, 6, 6, 15, 1]
+    assert together.mask.shape[1] == max(together.lengths)  # no column is padding in every row
+    for i, solo in enumerate(alone):
+        n = together.lengths[i]
+        assert together.mask[i].tolist() == [0] * (together.mask.shape[1] - n) + [1] * n
+        torch.testing.assert_close(together.logits[i], solo.logits[0], atol=ATOL, rtol=0)
+        for mine, theirs in zip(together.cache.layers, solo.cache.layers, strict=True):
+            torch.testing.assert_close(_valid(mine.keys, i, n), _valid(theirs.keys, 0, n), atol=ATOL, rtol=0)
+            torch.testing.assert_close(_valid(mine.values, i, n), _valid(theirs.values, 0, n), atol=ATOL, rtol=0)
+    # The adapters matter: the same prompt without its adapter gives other logits.
+    bare = prefill(tiny_model, slots, [PrefillRow(row.ids, None) for row in rows[1:5]])
+    for i in range(4):
+        assert (bare.logits[i] - together.logits[i + 1]).abs().max() > 100 * ATOL
+
+
+def test_rows_prefilled_together_decode_like_rows_prefilled_alone(tiny_model: Any, slots: LoraSlots):
+    rows = _rows(tiny_model)
+    tokens = torch.tensor([7, 8, 9, 10, 11, 12])
+    with torch.inference_mode():
+        together, alone = DecodeBatch(torch.device("cpu")), DecodeBatch(torch.device("cpu"))
+        out = prefill(tiny_model, slots, rows)
+        together.add(out.cache, out.mask, out.lengths)
+        for row in rows:
+            solo = prefill(tiny_model, slots, [row])
+            alone.add(solo.cache, solo.mask, solo.lengths)
+        slot_ids = [r.adapter.lora_slot if r.adapter else 0 for r in rows]
+        ranks = [r.adapter.rank if r.adapter else 0 for r in rows]
+        slots.set_batch(slot_ids, ranks)
+        first = together.forward(tiny_model, tokens)  # (B, V)
+        second = alone.forward(tiny_model, tokens)
+    torch.testing.assert_close(first, second, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "budget"),
+    [([5, 9, 3, 2, 11, 1], 1024), ([5, 9, 3, 2, 11, 1], 20), ([400, 3, 3], 100), ([], 10), ([7] * 9, 21)],
+)
+def test_groups_cover_every_row_once_within_the_budget(lengths: list[int], budget: int):
+    groups = plan_groups(lengths, budget)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        padded = len(group) * max(lengths[i] for i in group)
+        assert padded <= budget or len(group) == 1  # a prompt over the budget goes alone
+    if lengths and len(lengths) * max(lengths) <= budget:
+        assert len(groups) == 1
+
+
+def test_groups_put_similar_lengths_together():
+    assert plan_groups([100, 2, 100, 3], 200) == [[1, 3], [0, 2]]
+    assert plan_groups([7] * 9, 21) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
