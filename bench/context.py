@@ -16,6 +16,9 @@ class BenchOptions:
 
     n: int = 8
     """Concurrent requests (and distinct adapters) in scenarios a-e."""
+    rounds: int = 3
+    """Times scenarios a-e run, interleaved (a, b, c, d, e, a, b, ...); each ratio is the median of its rounds'
+    ratios, so a slow spell of a shared CPU hits both sides of a ratio instead of one scenario."""
     max_new_tokens: int = 64
     """Tokens every request generates; end-of-sequence is disabled, so every request generates exactly this."""
     f_adapters: int = 1000

@@ -79,6 +79,11 @@ class EngineConfig:
     max_host_adapter_bytes: int = field(
         default=4 * 2**30, metadata={"help": "host-memory LRU of loaded adapters, in bytes"}
     )
+    threads: int = field(
+        default=0,
+        metadata={"help": "torch CPU threads for the engine (0: torch's default, one per core); on a small CPU, "
+                  "1 can decode faster (bench/README.md)"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued",
@@ -86,6 +91,8 @@ class EngineConfig:
                      "max_host_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.threads < 0:
+            raise ValueError("--threads must be >= 0")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("--default-max-new-tokens must not exceed --max-new-tokens-limit")
 

@@ -165,6 +165,8 @@ class Engine:
     # -- engine thread -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self._config.threads:
+            torch.set_num_threads(self._config.threads)
         with torch.inference_mode():
             while not self._stopping:
                 self._take_inbox()

@@ -91,13 +91,17 @@ class BatchedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (B, T, out)
-        slot_ids, rank = self.batch.slot_ids, self.batch.rank
-        if slot_ids is None:
+        batch = self.batch
+        if batch.slot_ids is None:
             return out
-        groups, rows = slot_ids.shape[0], self.batch.rows  # G = rows, or 1 when they share a slot
-        a, b = self._weights(slot_ids, rank)
-        target = out[:rows]  # (R, T, out): the LoRA rows come first, so this is a contiguous view
-        h = torch.bmm(x[:rows].reshape(groups, -1, self.in_features).to(a.dtype), a)  # (G, R / G * T, r)
+        a, b = self._weights(batch.slot_ids, batch.rank)  # (G, in, r), (G, r, out)
+        groups, rows = a.shape[0], batch.rows  # G = rows, or 1 when they share a slot
+        target = out
+        if rows != out.shape[0]:  # the LoRA rows come first, so both slices are contiguous views
+            x, target = x[:rows], out[:rows]  # (R, T, in), (R, T, out)
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        h = torch.bmm(x.reshape(groups, -1, self.in_features), a)  # (G, R / G * T, r)
         if out.dtype == b.dtype:
             target.view(groups, -1, self.out_features).baddbmm_(h, b)  # (G, R / G * T, out) += h @ b, in place
         else:

@@ -153,3 +153,21 @@ def test_full_queue_is_resource_exhausted(tiny_model: Any, smol_tokenizer: Any):
     eng.submit(request(smol_tokenizer, "b"), Collector())
     with pytest.raises(ResourceExhausted):
         eng.submit(request(smol_tokenizer, "c"), Collector())
+
+
+def test_engine_thread_runs_with_the_configured_torch_threads(tiny_model: Any, smol_tokenizer: Any):
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    eng = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(threads=1))
+    eng.start()
+    try:
+        eng.submit(request(smol_tokenizer, "a", max_new_tokens=1), lambda event: seen.append(torch.get_num_threads()))
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+        torch.set_num_threads(before)
+    assert seen == [1]
+    with pytest.raises(ValueError, match="--threads"):
+        EngineConfig(threads=-1)
