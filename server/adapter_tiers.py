@@ -263,7 +263,7 @@ class DeviceAdapters:
             if entry.refs == 0 and (entry.lora_slot > 0) == lora:
                 del self._entries[key]
                 if entry.lora_slot:
-                    self._lora.clear(entry.lora_slot)
+                    # No row points at it (unpinned), and the next load overwrites every element: no zeroing.
                     self._free_slots.append(entry.lora_slot)
                 else:
                     self._tensor_bytes -= entry.nbytes

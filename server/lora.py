@@ -7,11 +7,13 @@ rows together by gathering each row's adapter from a stack of preallocated slots
 
     y[b] = base_layer(x[b]) + (x[b] @ A[s_b]) @ B[s_b]        s_b = slot_ids[b]; slot 0 is all zeros
 
-Slots are rank-padded to `max_rank` (columns above an adapter's rank are zero), and each forward uses only the
-first `rank` columns, the largest rank in the batch. The scale s (alpha / r, or alpha / sqrt(r) with rsLoRA,
-per module) is folded into B when a slot is loaded, so the hot path is two gathers and two batched matmuls,
-the second accumulating in place into the base output. `base_layer` may be an nn.Linear or a bitsandbytes
-Linear4bit / Linear8bitLt (both subclass nn.Linear); the LoRA math runs in the slots' own dtype.
+Slots are rank-padded to `max_rank` (ranks above an adapter's own are zero), and each forward uses only the
+first `rank` of them, the largest rank in the batch. A slot keeps PEFT's own layouts, A (r, in) and B (out, r),
+so loading one is a plain contiguous copy (the batched matmuls take them transposed, for free). The scale s
+(alpha / r, or alpha / sqrt(r) with rsLoRA, per module) is folded into B when a slot is loaded, so the hot path
+is two gathers and two batched matmuls, the second accumulating in place into the base output. `base_layer`
+may be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt (both subclass nn.Linear); the LoRA math runs
+in the slots' own dtype.
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ class BatchedLoraLinear(nn.Module):
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
-    scaling: torch.Tensor
 
     def __init__(
         self, base_layer: nn.Module, *, num_slots: int, max_rank: int, dtype: torch.dtype, batch: LoraBatch
@@ -71,12 +72,11 @@ class BatchedLoraLinear(nn.Module):
         slots = num_slots + 1  # slot 0: no LoRA, always zeros
         # Buffers, not parameters: never trained, never in named_parameters(), not saved with the model.
         self.register_buffer(
-            "lora_A", torch.zeros(slots, self.in_features, max_rank, dtype=dtype, device=device), persistent=False
-        )  # (S+1, in, max_rank): A^T per slot
+            "lora_A", torch.zeros(slots, max_rank, self.in_features, dtype=dtype, device=device), persistent=False
+        )  # (S+1, max_rank, in): A per slot
         self.register_buffer(
-            "lora_B", torch.zeros(slots, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
-        )  # (S+1, max_rank, out): scale * B^T per slot
-        self.register_buffer("scaling", torch.zeros(slots, dtype=dtype, device=device), persistent=False)  # (S+1,)
+            "lora_B", torch.zeros(slots, self.out_features, max_rank, dtype=dtype, device=device), persistent=False
+        )  # (S+1, out, max_rank): scale * B per slot
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, a, b)
 
     def _weights(self, slot_ids: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +84,8 @@ class BatchedLoraLinear(nn.Module):
         generation = self.batch.generation
         if self._gathered is not None and self._gathered[0] == generation:
             return self._gathered[1], self._gathered[2]
-        a = self.lora_A.narrow(2, 0, rank).index_select(0, slot_ids)  # (G, in, r)
-        b = self.lora_B.narrow(1, 0, rank).index_select(0, slot_ids)  # (G, r, out)
+        a = self.lora_A.narrow(1, 0, rank).index_select(0, slot_ids).mT  # (G, in, r), a transposed view
+        b = self.lora_B.narrow(2, 0, rank).index_select(0, slot_ids).mT  # (G, r, out)
         self._gathered = (generation, a, b) if self.batch.reuse else None
         return a, b
 
@@ -111,17 +111,17 @@ class BatchedLoraLinear(nn.Module):
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Fill `slot` with A (r, in) and B (out, r) scaled by `scale`, zero above rank r; None: zeros."""
         r = 0 if a is None or b is None else a.shape[0]
-        # Write each element once: the adapter's columns, then zeros above its rank (cold loads are copy-bound).
-        self.lora_A[slot, :, r:].zero_()
-        self.lora_B[slot, r:, :].zero_()
-        self.scaling[slot] = scale if r else 0.0
+        # Write each element once: the adapter's part, then zeros above its rank (cold loads are copy-bound).
+        if r < self.lora_A.shape[1]:
+            self.lora_A[slot, r:].zero_()  # (max_rank - r, in)
+            self.lora_B[slot, :, r:].zero_()  # (out, max_rank - r)
         if a is None or b is None:
             return
-        self.lora_A[slot, :, :r].copy_(a.T)  # (in, r)
-        self.lora_B[slot, :r, :].copy_(b.T).mul_(scale)  # (r, out): the scale folded into B
+        self.lora_A[slot, :r].copy_(a)  # (r, in), contiguous
+        torch.mul(b, scale, out=self.lora_B[slot, :, :r])  # (out, r): the scale folded into B
 
     def extra_repr(self) -> str:
-        slots, _, max_rank = self.lora_A.shape
+        slots, max_rank, _ = self.lora_A.shape
         return f"num_slots={slots - 1}, max_rank={max_rank}, dtype={self.lora_A.dtype}"
 
 
@@ -158,7 +158,7 @@ class LoraSlots:
         self._selection: tuple[tuple[int, ...], int, int] | None = None
         element = torch.empty((), dtype=self.dtype).element_size()
         self.slot_bytes = element * sum(
-            max_rank * (w.in_features + w.out_features) + 1 for w in self._wrappers.values()
+            max_rank * (w.in_features + w.out_features) for w in self._wrappers.values()
         )
 
     def load(self, slot: int, tensors: Mapping[str, torch.Tensor], scalings: Mapping[str, float]) -> int:

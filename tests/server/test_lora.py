@@ -36,7 +36,7 @@ ADAPTERS: dict[str, dict[str, Any]] = {
 MAX_RANK = 8
 ATOL = 1e-5
 SEQ_LEN = 5
-_STACK_BUFFERS = (".lora_A", ".lora_B", ".scaling")
+_STACK_BUFFERS = (".lora_A", ".lora_B")
 
 
 @dataclass(frozen=True)
@@ -212,9 +212,12 @@ def test_clear_and_reload_leave_no_trace(
     assert torch.allclose(_logits(model, ids), peft_logits["qv-r2"], atol=ATOL, rtol=0)
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     k = model.get_submodule("model.layers.0.self_attn.k_proj")
-    assert rank == 2 and not q.lora_A[1, :, 2:].any() and not q.lora_B[1, 2:].any()
-    assert not k.lora_A[1].any() and not k.lora_B[1].any() and k.scaling[1] == 0
-    assert q.scaling[1] == small.scalings["model.layers.0.self_attn.q_proj"]
+    assert rank == 2 and not q.lora_A[1, 2:].any() and not q.lora_B[1, :, 2:].any()
+    assert not k.lora_A[1].any() and not k.lora_B[1].any()
+    q_path = "model.layers.0.self_attn.q_proj"
+    scale = small.scalings[q_path]
+    a, b = (small.tensors[f"base_model.model.{q_path}.lora_{half}.weight"] for half in "AB")
+    assert torch.equal(q.lora_A[1, :2], a) and torch.allclose(q.lora_B[1, :, :2], b * scale, rtol=0, atol=0)
 
 
 def test_invalid_loads_raise_and_leave_the_slot_untouched(base_dir: Path, adapters: dict[str, Adapter]):
@@ -257,7 +260,7 @@ def test_default_targets_params_slot_bytes_and_unwrap(base_dir: Path, ids: torch
     kv = hidden // TINY_LLAMA["num_attention_heads"] * TINY_LLAMA["num_key_value_heads"]
     features = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)] + [(hidden, inter)] * 2
     features.append((inter, hidden))
-    per_layer = sum(MAX_RANK * (i + o) + 1 for i, o in features)
+    per_layer = sum(MAX_RANK * (i + o) for i, o in features)
     assert slots.slot_bytes == 4 * layers * per_layer
     stacks = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(_STACK_BUFFERS))
     assert stacks == slots.slot_bytes * 4  # num_slots + 1 slots
