@@ -134,7 +134,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _doc(name: str) -> str:
     docs = {
-        "n": "concurrent requests in a-e", "rounds": "interleaved runs of a-e (ratios: median over rounds)",
+        "n": "concurrent requests in a-e", "engine_threads": "torch threads of the engine thread (0: default)",
+        "rounds": "interleaved runs of a-e (ratios: median over rounds)",
         "max_new_tokens": "tokens every request generates",
         "f_adapters": "registered adapters in f", "f_requests": "requests in f",
         "f_slots": "device LoRA slots in f", "f_max_running": "batch limit in f",
@@ -145,7 +146,8 @@ def _doc(name: str) -> str:
 
 def _options(args: argparse.Namespace) -> BenchOptions:
     base = QUICK if args.quick else BenchOptions()
-    chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions) if getattr(args, f.name)}
+    fields = dataclasses.fields(BenchOptions)
+    chosen = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
     return dataclasses.replace(base, **chosen)
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.adapter_maker import AdapterMaker, MadeAdapter
 from bench.workload import BenchModel, prompt_ids
 
@@ -19,14 +21,19 @@ class BenchOptions:
     rounds: int = 3
     """Times scenarios a-e run, interleaved (a, b, c, d, e, a, b, ...); each ratio is the median of its rounds'
     ratios, so a slow spell of a shared CPU hits both sides of a ratio instead of one scenario."""
+    engine_threads: int = 1
+    """Torch CPU threads of the engine's thread in the Quiver scenarios (EngineConfig.threads; 0 = torch's
+    default). PEFT runs on the main thread with torch's default (or --threads): each side in its faster setting
+    on the 2-core VM (bench/README.md, "Threads")."""
     max_new_tokens: int = 64
     """Tokens every request generates; end-of-sequence is disabled, so every request generates exactly this."""
     f_adapters: int = 1000
     """Registered adapters the Zipf traffic of scenario f draws from."""
     f_requests: int = 64
     """Requests of scenario f (both the Zipf run and the single-adapter run)."""
-    f_slots: int = 8
-    """Device LoRA slots in scenario f (max_lora_slots), far fewer than f_adapters."""
+    f_slots: int = 32
+    """Device LoRA slots in scenario f (max_lora_slots): 3 % of f_adapters, and as many as the batch has rows, so
+    a request never waits for a slot while the batch has room (with fewer slots than rows it may)."""
     f_max_running: int = 32
     """Batch limit (max_running) in scenario f; 32 is the server's default."""
     g_loads: int = 20
@@ -70,6 +77,7 @@ class Context:
     def __init__(self, bm: BenchModel, options: BenchOptions, work_dir: Path) -> None:
         self.bm = bm
         self.options = options
+        self.main_threads = torch.get_num_threads()  # the engine may change it; PEFT scenarios set it back
         self.maker = AdapterMaker(bm, work_dir)
         self._pools: dict[str, list[MadeAdapter]] = {}
 

@@ -72,6 +72,7 @@ def _left_padded(
 
 
 def scenario_c(ctx: Context) -> list[ScenarioResult]:
+    torch.set_num_threads(ctx.main_threads)  # an engine thread may have changed it
     n, max_new = ctx.options.n, ctx.options.max_new_tokens
     sources = [a.source for a in ctx.adapters(LORA, n) if a.source is not None]
     rows = [_left_padded([p], ctx.bm.tokenizer.pad_token_id, ctx.bm.device) for p in ctx.prompts(n)]
@@ -90,6 +91,7 @@ def scenario_c(ctx: Context) -> list[ScenarioResult]:
 
 
 def scenario_d(ctx: Context) -> list[ScenarioResult]:
+    torch.set_num_threads(ctx.main_threads)  # an engine thread may have changed it
     n, max_new = ctx.options.n, ctx.options.max_new_tokens
     sources = [a.source for a in ctx.adapters(LORA, n) if a.source is not None]
     ids, mask = _left_padded(ctx.prompts(n), ctx.bm.tokenizer.pad_token_id, ctx.bm.device)

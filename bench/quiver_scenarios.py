@@ -32,7 +32,7 @@ def _mixed_config(ctx: Context) -> EngineConfig:
     """a, b and e share one engine configuration: all N requests run at once, every adapter resident."""
     return EngineConfig(
         max_running=ctx.options.n, max_lora_rank=16, max_lora_slots=ctx.options.n,
-        max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES,
+        max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES, threads=ctx.options.engine_threads,
     )
 
 
@@ -94,7 +94,7 @@ def scenario_f(ctx: Context) -> list[ScenarioResult]:
     warm = requests(prompts, 2, [stored[i] for i in zipf_sample(len(stored), opts.f_requests, seed=1)])
     config = EngineConfig(
         max_running=opts.f_max_running, max_lora_rank=8, max_lora_slots=opts.f_slots,
-        max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES,
+        max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES, threads=ctx.options.engine_threads,
     )
     with running_engine(ctx.bm, config) as engine:
         run_batch(engine, warm)  # a server that has been running: hot adapters in host memory
@@ -119,7 +119,8 @@ def scenario_f(ctx: Context) -> list[ScenarioResult]:
 
 def _cold_loads(ctx: Context, stored: list[StoredAdapter]) -> dict[str, float]:
     """Median ms of store -> host (safetensors read) -> device slot, each adapter new to the tiers."""
-    config = EngineConfig(max_lora_rank=16, max_lora_slots=4, max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES)
+    config = EngineConfig(max_lora_rank=16, max_lora_slots=4, max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES,
+                          threads=ctx.options.engine_threads)
     # Never started: this thread alone uses its tiers, as the engine thread would.
     engine = Engine(ctx.bm.model, ctx.bm.tokenizer, frozenset(), config)
     host_ms: list[float] = []
@@ -154,7 +155,8 @@ def _ttfts(ctx: Context, stored: list[StoredAdapter]) -> dict[str, float]:
     prompts = ctx.prompts(len(stored))
     batch = requests(prompts, 1, stored)
     base = requests(prompts, 1, [None] * len(stored))
-    config = EngineConfig(max_lora_rank=16, max_lora_slots=8, max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES)
+    config = EngineConfig(max_lora_rank=16, max_lora_slots=8, max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES,
+                          threads=ctx.options.engine_threads)
     with running_engine(ctx.bm, config) as engine:
         run_batch(engine, shortened(base[:1], 1))  # warm-up without adapters
         cold, warm = [], []
