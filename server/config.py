@@ -62,8 +62,8 @@ class EngineConfig:
     )
     max_prefill_tokens: int = field(
         default=1024,
-        metadata={"help": "most padded prompt tokens prefilled in one forward (a longer prompt goes alone); "
-                  "larger batches prefill faster but stall the running decode longer"},
+        metadata={"help": "most padded prompt tokens (soft prompts included) prefilled in one forward, which "
+                  "bounds prefill memory; a longer prompt goes alone"},
     )
     max_lora_rank: int = field(
         default=64,
@@ -81,8 +81,8 @@ class EngineConfig:
     )
     threads: int = field(
         default=0,
-        metadata={"help": "torch CPU threads for the engine (0: torch's default, one per core); on a small CPU, "
-                  "1 can decode faster (bench/README.md)"},
+        metadata={"help": "torch CPU threads, set by the engine thread for the whole process (0: torch's "
+                  "default, one per core); on a small CPU, 1 can decode faster (bench/README.md)"},
     )
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ from quiver.server.config import EngineConfig
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import PrefillRow, plan_groups, prefill
+from quiver.server.prefill import PrefillRow, plan_groups, prefill, prefill_length
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler
@@ -206,28 +206,32 @@ class Engine:
                 continue
             entry.item.adapter = entry.device
             ready.append(entry.item)
-        lengths = [len(seq.request.prompt_ids) for seq in ready]
+        lengths = [prefill_length(len(seq.request.prompt_ids), seq.adapter) for seq in ready]
         for group in plan_groups(lengths, self._config.max_prefill_tokens):
             self._prefill(sorted((ready[i] for i in group), key=_no_lora))
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Prefill `seqs` in one forward and add them to the running batch; on failure they fail, nothing else."""
+        """Prefill `seqs` in one forward and add them to the running batch; never raises."""
         rows = [PrefillRow(torch.tensor(s.request.prompt_ids, dtype=torch.long, device=self._device), s.adapter)
                 for s in seqs]
         try:
             out = prefill(self._model, self.lora, rows)
-        except Exception as e:
+        except Exception as e:  # the group fails, the running batch goes on
             log.exception("prefill failed")
             self._finish_all(seqs, e)
             return
         for seq, logits in zip(seqs, out.logits, strict=True):
             seq.logits = logits
-        self._batch.add(out.cache, out.mask, out.lengths)
         self._running.extend(seqs)
-        order = sorted(range(len(self._running)), key=lambda i: _no_lora(self._running[i]))
-        if order != sorted(order):
-            self._batch.keep(order)  # one cache copy per join, so no decode step runs LoRA math for other rows
-            self._running = [self._running[i] for i in order]
+        try:
+            self._batch.add(out.cache, out.mask, out.lengths)
+            order = sorted(range(len(self._running)), key=lambda i: _no_lora(self._running[i]))
+            if order != sorted(order):
+                self._batch.keep(order)  # one cache copy per join, so no decode step runs LoRA math for other rows
+                self._running = [self._running[i] for i in order]
+        except Exception as e:  # the batch's cache may be half changed: nothing in it can go on
+            log.exception("joining the running batch failed")
+            self._finish_all(self._running, e)
 
     def _set_lora(self, rows: list[_Sequence]) -> None:
         slots = [s.adapter.lora_slot if s.adapter else 0 for s in rows]

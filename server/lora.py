@@ -117,8 +117,8 @@ class BatchedLoraLinear(nn.Module):
             self.lora_B[slot, :, r:].zero_()  # (out, max_rank - r)
         if a is None or b is None:
             return
-        self.lora_A[slot, :r].copy_(a)  # (r, in), contiguous
-        torch.mul(b, scale, out=self.lora_B[slot, :, :r])  # (out, r): the scale folded into B
+        self.lora_A[slot, :r].copy_(a)  # (r, in), contiguous; copy_ also crosses devices and dtypes
+        self.lora_B[slot, :, :r].copy_(b).mul_(scale)  # (out, r): the scale folded into B, in the slot's dtype
 
     def extra_repr(self) -> str:
         slots, max_rank, _ = self.lora_A.shape

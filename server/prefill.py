@@ -61,8 +61,14 @@ class Prefilled:
     lengths: list[int]  # valid entries per row = the row's next position id
 
 
+def prefill_length(prompt_tokens: int, adapter: DeviceAdapter | None) -> int:
+    """Positions a row's prefill forward computes: its prompt plus any soft prompt before it."""
+    soft = _KINDS[adapter.kind if adapter else None](adapter).soft
+    return prompt_tokens + (soft.shape[0] if soft is not None else 0)
+
+
 def plan_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Split rows (by their prompt lengths) into prefill groups of at most `max_tokens` padded tokens each.
+    """Split rows (by their prefill lengths) into prefill groups of at most `max_tokens` padded tokens each.
 
     Rows are sorted by length so that a group pads little; a row longer than the budget is prefilled alone.
     """

@@ -171,3 +171,24 @@ def test_engine_thread_runs_with_the_configured_torch_threads(tiny_model: Any, s
     assert seen == [1]
     with pytest.raises(ValueError, match="--threads"):
         EngineConfig(threads=-1)
+
+
+@pytest.mark.parametrize("failing", ["prefill", "join"])
+def test_a_failed_prefill_or_join_fails_its_requests_and_the_engine_goes_on(
+    engine: Engine, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, failing: str
+):
+    from quiver.server import engine as engine_module
+    from quiver.server.batch import DecodeBatch
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulated failure")
+
+    if failing == "prefill":
+        monkeypatch.setattr(engine_module, "prefill", boom)
+    else:
+        monkeypatch.setattr(DecodeBatch, "add", boom)
+    events = run(engine, request(smol_tokenizer, PROMPTS[0], max_new_tokens=4))
+    assert isinstance(events[-1].error, RuntimeError) and "simulated failure" in str(events[-1].error)
+    assert engine.num_running == 0
+    monkeypatch.undo()
+    assert tokens_of(run(engine, request(smol_tokenizer, PROMPTS[1], max_new_tokens=4)))  # still serving

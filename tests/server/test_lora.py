@@ -220,6 +220,21 @@ def test_clear_and_reload_leave_no_trace(
     assert torch.equal(q.lora_A[1, :2], a) and torch.allclose(q.lora_B[1, :, :2], b * scale, rtol=0, atol=0)
 
 
+def test_half_precision_adapter_fills_float32_slots_exactly(base_dir: Path, adapters: dict[str, Adapter]):
+    model = load_base(base_dir)
+    slots = LoraSlots(model, num_slots=1, max_rank=MAX_RANK)
+    adapter = adapters["all-r8-patterns"]
+    half = {name: t.to(torch.bfloat16) for name, t in adapter.tensors.items()}
+    slots.load(1, half, adapter.scalings)
+    path = "model.layers.1.self_attn.o_proj"  # alpha 5, rank 8: a scale of 5/8 rounds in bfloat16
+    wrapper = model.get_submodule(path)
+    a, b = (half[f"base_model.model.{path}.lora_{x}.weight"] for x in "AB")
+    assert wrapper.lora_A.dtype == torch.float32
+    assert torch.equal(wrapper.lora_A[1, :8], a.float())
+    # The scale is applied in float32, after widening: no bfloat16 rounding of scale * B.
+    assert torch.equal(wrapper.lora_B[1, :, :8], b.float() * adapter.scalings[path])
+
+
 def test_invalid_loads_raise_and_leave_the_slot_untouched(base_dir: Path, adapters: dict[str, Adapter]):
     model = load_base(base_dir)
     slots = LoraSlots(model, num_slots=2, max_rank=4, target_leaf_names=("q_proj", "v_proj"))

@@ -11,7 +11,7 @@ import torch
 from quiver.server.adapter_tiers import AdapterKey, DeviceAdapter
 from quiver.server.batch import DecodeBatch
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import PrefillRow, plan_groups, prefill
+from quiver.server.prefill import PrefillRow, plan_groups, prefill, prefill_length
 
 ATOL = 1e-4
 
@@ -41,6 +41,8 @@ def _adapters(model: Any) -> dict[str, DeviceAdapter | None]:
         "lora": DeviceAdapter(_key("lora"), "lora", 0, lora_slot=1, rank=4),
         "prompt": DeviceAdapter(_key("prompt"), "prompt_tuning", 0, prompt=prompt),
         "prefix": DeviceAdapter(_key("prefix"), "prefix_tuning", 0, prefix=prefix),
+        "prefix2": DeviceAdapter(_key("prefix2"), "prefix_tuning", 0, prefix=prefix[:, :, :, :2] * 2),
+        "prompt7": DeviceAdapter(_key("prompt7"), "prompt_tuning", 0, prompt=torch.randn(7, config.hidden_size)),
     }
 
 
@@ -48,7 +50,9 @@ def _rows(model: Any) -> list[PrefillRow]:
     adapters = _adapters(model)
     torch.manual_seed(3)
     # A short prefix row beside longer prompts leaves padding between its prefix and its prompt (compacted).
-    spec = [("base", 5), ("lora", 9), ("prompt", 3), ("prefix", 2), ("prefix", 11), ("lora", 1)]
+    # Prefixes of 4 and 2 entries: the shorter one also has padding before it.
+    spec = [("base", 5), ("lora", 9), ("prompt", 3), ("prefix", 2), ("prefix", 11), ("lora", 1), ("prefix2", 3),
+            ("prompt7", 2)]
     return [PrefillRow(torch.randint(0, 1000, (n,)), adapters[kind]) for kind, n in spec]
 
 
@@ -61,7 +65,7 @@ def test_batched_prefill_equals_each_row_alone(tiny_model: Any, slots: LoraSlots
     with torch.inference_mode():
         together = prefill(tiny_model, slots, rows)
         alone = [prefill(tiny_model, slots, [row]) for row in rows]
-    assert together.lengths == [a.lengths[0] for a in alone] == [5, 9, 6, 6, 15, 1]
+    assert together.lengths == [a.lengths[0] for a in alone] == [5, 9, 6, 6, 15, 1, 5, 9]
     assert together.mask.shape[1] == max(together.lengths)  # no column is padding in every row
     for i, solo in enumerate(alone):
         n = together.lengths[i]
@@ -71,14 +75,14 @@ def test_batched_prefill_equals_each_row_alone(tiny_model: Any, slots: LoraSlots
             torch.testing.assert_close(_valid(mine.keys, i, n), _valid(theirs.keys, 0, n), atol=ATOL, rtol=0)
             torch.testing.assert_close(_valid(mine.values, i, n), _valid(theirs.values, 0, n), atol=ATOL, rtol=0)
     # The adapters matter: the same prompt without its adapter gives other logits.
-    bare = prefill(tiny_model, slots, [PrefillRow(row.ids, None) for row in rows[1:5]])
-    for i in range(4):
+    bare = prefill(tiny_model, slots, [PrefillRow(row.ids, None) for row in rows[1:]])
+    for i in range(len(rows) - 1):
         assert (bare.logits[i] - together.logits[i + 1]).abs().max() > 100 * ATOL
 
 
 def test_rows_prefilled_together_decode_like_rows_prefilled_alone(tiny_model: Any, slots: LoraSlots):
     rows = _rows(tiny_model)
-    tokens = torch.tensor([7, 8, 9, 10, 11, 12])
+    tokens = torch.tensor([7, 8, 9, 10, 11, 12, 13, 14])
     with torch.inference_mode():
         together, alone = DecodeBatch(torch.device("cpu")), DecodeBatch(torch.device("cpu"))
         out = prefill(tiny_model, slots, rows)
@@ -106,6 +110,11 @@ def test_groups_cover_every_row_once_within_the_budget(lengths: list[int], budge
         assert padded <= budget or len(group) == 1  # a prompt over the budget goes alone
     if lengths and len(lengths) * max(lengths) <= budget:
         assert len(groups) == 1
+
+
+def test_prefill_length_counts_soft_prompt_tokens(tiny_model: Any):
+    adapters = _adapters(tiny_model)
+    assert [prefill_length(5, adapters[k]) for k in ("base", "lora", "prompt", "prefix", "prompt7")] == [5, 5, 8, 5, 12]
 
 
 def test_groups_put_similar_lengths_together():
