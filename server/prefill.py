@@ -61,10 +61,17 @@ class Prefilled:
     lengths: list[int]  # valid entries per row = the row's next position id
 
 
+def _parts_of(adapter: DeviceAdapter | None) -> _Parts:
+    return _KINDS[adapter.kind if adapter else None](adapter)
+
+
+def _soft_tokens(parts: _Parts) -> int:
+    return parts.soft.shape[0] if parts.soft is not None else 0
+
+
 def prefill_length(prompt_tokens: int, adapter: DeviceAdapter | None) -> int:
     """Positions a row's prefill forward computes: its prompt plus any soft prompt before it."""
-    soft = _KINDS[adapter.kind if adapter else None](adapter).soft
-    return prompt_tokens + (soft.shape[0] if soft is not None else 0)
+    return prompt_tokens + _soft_tokens(_parts_of(adapter))
 
 
 def plan_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -86,10 +93,10 @@ def plan_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefilled:
     """Run the prompts of `rows` through `model` in one forward, each under its own adapter."""
-    parts = [_KINDS[row.adapter.kind if row.adapter else None](row.adapter) for row in rows]
+    parts = [_parts_of(row.adapter) for row in rows]
     device = rows[0].ids.device
     prompt = [row.ids.numel() for row in rows]
-    new = [n + (p.soft.shape[0] if p.soft is not None else 0) for n, p in zip(prompt, parts, strict=True)]
+    new = [n + _soft_tokens(p) for n, p in zip(prompt, parts, strict=True)]
     past = [p.prefix.shape[3] if p.prefix is not None else 0 for p in parts]
     b, t, pmax = len(rows), max(new), max(past)
 
