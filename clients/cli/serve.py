@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from quiver.clients.cli.common import report_usage_error
 from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 
@@ -23,8 +24,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, engine, server, adapters = (from_args(cls, args) for cls in CONFIGS)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_usage_error(e)
     # Imported here: torch and transformers take seconds to import, client commands need neither.
     from quiver.server.app import serve
     from quiver.server.errors import ModelLoadError
