@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from quiver.server.kv_cache import growing
+
 
 def cache_layers(cache: DynamicCache) -> list[Any]:
     """The cache's per-layer entries; each holds `keys` and `values` of shape (B, H_kv, L, D)."""
@@ -31,8 +33,9 @@ def _pad_left(t: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
 class DecodeBatch:
     """Cache, mask and positions of the rows being decoded together."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, block: int = 64) -> None:
         self._device = device
+        self._block = block  # spare cache columns reserved at a time (kv_cache.GrowingLayer)
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, L): 1 = real entry, 0 = padding
         self.lengths: list[int] = []  # valid entries per row = the next position id
@@ -44,7 +47,7 @@ class DecodeBatch:
     def add(self, cache: DynamicCache, mask: torch.Tensor, lengths: Sequence[int]) -> None:
         """Append prefilled rows: their cache (B', H_kv, W', D) and mask (B', W'), valid entries right-aligned."""
         if self.cache is None:
-            self.cache, self.mask, self.lengths = cache, mask, list(lengths)
+            self.cache, self.mask, self.lengths = growing(cache, self._block), mask, list(lengths)
             return
         old, new = self.mask.shape[1], mask.shape[1]
         width = max(old, new)

@@ -65,6 +65,11 @@ class EngineConfig:
         metadata={"help": "most padded prompt tokens (soft prompts included) prefilled in one forward, which "
                   "bounds prefill memory; a longer prompt goes alone"},
     )
+    cache_block_tokens: int = field(
+        default=64,
+        metadata={"help": "key/value cache columns reserved at a time for the running batch: decode steps write "
+                  "into them instead of copying the whole cache every step"},
+    )
     max_lora_rank: int = field(
         default=64,
         metadata={"help": "rank of the preallocated LoRA slots; registration refuses higher ranks"},
@@ -87,8 +92,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued",
-                     "max_prefill_tokens", "max_lora_rank", "max_lora_slots", "max_device_adapter_bytes",
-                     "max_host_adapter_bytes"):
+                     "max_prefill_tokens", "cache_block_tokens", "max_lora_rank", "max_lora_slots",
+                     "max_device_adapter_bytes", "max_host_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.threads < 0:

@@ -117,7 +117,7 @@ class Engine:
         self._scheduler: Scheduler[_Sequence] = Scheduler(self.host_adapters, self.device_adapters)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._running: list[_Sequence] = []
-        self._batch = DecodeBatch(self._device)
+        self._batch = DecodeBatch(self._device, config.cache_block_tokens)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
