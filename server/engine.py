@@ -1,8 +1,10 @@
 """The generation engine: owns the model on one thread and decodes every running sequence in one batch.
 
 Iteration-level scheduling as in Orca (Yu et al., OSDI 2022): at every step the engine admits waiting
-requests (prefilled together, in groups bounded by a token budget), samples one token for every running
-sequence, retires finished or cancelled ones at once and runs one batched forward for the rest. Rows of one
+requests, prefills one group of them (bounded by a token budget, oldest first, so a burst of arrivals stalls
+the running sequences by at most one prefill per step, as TGI's `max_batch_prefill_tokens`), samples one token
+for every running sequence, retires finished or cancelled ones at once and runs one batched forward for the
+rest. Rows of one
 batch may use different adapters of different kinds (S-LoRA-style multi-LoRA slots, soft prompts, key/value
 prefixes) or none; the weights never change between requests.
 """
@@ -117,6 +119,7 @@ class Engine:
         self._scheduler: Scheduler[_Sequence] = Scheduler(self.host_adapters, self.device_adapters)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._running: list[_Sequence] = []
+        self._ready: list[_Sequence] = []  # admitted (adapter pinned), waiting for their prefill group
         self._batch = DecodeBatch(self._device, config.cache_block_tokens)
         self._wake = threading.Event()
         self._stopping = False
@@ -143,7 +146,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._inbox.qsize() + len(self._scheduler)
+        return self._inbox.qsize() + len(self._scheduler) + len(self._ready)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue `request`; `sink` is called from the engine thread with every event."""
@@ -172,9 +175,10 @@ class Engine:
                 self._take_inbox()
                 self._admit()
                 if not self._running:
-                    # Nothing to decode: sleep until a request arrives (or a cold adapter may have loaded).
-                    self._wake.wait(timeout=0.005 if len(self._scheduler) else None)
-                    self._wake.clear()
+                    if not self._ready:
+                        # Nothing to do: sleep until a request arrives (or a cold adapter may have loaded).
+                        self._wake.wait(timeout=0.005 if len(self._scheduler) else None)
+                        self._wake.clear()
                     continue
                 try:
                     self._step()
@@ -182,6 +186,8 @@ class Engine:
                     log.exception("engine step failed")
                     self._finish_all(self._running, e)
         self._finish_all(self._running, Unavailable("the server is shutting down"))
+        self._finish_all(self._ready, Unavailable("the server is shutting down"))
+        self._ready = []
         self._take_inbox()
         for waiting in self._scheduler.take_all():
             self._fail(waiting.item, Unavailable("the server is shutting down"))
@@ -195,20 +201,28 @@ class Engine:
             self._scheduler.add(seq, seq.request.adapter)
 
     def _admit(self) -> None:
-        """Prefill waiting requests while the batch has room and their adapters are on the device."""
+        """Admit waiting requests while the batch has room and their adapters are on the device; prefill one
+        group of the admitted ones, the group holding the oldest."""
         for gone in self._scheduler.drop(lambda s: s.handle.cancelled):
             if gone.device is not None:
                 self.device_adapters.release(gone.device)
-        ready: list[_Sequence] = []
-        for entry in self._scheduler.admit(self._config.max_running - len(self._running)):
+        for seq in self._ready:
+            if seq.handle.cancelled:
+                self._retire(seq)
+        self._ready = [seq for seq in self._ready if not seq.done]
+        for entry in self._scheduler.admit(self._config.max_running - len(self._running) - len(self._ready)):
             if entry.error is not None:
                 self._fail(entry.item, entry.error)
                 continue
             entry.item.adapter = entry.device
-            ready.append(entry.item)
-        lengths = [prefill_length(len(seq.request.prompt_ids), seq.adapter) for seq in ready]
-        for group in plan_groups(lengths, self._config.max_prefill_tokens):
-            self._prefill(sorted((ready[i] for i in group), key=_no_lora))
+            self._ready.append(entry.item)
+        if not self._ready:
+            return
+        lengths = [prefill_length(len(seq.request.prompt_ids), seq.adapter) for seq in self._ready]
+        group = set(min(plan_groups(lengths, self._config.max_prefill_tokens), key=min))
+        chosen = [seq for i, seq in enumerate(self._ready) if i in group]
+        self._ready = [seq for i, seq in enumerate(self._ready) if i not in group]
+        self._prefill(sorted(chosen, key=_no_lora))
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Prefill `seqs` in one forward and add them to the running batch; never raises."""
@@ -217,6 +231,11 @@ class Engine:
         try:
             out = prefill(self._model, self.lora, rows)
         except Exception as e:  # the group fails, the running batch goes on
+            if len(seqs) > 1:  # find the row at fault: each alone, so only it fails
+                log.warning("prefill of %d rows failed; retrying each alone", len(seqs), exc_info=True)
+                for seq in seqs:
+                    self._prefill([seq])
+                return
             log.exception("prefill failed")
             self._finish_all(seqs, e)
             return

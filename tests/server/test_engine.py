@@ -192,3 +192,78 @@ def test_a_failed_prefill_or_join_fails_its_requests_and_the_engine_goes_on(
     assert engine.num_running == 0
     monkeypatch.undo()
     assert tokens_of(run(engine, request(smol_tokenizer, PROMPTS[1], max_new_tokens=4)))  # still serving
+
+
+def _unstarted(tiny_model: Any, smol_tokenizer: Any, **config: Any) -> Engine:
+    """An engine whose thread has not started: requests submitted now are all admitted at its first step."""
+    return Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(**config))
+
+
+def test_a_burst_of_arrivals_prefills_one_group_per_decode_step(
+    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+):
+    """Running sequences are stalled by at most one prefill forward between two decode steps."""
+    from quiver.server import engine as engine_module
+    from quiver.server.batch import DecodeBatch
+
+    calls: list[str] = []
+    real_prefill, real_forward = engine_module.prefill, DecodeBatch.forward
+
+    def recording_prefill(*args: Any, **kwargs: Any) -> Any:
+        calls.append("P")
+        return real_prefill(*args, **kwargs)
+
+    def recording_forward(*args: Any, **kwargs: Any) -> Any:
+        calls.append("D")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "prefill", recording_prefill)
+    monkeypatch.setattr(DecodeBatch, "forward", recording_forward)
+    # Each prompt is 4-10 tokens, so with an 8-token budget every request is a prefill group of its own.
+    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
+    sinks = [Collector() for _ in PROMPTS]
+    for prompt, sink in zip(PROMPTS, sinks, strict=True):
+        eng.submit(request(smol_tokenizer, prompt, max_new_tokens=6), sink)
+    eng.start()
+    try:
+        results = [sink.wait() for sink in sinks]
+    finally:
+        eng.stop()
+    assert all(events[-1].finish_reason is FinishReason.LENGTH for _, events in results)
+    assert calls.count("P") == len(PROMPTS)
+    assert "PP" not in "".join(calls), calls
+    # Groups go oldest first: with equal lengths, requests finish in the order they were submitted.
+    finished = [order for order, _ in results]
+    assert finished == sorted(finished)
+
+
+def test_a_prefill_group_with_a_bad_row_fails_only_that_row(
+    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+):
+    from quiver.server import engine as engine_module
+
+    real_prefill = engine_module.prefill
+    poison = request(smol_tokenizer, PROMPTS[2], max_new_tokens=3)
+    sizes: list[int] = []
+
+    def failing_on_poison(model: Any, lora: Any, rows: Any) -> Any:
+        sizes.append(len(rows))
+        if any(tuple(row.ids.tolist()) == poison.prompt_ids for row in rows):
+            raise RuntimeError("simulated bad row")
+        return real_prefill(model, lora, rows)
+
+    monkeypatch.setattr(engine_module, "prefill", failing_on_poison)
+    eng = _unstarted(tiny_model, smol_tokenizer)
+    good, bad = [Collector() for _ in range(3)], Collector()
+    for prompt, sink in zip(PROMPTS[:2] + PROMPTS[3:], good, strict=True):
+        eng.submit(request(smol_tokenizer, prompt, max_new_tokens=3), sink)
+    eng.submit(poison, bad)
+    eng.start()
+    try:
+        finals = [sink.wait()[1][-1] for sink in good]
+        failed = bad.wait()[1][-1]
+    finally:
+        eng.stop()
+    assert sizes[0] == 4  # all four were prefilled together first
+    assert all(event.finish_reason is FinishReason.LENGTH and event.completion_tokens == 3 for event in finals)
+    assert isinstance(failed.error, RuntimeError) and "simulated bad row" in str(failed.error)
