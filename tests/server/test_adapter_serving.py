@@ -206,3 +206,40 @@ def test_rank_above_the_slots_is_refused_and_frees_nothing(loaded: Any, base_dir
         assert Run(engine, loras[0], max_new=2).tokens(timeout=30)  # the only slot is still usable
     finally:
         engine.stop()
+
+
+def test_cancel_while_waiting_for_its_prefill_frees_the_slot(loaded: Any, loras: list[StoredAdapter],
+                                                            monkeypatch: pytest.MonkeyPatch):
+    """A request admitted (adapter pinned) but not yet prefilled, cancelled then, unpins its adapter and is
+    never prefilled."""
+    from quiver.server import engine as engine_module
+
+    prefilled: list[int] = []
+    real_prefill = engine_module.prefill
+
+    def counting_prefill(model: Any, lora: Any, rows: Any) -> Any:
+        prefilled.append(len(rows))
+        return real_prefill(model, lora, rows)
+
+    monkeypatch.setattr(engine_module, "prefill", counting_prefill)
+    # One slot; every request a prefill group of its own, so an admitted request waits a step for its prefill.
+    engine = Engine(loaded.model, loaded.tokenizer, frozenset(),
+                    EngineConfig(max_lora_rank=8, max_lora_slots=1, max_prefill_tokens=1))
+    engine.host_adapters.fetch(loras[0]).result(timeout=30)  # cached: admitted at the engine's first step
+    victim: list[Run] = []
+
+    class Canceller(Run):
+        def _on_event(self, event: GenerationEvent) -> None:
+            victim[0].handle.cancel()  # the victim's group comes after this one's: it is still waiting
+            super()._on_event(event)
+
+    first = Canceller(engine, None, max_new=3)  # submitted before the thread starts: admitted together
+    victim.append(Run(engine, loras[0], max_new=3))
+    engine.start()
+    try:
+        assert first.tokens()
+        assert Run(engine, loras[1], max_new=3).tokens(timeout=30)  # needs the only slot
+        assert victim[0].events.empty()  # cancelled before its prefill: no tokens, no final event
+        assert prefilled == [1, 1]  # the first request and the last one: the victim never ran
+    finally:
+        engine.stop()
