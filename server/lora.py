@@ -9,7 +9,8 @@ rows together by gathering each row's adapter from a stack of preallocated slots
 
 Slots are rank-padded to `max_rank` (ranks above an adapter's own are zero), and each forward uses only the
 first `rank` of them, the largest rank in the batch. A slot keeps PEFT's own layouts, A (r, in) and B (out, r),
-so loading one is a plain contiguous copy (the batched matmuls take them transposed, for free). The scale s
+so loading one is a plain contiguous copy (A enters the batched matmul as a transposed view; B is
+transposed by the gather, which runs once per change of the batch, not per step). The scale s
 (alpha / r, or alpha / sqrt(r) with rsLoRA, per module) is folded into B when a slot is loaded, so the hot path
 is two gathers and two batched matmuls, the second accumulating in place into the base output. `base_layer`
 may be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt (both subclass nn.Linear); the LoRA math runs
@@ -85,7 +86,9 @@ class BatchedLoraLinear(nn.Module):
         if self._gathered is not None and self._gathered[0] == generation:
             return self._gathered[1], self._gathered[2]
         a = self.lora_A.narrow(1, 0, rank).index_select(0, slot_ids).mT  # (G, in, r), a transposed view
-        b = self.lora_B.narrow(2, 0, rank).index_select(0, slot_ids).mT  # (G, r, out)
+        # B is gathered straight into (G, r, out) row-major: baddbmm_ on a transposed view of (G, out, r) took
+        # 1.5-1.7x as long on a CPU (out 576 / 1536, r 16, G 8); for A the view was as fast as a copy.
+        b = self.lora_B.narrow(2, 0, rank).mT.index_select(0, slot_ids)  # (G, r, out)
         self._gathered = (generation, a, b) if self.batch.reuse else None
         return a, b
 
