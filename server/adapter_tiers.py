@@ -33,6 +33,18 @@ PROMPT_KEY = "prompt_embeddings"
 CONFIG_DIGEST = "config_sha256"  # set by the registry in metadata.extra
 
 
+@dataclass
+class TierStats:
+    """Running totals of one tier, read by the metrics endpoint (plain ints: a torn read is harmless)."""
+
+    hits: int = 0
+    """Requests whose adapter was already in the tier."""
+    loads: int = 0
+    """Adapters brought into the tier (from the store, or from the host tier onto the device)."""
+    evictions: int = 0
+    """Adapters dropped to make room."""
+
+
 @dataclass(frozen=True)
 class AdapterKey:
     """Identity of one stored adapter publication: a deleted and re-registered name may reuse a version number,
@@ -110,6 +122,7 @@ class HostAdapterCache:
         self._loading: dict[AdapterKey, Future[HostAdapter]] = {}
         self._bytes = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-adapter-loader")
+        self.stats = TierStats()
 
     @property
     def nbytes(self) -> int:
@@ -121,6 +134,7 @@ class HostAdapterCache:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
+                self.stats.hits += 1
                 done: Future[HostAdapter] = Future()
                 done.set_result(self._entries[key])
                 return done
@@ -149,9 +163,11 @@ class HostAdapterCache:
             self._bytes -= previous.nbytes if previous else 0
             self._entries[key] = adapter
             self._bytes += adapter.nbytes
+            self.stats.loads += 1
             while self._bytes > self._max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
+                self.stats.evictions += 1
         return adapter
 
     def close(self) -> None:
@@ -186,10 +202,17 @@ class DeviceAdapters:
         self._tensor_bytes = 0
         self._entries: OrderedDict[AdapterKey, DeviceAdapter] = OrderedDict()
         self._free_slots = list(range(lora.num_slots, 0, -1))
+        self.stats = TierStats()
 
     @property
     def resident(self) -> int:
         return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes holding resident adapters: occupied LoRA slots plus prompt and prefix tensors."""
+        occupied = self._lora.num_slots - len(self._free_slots)
+        return occupied * self._lora.slot_bytes + self._tensor_bytes
 
     def lookup(self, key: AdapterKey) -> DeviceAdapter | None:
         entry = self._entries.get(key)
@@ -222,7 +245,11 @@ class DeviceAdapters:
                 f"adapter {host.key.name} needs {host.nbytes} device bytes; only {self._tensor_budget} of "
                 "--max-device-adapter-bytes are left beside the LoRA slots"
             )
-        entry = self.lookup(host.key) or self._load(host)
+        entry = self.lookup(host.key)
+        if entry is not None:
+            self.stats.hits += 1
+        else:
+            entry = self._load(host)
         if entry is not None:
             entry.refs += 1
         return entry
@@ -255,6 +282,7 @@ class DeviceAdapters:
                 entry.prefix = tensor
             self._tensor_bytes += host.nbytes
         self._entries[host.key] = entry
+        self.stats.loads += 1
         return entry
 
     def _evict(self, *, lora: bool) -> bool:
@@ -262,6 +290,7 @@ class DeviceAdapters:
         for key, entry in self._entries.items():
             if entry.refs == 0 and (entry.lora_slot > 0) == lora:
                 del self._entries[key]
+                self.stats.evictions += 1
                 if entry.lora_slot:
                     # No row points at it (unpinned), and the next load overwrites every element: no zeroing.
                     self._free_slots.append(entry.lora_slot)

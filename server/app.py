@@ -124,7 +124,7 @@ def _resolver(registry: AdapterRegistry, fingerprint: str) -> Callable[[str], St
 
 def _add_services(
     server: grpc.aio.Server, loaded: LoadedModel, engine: Engine, engine_config: EngineConfig,
-    registry: AdapterRegistry, adapter_config: AdapterConfig,
+    registry: AdapterRegistry, adapter_config: AdapterConfig, metrics: ServerMetrics,
 ) -> None:
     limits = RequestLimits(
         context_length=loaded.info.context_length,
@@ -132,7 +132,7 @@ def _add_services(
         default_max_new_tokens=engine_config.default_max_new_tokens,
     )
     builder = RequestBuilder(loaded.tokenizer, limits, _resolver(registry, loaded.info.fingerprint))
-    service = GenerationService(engine, builder, model_info(loaded, engine_config))
+    service = GenerationService(engine, builder, model_info(loaded, engine_config), metrics)
     pb_grpc.add_GenerationServiceServicer_to_server(service, server)
     import_roots = tuple(Path(root) for root in adapter_config.import_roots)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
@@ -148,7 +148,8 @@ async def start_server(
     registry = build_registry(loaded, adapter_config, engine_config)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
     server = grpc.aio.server(interceptors=_interceptors(metrics, adapter_config))
-    _add_services(server, loaded, engine, engine_config, registry, adapter_config)
+    _add_services(server, loaded, engine, engine_config, registry, adapter_config, metrics)
+    metrics.watch_tiers(engine.host_adapters, engine.device_adapters)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if config.reflection:

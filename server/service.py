@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from quiver.server.engine import Engine, FinishReason, GenerationEvent
+from quiver.server.metrics import RequestTimer, ServerMetrics
 from quiver.server.request_builder import GenerationRequest, RequestBuilder, WireRequest
 from quiver.server.streaming import stream_events
 from quiver.v1 import generation_pb2 as pb
@@ -27,10 +28,17 @@ def _usage(event: GenerationEvent) -> pb.Usage:
 class GenerationService(pb_grpc.GenerationServiceServicer):
     """Implements quiver.v1.GenerationService over one engine."""
 
-    def __init__(self, engine: Engine, builder: RequestBuilder, model_info: pb.ModelInfoResponse) -> None:
+    def __init__(
+        self, engine: Engine, builder: RequestBuilder, model_info: pb.ModelInfoResponse,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self._engine = engine
         self._builder = builder
         self._model_info = model_info
+        self._metrics = metrics
+
+    def _timer(self, request: GenerationRequest) -> RequestTimer | None:
+        return self._metrics.timer(request) if self._metrics is not None else None
 
     async def _prepare(self, request: WireRequest) -> GenerationRequest:
         # Tokenizing and templating take real CPU time on long prompts: keep them off the event loop.
@@ -42,7 +50,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         prepared = await self._prepare(request)
         response = pb.GenerateResponse()
         texts = []
-        async for event in stream_events(self._engine, prepared):
+        async for event in stream_events(self._engine, prepared, self._timer(prepared)):
             texts.append(event.text)
             response.token_ids.extend(event.token_ids)
             if event.finish_reason is not None:
@@ -55,7 +63,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         prepared = await self._prepare(request)
-        async for event in stream_events(self._engine, prepared):
+        async for event in stream_events(self._engine, prepared, self._timer(prepared)):
             message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
             if event.finish_reason is not None:
                 message.finish_reason = _FINISH_REASONS[event.finish_reason]

@@ -105,9 +105,13 @@ def test_host_cache_evicts_by_bytes(loras: list[StoredAdapter]):
         for stored in loras[:3]:
             assert cache.fetch(stored).result(timeout=30).key.name == stored.metadata.name
         assert cache.nbytes <= int(one * 2.5)
+        # Ranks 2, 3, 4 (bytes in proportion) in room for 2.5 x rank 2: the third load evicts the first two.
+        assert (cache.stats.loads, cache.stats.evictions, cache.stats.hits) == (3, 2, 0)
         assert cache.fetch(loras[2]).done()  # the most recent ones are cached ...
+        assert cache.stats.hits == 1
         evicted = cache.fetch(loras[0])  # ... the least recently used one loads again
         assert evicted.result(timeout=30).key.name == "lora-0"
+        assert (cache.stats.loads, cache.stats.evictions, cache.stats.hits) == (4, 3, 1)  # 4 + 2 > 5: rank 4 goes
     finally:
         cache.close()
 
@@ -124,6 +128,9 @@ def test_device_slots_pin_and_evict_lru(loaded: Any, loras: list[StoredAdapter])
         third = device.acquire(hosts[2])
         assert third is not None and third.lora_slot == first.lora_slot  # the unpinned LRU entry was evicted
         assert device.lookup(hosts[0].key) is None and device.lookup(hosts[1].key) is second
+        assert (device.stats.loads, device.stats.evictions, device.stats.hits) == (3, 1, 0)
+        assert device.acquire(hosts[1]) is second and device.stats.hits == 1
+        assert device.nbytes == 2 * slots.slot_bytes
     finally:
         slots.unwrap()
 

@@ -226,3 +226,37 @@ def test_metrics_count_requests_by_status(stub: Any, server: ServerThread):
     assert 'quiver_requests_total{code="OK",method="Generate"}' in body
     assert 'quiver_requests_total{code="INVALID_ARGUMENT",method="Generate"}' in body
     assert 'quiver_request_duration_seconds_bucket{le="0.005",method="Generate"}' in body
+
+
+def _scrape(server: ServerThread) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the metrics endpoint: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{server.running.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_time_and_count_tokens(stub: Any, server: ServerThread):
+    base = (("kind", "base"),)
+    before = _scrape(server)
+    reply = stub.Generate(pb.GenerateRequest(text="Hi", stopping=pb.StoppingCriteria(max_new_tokens=3)))
+    after = _scrape(server)
+
+    def grew(name: str, labels: tuple[tuple[str, str], ...] = base) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    assert len(reply.token_ids) == 3
+    assert grew("quiver_generation_tokens_total") == 3
+    assert grew("quiver_prompt_tokens_total") == reply.usage.prompt_tokens > 0
+    assert grew("quiver_time_to_first_token_seconds_count") == 1
+    assert grew("quiver_inter_token_latency_seconds_count") == 2  # 3 tokens, 2 gaps
+    assert grew("quiver_time_to_first_token_seconds_sum") > 0
+    for tier in ("host", "device"):
+        for name in ("quiver_adapter_hits_total", "quiver_adapter_loads_total", "quiver_adapter_evictions_total",
+                     "quiver_adapter_bytes"):
+            assert (name, (("tier", tier),)) in after
