@@ -1,4 +1,5 @@
-"""Quiver's batched adapters equal PEFT, the reference path, on the real default model (fp32, greedy).
+"""Quiver's batched adapters equal PEFT, the reference path, on the real default model (fp32, greedy), on the
+CPU and, where there is one, on a CUDA device (where the padded batched prefill runs through the GPU kernels).
 
 Each adapter alone, then all of them at once in one mixed batch with base-only rows: the tokens must equal
 `PeftModel.generate` for the same adapter and prompt (and plain `generate` for base rows).
@@ -24,6 +25,7 @@ from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import SamplingParams
 
 from ..adapters.adapter_factory import load_peft_model, make_lora, make_prefix_tuning, make_prompt_tuning
+from .devices import DEVICES
 
 pytestmark = pytest.mark.real_model
 
@@ -59,11 +61,12 @@ def stored(adapters: dict[str, Path], default_checkpoint: Path, tmp_path_factory
     return {name: registry.register(path, RegistrationOptions(name=name)) for name, path in adapters.items()}
 
 
-@pytest.fixture(scope="module")
-def loaded(default_cache_dir: Path) -> Any:
+@pytest.fixture(scope="module", params=DEVICES)
+def loaded(request: pytest.FixtureRequest, default_cache_dir: Path) -> Any:
     from quiver.server.model_loader import load_base_model
 
-    return load_base_model(ModelConfig(cache_dir=str(default_cache_dir), quantize="none", device="cpu"))
+    config = ModelConfig(cache_dir=str(default_cache_dir), quantize="none", device=request.param, dtype="float32")
+    return load_base_model(config)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,7 @@ def references(adapters: dict[str, Path], default_checkpoint: Path, loaded: Any)
     """PEFT's greedy tokens for every adapter, and plain generate for the base prompts."""
     out = {}
     for name, path in adapters.items():
-        model = load_peft_model(default_checkpoint, path)
+        model = load_peft_model(default_checkpoint, path).to(loaded.model.device)
         out[name] = _generate(model, loaded.tokenizer, PROMPTS[name], loaded.eos_token_ids)
     for prompt in BASE_PROMPTS:
         out[prompt] = _generate(loaded.model, loaded.tokenizer, prompt, loaded.eos_token_ids)
@@ -91,7 +94,7 @@ def _ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def _generate(model: Any, tokenizer: Any, prompt: str, eos: frozenset[int]) -> list[int]:
-    ids = torch.tensor([_ids(tokenizer, prompt)])
+    ids = torch.tensor([_ids(tokenizer, prompt)], device=model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
                              do_sample=False, eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id)

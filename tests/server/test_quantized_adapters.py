@@ -29,6 +29,7 @@ from quiver.server.lora import LoraSlots
 from quiver.server.prefill import PrefillRow, prefill
 
 from ..adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
+from .devices import DEVICES
 
 pytestmark = pytest.mark.real_model
 
@@ -61,22 +62,26 @@ def stored(default_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     return {name: (path, registry.register(path, RegistrationOptions(name=name))) for name, path in made.items()}
 
 
-def _quantized(scheme: str, cache_dir: Path) -> Any:
+def _quantized(scheme: str, cache_dir: Path, device: str) -> Any:
     from quiver.server.model_loader import load_base_model
 
-    return load_base_model(ModelConfig(cache_dir=str(cache_dir), quantize=scheme, device="cpu"))
+    # float32 compute on every device (CUDA's default is bfloat16), so the stated tolerances apply.
+    config = ModelConfig(cache_dir=str(cache_dir), quantize=scheme, device=device, dtype="float32")
+    return load_base_model(config)
 
 
+@pytest.mark.parametrize("device_name", DEVICES)
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_adapter_logits_match_peft_on_quantized_base(scheme: str, default_cache_dir: Path,
+def test_adapter_logits_match_peft_on_quantized_base(scheme: str, device_name: str, default_cache_dir: Path,
                                                      stored: dict[str, tuple[Path, StoredAdapter]]):
-    loaded = _quantized(scheme, default_cache_dir)
+    loaded = _quantized(scheme, default_cache_dir, device_name)
     assert loaded.info.quantization == scheme
     model = loaded.model
-    ids = loaded.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, T)
+    on = next(model.parameters()).device
+    ids = loaded.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"].to(on)  # (1, T)
     ours: dict[str, torch.Tensor] = {}
     slots = LoraSlots(model, num_slots=1, max_rank=16)
-    device = DeviceAdapters(slots, max_bytes=2**30, device=torch.device("cpu"), dtype=torch.float32)
+    device = DeviceAdapters(slots, max_bytes=2**30, device=on, dtype=torch.float32)
     try:
         with torch.inference_mode():
             for name, (_, adapter) in stored.items():
