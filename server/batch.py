@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from quiver.server.kv_cache import growing
+from quiver.server.kv_cache import growing, set_entries
 
 
 def cache_layers(cache: DynamicCache) -> list[Any]:
@@ -52,9 +52,10 @@ class DecodeBatch:
         old, new = self.mask.shape[1], mask.shape[1]
         width = max(old, new)
         for mine, theirs in zip(cache_layers(self.cache), cache_layers(cache), strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width - old, 2), _pad_left(theirs.keys, width - new, 2)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, width - old, 2), _pad_left(theirs.values, width - new, 2)]
+            set_entries(
+                mine,
+                torch.cat([_pad_left(mine.keys, width - old, 2), _pad_left(theirs.keys, width - new, 2)]),
+                torch.cat([_pad_left(mine.values, width - old, 2), _pad_left(theirs.values, width - new, 2)]),
             )  # (B + B', H_kv, width, D)
         self.mask = torch.cat([_pad_left(self.mask, width - old, 1), _pad_left(mask, width - new, 1)])
         self.lengths.extend(lengths)
@@ -71,8 +72,7 @@ class DecodeBatch:
             return  # the usual decode step: nobody left, so no copy of the cache
         index = torch.tensor(rows, dtype=torch.long, device=self._device)
         for layer in cache_layers(self.cache):
-            layer.keys = layer.keys[index, :, trim:]  # (B', H, L', D)
-            layer.values = layer.values[index, :, trim:]
+            set_entries(layer, layer.keys[index, :, trim:], layer.values[index, :, trim:])  # (B', H, L', D)
         self.mask = self.mask[index, trim:]
         self.lengths = [self.lengths[i] for i in rows]
 

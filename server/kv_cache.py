@@ -6,8 +6,10 @@ of the default model on a CPU). This layer keeps its keys and values as views of
 buffers and writes each step's entries into the spare columns; only when they run out does it copy, into
 buffers with `block` more columns, so the copying is amortised over `block` steps.
 
-Anyone may still assign `keys`/`values` (the running batch selects rows, trims padding and joins prefilled
-rows that way): `update` notices that they are no longer a prefix view of its buffers and starts new ones.
+The running batch changes a layer's rows (joins, leaves, trimmed padding) through `set_entries`, which puts
+the new entries into fresh buffers with spare room at once and lets the old ones go. Anything else that
+assigns `keys`/`values` directly still works: `update` notices that they are no longer a prefix view of its
+buffers and starts new ones.
 """
 
 from __future__ import annotations
@@ -41,8 +43,17 @@ class GrowingLayer(DynamicLayer):
         self._value_buffer: torch.Tensor | None = None
 
     def _entries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None  # set at construction, never cleared
+        assert self.keys is not None and self.values is not None  # set at construction; reset() is handled
         return self.keys, self.values
+
+    def reseat(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold `keys`/`values` (B, H_kv, L, D) in new buffers with `block` spare columns; the old ones are freed."""
+        self._key_buffer = self._value_buffer = None  # before allocating: the old buffers are garbage already
+        self.keys, self.values = keys, values
+        self._regrow(0)
+        assert self._key_buffer is not None and self._value_buffer is not None
+        used = keys.shape[2]
+        self.keys, self.values = self._key_buffer[:, :, :used], self._value_buffer[:, :, :used]
 
     def _fits(self, new: int) -> bool:
         keys, values = self._entries()
@@ -67,6 +78,9 @@ class GrowingLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H_kv, T, D) entries; returns all keys and values, each (B, H_kv, L + T, D)."""
+        if self.keys is None or self.values is None:  # after reset(): start empty
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         used, new = self._entries()[0].shape[2], key_states.shape[2]
         if not self._fits(new):
             self._regrow(new)
@@ -87,3 +101,11 @@ def growing(cache: DynamicCache, block: int) -> DynamicCache:
         layers.append(layer)
     cache.layers = layers
     return cache
+
+
+def set_entries(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace a cache layer's keys and values, (B, H_kv, L, D) each (reseated if the layer grows in place)."""
+    if isinstance(layer, GrowingLayer):
+        layer.reseat(keys, values)
+    else:
+        layer.keys, layer.values = keys, values
