@@ -39,6 +39,8 @@ class TierStats:
 
     hits: int = 0
     """Requests whose adapter was already in the tier."""
+    misses: int = 0
+    """Requests whose adapter was not: each waited for a load (its own, or one already under way)."""
     loads: int = 0
     """Adapters brought into the tier (from the store, or from the host tier onto the device)."""
     evictions: int = 0
@@ -138,6 +140,7 @@ class HostAdapterCache:
                 done: Future[HostAdapter] = Future()
                 done.set_result(self._entries[key])
                 return done
+            self.stats.misses += 1
             if key not in self._loading:
                 self._loading[key] = self._pool.submit(self._load, stored)
             return self._loading[key]
@@ -202,6 +205,7 @@ class DeviceAdapters:
         self._tensor_bytes = 0
         self._entries: OrderedDict[AdapterKey, DeviceAdapter] = OrderedDict()
         self._free_slots = list(range(lora.num_slots, 0, -1))
+        self._element_size = torch.empty((), dtype=dtype).element_size()
         self.stats = TierStats()
 
     @property
@@ -240,9 +244,9 @@ class DeviceAdapters:
                 f"adapter {host.key.name} has rank {host.rank}; this server's LoRA slots hold rank "
                 f"{self._lora.max_rank} (--max-lora-rank)"
             )
-        if host.kind != "lora" and host.nbytes > self._tensor_budget:
+        if host.kind != "lora" and self._device_bytes(host) > self._tensor_budget:
             raise ResourceExhausted(
-                f"adapter {host.key.name} needs {host.nbytes} device bytes; only {self._tensor_budget} of "
+                f"adapter {host.key.name} needs {self._device_bytes(host)} device bytes; only {self._tensor_budget} of "
                 "--max-device-adapter-bytes are left beside the LoRA slots"
             )
         entry = self.lookup(host.key)
@@ -257,6 +261,10 @@ class DeviceAdapters:
     def release(self, entry: DeviceAdapter) -> None:
         entry.refs -= 1
 
+    def _device_bytes(self, host: HostAdapter) -> int:
+        """Bytes of a prompt/prefix on the device, where it is held in the model's dtype (not the file's)."""
+        return sum(t.numel() for t in host.tensors.values()) * self._element_size
+
     def _load(self, host: HostAdapter) -> DeviceAdapter | None:
         if host.kind == "lora":
             if not self._free_slots and not self._evict(lora=True):
@@ -270,19 +278,21 @@ class DeviceAdapters:
                 raise
             entry = DeviceAdapter(host.key, host.kind, self._lora.slot_bytes, lora_slot=slot, rank=rank)
         else:
-            if not self._tensor_fits(host.nbytes):
+            nbytes = self._device_bytes(host)
+            if not self._tensor_fits(nbytes):
                 return None  # evicting now would empty the cache and still not make room
-            while self._tensor_bytes + host.nbytes > self._tensor_budget:
+            while self._tensor_bytes + nbytes > self._tensor_budget:
                 self._evict(lora=False)
             tensor = next(iter(host.tensors.values())).to(self._device, self._dtype)
-            entry = DeviceAdapter(host.key, host.kind, host.nbytes)
+            entry = DeviceAdapter(host.key, host.kind, nbytes)
             if host.kind == "prompt_tuning":
                 entry.prompt = tensor
             else:
                 entry.prefix = tensor
-            self._tensor_bytes += host.nbytes
+            self._tensor_bytes += nbytes
         self._entries[host.key] = entry
         self.stats.loads += 1
+        self.stats.misses += 1  # a device miss is retried while the tier is full; counted once, when it loads
         return entry
 
     def _evict(self, *, lora: bool) -> bool:

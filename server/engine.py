@@ -2,7 +2,8 @@
 
 Iteration-level scheduling as in Orca (Yu et al., OSDI 2022): at every step the engine admits waiting
 requests, prefills one group of them (bounded by a token budget, oldest first, so a burst of arrivals stalls
-the running sequences by at most one prefill per step, as TGI's `max_batch_prefill_tokens`), samples one token
+the running sequences by one prefill per step, as TGI's `max_batch_prefill_tokens`; only a failed group's
+rows are retried at once, one by one), samples one token
 for every running sequence, retires finished or cancelled ones at once and runs one batched forward for the
 rest. Rows of one
 batch may use different adapters of different kinds (S-LoRA-style multi-LoRA slots, soft prompts, key/value
@@ -146,7 +147,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._inbox.qsize() + len(self._scheduler) + len(self._ready)
+        return self._inbox.qsize() + len(self._scheduler)  # admitted ones (`_ready`) hold a batch place
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue `request`; `sink` is called from the engine thread with every event."""

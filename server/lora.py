@@ -10,7 +10,8 @@ rows together by gathering each row's adapter from a stack of preallocated slots
 Slots are rank-padded to `max_rank` (ranks above an adapter's own are zero), and each forward uses only the
 first `rank` of them, the largest rank in the batch. A slot keeps PEFT's own layouts, A (r, in) and B (out, r),
 so loading one is a plain contiguous copy (A enters the batched matmul as a transposed view; B is
-transposed by the gather, which runs once per change of the batch, not per step). The scale s
+transposed by the gather, which runs once per change of the batch while the gathered weights are reused, see
+LoraBatch.reuse). The scale s
 (alpha / r, or alpha / sqrt(r) with rsLoRA, per module) is folded into B when a slot is loaded, so the hot path
 is two gathers and two batched matmuls, the second accumulating in place into the base output. `base_layer`
 may be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt (both subclass nn.Linear); the LoRA math runs

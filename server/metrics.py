@@ -30,7 +30,8 @@ def adapter_kind(request: GenerationRequest) -> str:
 
 
 class RequestTimer:
-    """Times one request's events as they reach its caller."""
+    """Times one request's events as the server's call handler receives them (a stream's events queue behind
+    a slow reader there; a unary call's client sees only the end)."""
 
     def __init__(self, metrics: ServerMetrics, request: GenerationRequest) -> None:
         self._metrics = metrics
@@ -45,12 +46,12 @@ class RequestTimer:
             gap = now - self._last
             if self._first:
                 self._metrics.ttft.labels(kind=self._kind).observe(gap)
+                # At the first token the prompt is processed: counted now, so cancelled calls count too.
+                self._metrics.prompt_tokens.labels(kind=self._kind).inc(event.prompt_tokens)
             else:
                 self._metrics.inter_token.labels(kind=self._kind).observe(gap / tokens)
             self._first, self._last = False, now
             self._metrics.generation_tokens.labels(kind=self._kind).inc(tokens)
-        if event.finish_reason is not None:
-            self._metrics.prompt_tokens.labels(kind=self._kind).inc(event.prompt_tokens)
 
 
 class _TierCollector(Collector):
@@ -64,6 +65,9 @@ class _TierCollector(Collector):
             "hits": CounterMetricFamily(
                 "quiver_adapter_hits", "Requests whose adapter was already in the tier", labels=["tier"]
             ),
+            "misses": CounterMetricFamily(
+                "quiver_adapter_misses", "Requests whose adapter had to be loaded into the tier", labels=["tier"]
+            ),
             "loads": CounterMetricFamily("quiver_adapter_loads", "Adapters loaded into the tier", labels=["tier"]),
             "evictions": CounterMetricFamily(
                 "quiver_adapter_evictions", "Adapters evicted from the tier to make room", labels=["tier"]
@@ -73,6 +77,7 @@ class _TierCollector(Collector):
         for tier, cache in self._tiers.items():
             stats = cache.stats
             families["hits"].add_metric([tier], stats.hits)
+            families["misses"].add_metric([tier], stats.misses)
             families["loads"].add_metric([tier], stats.loads)
             families["evictions"].add_metric([tier], stats.evictions)
             size.add_metric([tier], cache.nbytes)
@@ -113,7 +118,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "quiver_prompt_tokens", "Prompt tokens of finished requests, by adapter kind", ["kind"],
+            "quiver_prompt_tokens", "Prompt tokens of requests that got a first token, by adapter kind", ["kind"],
             registry=self.registry,
         )
         self.generation_tokens = Counter(

@@ -106,12 +106,13 @@ def test_host_cache_evicts_by_bytes(loras: list[StoredAdapter]):
             assert cache.fetch(stored).result(timeout=30).key.name == stored.metadata.name
         assert cache.nbytes <= int(one * 2.5)
         # Ranks 2, 3, 4 (bytes in proportion) in room for 2.5 x rank 2: the third load evicts the first two.
-        assert (cache.stats.loads, cache.stats.evictions, cache.stats.hits) == (3, 2, 0)
+        assert (cache.stats.loads, cache.stats.evictions, cache.stats.hits, cache.stats.misses) == (3, 2, 0, 3)
         assert cache.fetch(loras[2]).done()  # the most recent ones are cached ...
         assert cache.stats.hits == 1
         evicted = cache.fetch(loras[0])  # ... the least recently used one loads again
         assert evicted.result(timeout=30).key.name == "lora-0"
         assert (cache.stats.loads, cache.stats.evictions, cache.stats.hits) == (4, 3, 1)  # 4 + 2 > 5: rank 4 goes
+        assert cache.stats.misses == 4
     finally:
         cache.close()
 
@@ -128,9 +129,25 @@ def test_device_slots_pin_and_evict_lru(loaded: Any, loras: list[StoredAdapter])
         third = device.acquire(hosts[2])
         assert third is not None and third.lora_slot == first.lora_slot  # the unpinned LRU entry was evicted
         assert device.lookup(hosts[0].key) is None and device.lookup(hosts[1].key) is second
-        assert (device.stats.loads, device.stats.evictions, device.stats.hits) == (3, 1, 0)
+        assert (device.stats.loads, device.stats.evictions, device.stats.hits, device.stats.misses) == (3, 1, 0, 3)
         assert device.acquire(hosts[1]) is second and device.stats.hits == 1
         assert device.nbytes == 2 * slots.slot_bytes
+    finally:
+        slots.unwrap()
+
+
+def test_prompt_bytes_on_the_device_are_counted_in_the_model_dtype(loaded: Any, base_dir: Path,
+                                                                   registry: AdapterRegistry, tmp_path: Path):
+    stored = registry.register(make_prompt_tuning(base_dir, tmp_path / "p", num_virtual_tokens=3),
+                               RegistrationOptions(name="soft-bf16", mode="replace"))
+    host = load_host_adapter(stored)  # float32, as saved
+    slots = LoraSlots(loaded.model, num_slots=1, max_rank=2)
+    try:
+        device = DeviceAdapters(slots, max_bytes=slots.slot_bytes + host.nbytes // 2, device=torch.device("cpu"),
+                                dtype=torch.bfloat16)
+        entry = device.acquire(host)  # fits only because bfloat16 halves it
+        assert entry is not None and entry.prompt is not None and entry.prompt.dtype == torch.bfloat16
+        assert entry.nbytes == entry.prompt.nbytes == host.nbytes // 2 == device.nbytes
     finally:
         slots.unwrap()
 

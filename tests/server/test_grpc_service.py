@@ -257,6 +257,6 @@ def test_metrics_time_and_count_tokens(stub: Any, server: ServerThread):
     assert grew("quiver_inter_token_latency_seconds_count") == 2  # 3 tokens, 2 gaps
     assert grew("quiver_time_to_first_token_seconds_sum") > 0
     for tier in ("host", "device"):
-        for name in ("quiver_adapter_hits_total", "quiver_adapter_loads_total", "quiver_adapter_evictions_total",
-                     "quiver_adapter_bytes"):
+        for name in ("quiver_adapter_hits_total", "quiver_adapter_misses_total", "quiver_adapter_loads_total",
+                     "quiver_adapter_evictions_total", "quiver_adapter_bytes"):
             assert (name, (("tier", tier),)) in after
