@@ -62,8 +62,9 @@ class EngineConfig:
     )
     max_prefill_tokens: int = field(
         default=1024,
-        metadata={"help": "most padded prompt tokens (soft prompts included) prefilled in one forward, which "
-                  "bounds prefill memory; a longer prompt goes alone"},
+        metadata={"help": "most padded prompt tokens (soft prompts included) prefilled in one engine step: "
+                  "bounds prefill memory and how long running sequences wait; a longer prompt is prefilled "
+                  "alone, in chunks of this size, one per step"},
     )
     cache_block_tokens: int = field(
         default=64,

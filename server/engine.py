@@ -3,7 +3,7 @@
 Iteration-level scheduling as in Orca (Yu et al., OSDI 2022): at every step the engine admits waiting
 requests, prefills one group of them (bounded by a token budget, oldest first, so a burst of arrivals stalls
 the running sequences by one prefill per step, as TGI's `max_batch_prefill_tokens`; only a failed group's
-rows are retried at once, one by one), samples one token
+rows are retried at once, one by one) or one chunk of a prompt longer than the budget, samples one token
 for every running sequence, retires finished or cancelled ones at once and runs one batched forward for the
 rest. Rows of one
 batch may use different adapters of different kinds (S-LoRA-style multi-LoRA slots, soft prompts, key/value
@@ -24,11 +24,12 @@ import torch
 
 from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache
 from quiver.server.batch import DecodeBatch
+from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.config import EngineConfig
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import PrefillRow, plan_groups, prefill, prefill_length
+from quiver.server.prefill import Prefilled, PrefillRow, plan_groups, prefill, prefill_length
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler
@@ -121,6 +122,7 @@ class Engine:
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._running: list[_Sequence] = []
         self._ready: list[_Sequence] = []  # admitted (adapter pinned), waiting for their prefill group
+        self._chunked: tuple[_Sequence, ChunkedPrefill] | None = None  # a long prompt, prefilled a chunk per step
         self._batch = DecodeBatch(self._device, config.cache_block_tokens)
         self._wake = threading.Event()
         self._stopping = False
@@ -176,7 +178,7 @@ class Engine:
                 self._take_inbox()
                 self._admit()
                 if not self._running:
-                    if not self._ready:
+                    if not self._ready and self._chunked is None:
                         # Nothing to do: sleep until a request arrives (or a cold adapter may have loaded).
                         self._wake.wait(timeout=0.005 if len(self._scheduler) else None)
                         self._wake.clear()
@@ -189,6 +191,9 @@ class Engine:
         self._finish_all(self._running, Unavailable("the server is shutting down"))
         self._finish_all(self._ready, Unavailable("the server is shutting down"))
         self._ready = []
+        if self._chunked is not None:
+            self._finish_all([self._chunked[0]], Unavailable("the server is shutting down"))
+            self._chunked = None
         self._take_inbox()
         for waiting in self._scheduler.take_all():
             self._fail(waiting.item, Unavailable("the server is shutting down"))
@@ -203,7 +208,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Admit waiting requests while the batch has room and their adapters are on the device; prefill one
-        group of the admitted ones, the group holding the oldest."""
+        group of the admitted ones, the group holding the oldest, or the next chunk of a long prompt."""
         for gone in self._scheduler.drop(lambda s: s.handle.cancelled):
             if gone.device is not None:
                 self.device_adapters.release(gone.device)
@@ -211,26 +216,55 @@ class Engine:
             if seq.handle.cancelled:
                 self._retire(seq)
         self._ready = [seq for seq in self._ready if not seq.done]
-        for entry in self._scheduler.admit(self._config.max_running - len(self._running) - len(self._ready)):
+        room = self._config.max_running - len(self._running) - len(self._ready) - (self._chunked is not None)
+        for entry in self._scheduler.admit(room):
             if entry.error is not None:
                 self._fail(entry.item, entry.error)
                 continue
             entry.item.adapter = entry.device
             self._ready.append(entry.item)
+        if self._chunked is not None:
+            self._advance_chunk()
+            return
         if not self._ready:
             return
+        budget = self._config.max_prefill_tokens
         lengths = [prefill_length(len(seq.request.prompt_ids), seq.adapter) for seq in self._ready]
-        group = set(min(plan_groups(lengths, self._config.max_prefill_tokens), key=min))
+        group = set(min(plan_groups(lengths, budget), key=min))
         chosen = [seq for i, seq in enumerate(self._ready) if i in group]
         self._ready = [seq for i, seq in enumerate(self._ready) if i not in group]
-        self._prefill(sorted(chosen, key=_no_lora))
+        if len(chosen) == 1 and lengths[min(group)] > budget:
+            self._chunked = (chosen[0], ChunkedPrefill(self._row(chosen[0]), budget))
+            self._advance_chunk()
+        else:
+            self._prefill(sorted(chosen, key=_no_lora))
+
+    def _row(self, seq: _Sequence) -> PrefillRow:
+        return PrefillRow(torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self._device), seq.adapter)
+
+    def _advance_chunk(self) -> None:
+        """Feed the long prompt its next chunk; after the last, it joins the running batch. Never raises."""
+        assert self._chunked is not None
+        seq, chunked = self._chunked
+        if seq.handle.cancelled:
+            self._chunked = None
+            self._retire(seq)
+            return
+        try:
+            out = chunked.advance(self._model, self.lora)
+        except Exception as e:
+            log.exception("prefill failed")
+            self._chunked = None
+            self._finish_all([seq], e)
+            return
+        if out is not None:
+            self._chunked = None
+            self._join([seq], out)
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Prefill `seqs` in one forward and add them to the running batch; never raises."""
-        rows = [PrefillRow(torch.tensor(s.request.prompt_ids, dtype=torch.long, device=self._device), s.adapter)
-                for s in seqs]
         try:
-            out = prefill(self._model, self.lora, rows)
+            out = prefill(self._model, self.lora, [self._row(seq) for seq in seqs])
         except Exception as e:  # the group fails, the running batch goes on
             if len(seqs) > 1:  # find the row at fault: each alone, so only it fails
                 log.warning("prefill of %d rows failed; retrying each alone", len(seqs), exc_info=True)
@@ -240,6 +274,10 @@ class Engine:
             log.exception("prefill failed")
             self._finish_all(seqs, e)
             return
+        self._join(seqs, out)
+
+    def _join(self, seqs: list[_Sequence], out: Prefilled) -> None:
+        """Add prefilled `seqs` to the running batch; never raises."""
         for seq, logits in zip(seqs, out.logits, strict=True):
             seq.logits = logits
         self._running.extend(seqs)

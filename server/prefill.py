@@ -161,3 +161,17 @@ def _compact(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
         index = order[:, None, :, None].expand_as(layer.keys)  # (B, H_kv, W, D)
         layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
     return mask.gather(1, order)
+
+
+def extend(model: Any, lora: LoraSlots, done: Prefilled, adapter: DeviceAdapter | None, ids: torch.Tensor
+           ) -> Prefilled:
+    """Feed one prefilled row (`done`, a batch of one) its next prompt tokens `ids` (T,): its cache continues
+    at the next positions, under the same adapter. Used by chunked prefill (chunked_prefill.py)."""
+    start, t = done.lengths[0], ids.numel()
+    assert done.mask.shape == (1, start), "a single prefilled row has no padding"
+    mask = torch.cat([done.mask, done.mask.new_ones(1, t)], dim=1)  # (1, L + T)
+    positions = torch.arange(start, start + t, device=ids.device)[None]  # (1, T)
+    lora.set_batch([adapter.lora_slot if adapter else 0], [adapter.rank if adapter else 0])
+    out = model(input_ids=ids[None], attention_mask=mask, position_ids=positions, past_key_values=done.cache,
+                use_cache=True, logits_to_keep=1)
+    return Prefilled(out.logits[:, -1].float(), done.cache, mask, [start + t])

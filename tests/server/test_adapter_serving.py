@@ -246,9 +246,10 @@ def test_cancel_while_waiting_for_its_prefill_frees_the_slot(loaded: Any, loras:
         return real_prefill(model, lora, rows)
 
     monkeypatch.setattr(engine_module, "prefill", counting_prefill)
-    # One slot; every request a prefill group of its own, so an admitted request waits a step for its prefill.
+    # One slot; every 5-token request a prefill group of its own (none chunked), so an admitted request waits a
+    # step for its prefill.
     engine = Engine(loaded.model, loaded.tokenizer, frozenset(),
-                    EngineConfig(max_lora_rank=8, max_lora_slots=1, max_prefill_tokens=1))
+                    EngineConfig(max_lora_rank=8, max_lora_slots=1, max_prefill_tokens=len(PROMPT)))
     engine.host_adapters.fetch(loras[0]).result(timeout=30)  # cached: admitted at the engine's first step
     victim: list[Run] = []
 

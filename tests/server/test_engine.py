@@ -219,8 +219,8 @@ def test_a_burst_of_arrivals_prefills_one_group_per_decode_step(
 
     monkeypatch.setattr(engine_module, "prefill", recording_prefill)
     monkeypatch.setattr(DecodeBatch, "forward", recording_forward)
-    # Each prompt is 4-10 tokens, so with an 8-token budget every request is a prefill group of its own.
-    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
+    # Prompts of 4, 11, 6 and 8 tokens: with an 11-token budget each is a prefill group of its own (none chunked).
+    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=11)
     sinks = [Collector() for _ in PROMPTS]
     for prompt, sink in zip(PROMPTS, sinks, strict=True):
         eng.submit(request(smol_tokenizer, prompt, max_new_tokens=6), sink)
@@ -267,3 +267,84 @@ def test_a_prefill_group_with_a_bad_row_fails_only_that_row(
     assert sizes[0] == 4  # all four were prefilled together first
     assert all(event.finish_reason is FinishReason.LENGTH and event.completion_tokens == 3 for event in finals)
     assert isinstance(failed.error, RuntimeError) and "simulated bad row" in str(failed.error)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
+    tiny_model: Any, smol_tokenizer: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    from quiver.server import chunked_prefill
+    from quiver.server import engine as engine_module
+    from quiver.server.batch import DecodeBatch
+
+    long_prompt = " ".join(PROMPTS * 3)
+    reference = tokens_of(run(engine, request(smol_tokenizer, long_prompt, max_new_tokens=8)))
+    calls: list[str] = []
+
+    def recording(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(engine_module, "prefill", recording("P", engine_module.prefill))
+    monkeypatch.setattr(chunked_prefill, "prefill", recording("P", chunked_prefill.prefill))
+    monkeypatch.setattr(chunked_prefill, "extend", recording("P", chunked_prefill.extend))
+    monkeypatch.setattr(DecodeBatch, "forward", recording("D", DecodeBatch.forward))
+    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
+    short, long = Collector(), Collector()
+    eng.submit(request(smol_tokenizer, PROMPTS[2], max_new_tokens=30), short)  # decoding while the long one fills
+    eng.submit(request(smol_tokenizer, long_prompt, max_new_tokens=8), long)
+    eng.start()
+    try:
+        long_events, short_events = long.wait()[1], short.wait()[1]
+    finally:
+        eng.stop()
+    prompt_tokens = len(smol_tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+    assert tokens_of(long_events) == reference  # chunked or not, the same tokens
+    assert short_events[-1].finish_reason is FinishReason.LENGTH
+    assert calls.count("P") == 1 + -(-prompt_tokens // 8)  # the short prompt, then the long one's chunks
+    assert "PP" not in "".join(calls), calls
+
+
+def test_cancelling_a_prompt_between_its_chunks_drops_it(
+    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+):
+    from quiver.server import chunked_prefill
+
+    chunks: list[str] = []
+    real_prefill, real_extend = chunked_prefill.prefill, chunked_prefill.extend
+
+    def first_chunk(*args: Any, **kwargs: Any) -> Any:
+        chunks.append("first")
+        return real_prefill(*args, **kwargs)
+
+    def next_chunk(*args: Any, **kwargs: Any) -> Any:
+        chunks.append("next")
+        return real_extend(*args, **kwargs)
+
+    monkeypatch.setattr(chunked_prefill, "prefill", first_chunk)
+    monkeypatch.setattr(chunked_prefill, "extend", next_chunk)
+    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=4)
+    handles = []
+    seen = 0
+
+    def cancel_on_second_token(event: GenerationEvent) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 2:  # the long prompt has had its first chunk, not yet its second
+            handles[0].cancel()
+        driver(event)
+
+    driver, victim = Collector(), Collector()
+    short = request(smol_tokenizer, PROMPTS[0], max_new_tokens=5)  # 4 tokens: one ordinary group
+    eng.submit(short, cancel_on_second_token)
+    handles.append(eng.submit(request(smol_tokenizer, " ".join(PROMPTS), max_new_tokens=5), victim))
+    eng.start()
+    try:
+        assert driver.wait()[1][-1].finish_reason is FinishReason.LENGTH
+        assert tokens_of(run(eng, request(smol_tokenizer, PROMPTS[3], max_new_tokens=3)))  # still serving
+        assert chunks == ["first", "first", "next"]  # the victim: its first chunk only; then the 8-token prompt
+        assert victim.events.empty() and eng.num_running == 0
+    finally:
+        eng.stop()

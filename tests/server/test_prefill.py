@@ -10,6 +10,7 @@ import torch
 
 from quiver.server.adapter_tiers import AdapterKey, DeviceAdapter
 from quiver.server.batch import DecodeBatch
+from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.lora import LoraSlots
 from quiver.server.prefill import PrefillRow, plan_groups, prefill, prefill_length
 
@@ -120,3 +121,24 @@ def test_prefill_length_counts_soft_prompt_tokens(tiny_model: Any):
 def test_groups_put_similar_lengths_together():
     assert plan_groups([100, 2, 100, 3], 200) == [[1, 3], [0, 2]]
     assert plan_groups([7] * 9, 21) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+@pytest.mark.parametrize("kind", ["base", "lora", "prompt", "prefix", "prompt7"])
+@pytest.mark.parametrize("budget", [1, 4, 9])
+def test_chunked_prefill_equals_one_forward(tiny_model: Any, slots: LoraSlots, kind: str, budget: int):
+    torch.manual_seed(4)
+    row = PrefillRow(torch.randint(0, 1000, (13,)), _adapters(tiny_model)[kind])
+    chunked = ChunkedPrefill(row, budget)
+    forwards = 1
+    with torch.inference_mode():
+        whole = prefill(tiny_model, slots, [row])
+        while (out := chunked.advance(tiny_model, slots)) is None:
+            forwards += 1
+    soft = prefill_length(0, row.adapter)
+    assert forwards == 1 + -(-(13 - max(1, budget - soft)) // budget)  # the first chunk shares the soft prompt
+    assert out.lengths == whole.lengths and out.mask.shape == whole.mask.shape and bool(out.mask.all())
+    # Chunks change the matmul shapes, hence float32 rounding: values of this random model reach ~50.
+    torch.testing.assert_close(out.logits, whole.logits, atol=ATOL, rtol=1e-5)
+    for mine, theirs in zip(out.cache.layers, whole.cache.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, atol=ATOL, rtol=1e-5)

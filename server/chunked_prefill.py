@@ -1,0 +1,39 @@
+"""Chunked prefill of one long prompt: a chunk per engine step, so running sequences never stall for a whole
+prompt.
+
+As in Sarathi (Agrawal et al., 2023) and vLLM's chunked prefill, a step's prefill work is bounded: a prompt
+longer than the prefill budget is fed a budget's worth of tokens per step into a cache of its own, between
+the running batch's decode steps; once the whole prompt is in, the row joins the batch like any prefilled
+group. The first chunk goes through the batched prefill, so a soft prompt or a prefix enters exactly as there;
+later chunks continue the same cache at the next positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quiver.server.lora import LoraSlots
+from quiver.server.prefill import Prefilled, PrefillRow, extend, prefill, prefill_length
+
+
+class ChunkedPrefill:
+    """The state of one row's chunked prefill."""
+
+    def __init__(self, row: PrefillRow, budget: int) -> None:
+        self._row = row
+        self._budget = budget  # positions computed per chunk (the first also computes the soft prompt's)
+        self._fed = 0  # prompt tokens in the cache so far
+        self._done: Prefilled | None = None
+
+    def advance(self, model: Any, lora: LoraSlots) -> Prefilled | None:
+        """Feed the next chunk; returns the prefilled row after the last chunk, None before."""
+        ids, adapter = self._row.ids, self._row.adapter
+        if self._done is None:
+            first = max(1, self._budget - prefill_length(0, adapter))  # a soft prompt shares the first chunk
+            self._done = prefill(model, lora, [PrefillRow(ids[:first], adapter)])
+            self._fed = min(first, ids.numel())
+        else:
+            chunk = ids[self._fed : self._fed + self._budget]
+            self._done = extend(model, lora, self._done, adapter, chunk)
+            self._fed += chunk.numel()
+        return self._done if self._fed >= ids.numel() else None
