@@ -15,7 +15,14 @@ from quiver.clients.adapters_types import AdapterDetails, AdapterInfo, AdapterKi
 from quiver.clients.aio import AsyncQuiverClient
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
-from quiver.clients.types import DEFAULT_TARGET, FinishReason, Generation, GenerationChunk, ModelInfo
+from quiver.clients.types import (
+    DEFAULT_TARGET,
+    FinishReason,
+    Generation,
+    GenerationChunk,
+    ModelInfo,
+    TokenLogprob,
+)
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -31,4 +38,5 @@ __all__ = [
     "QuiverClient",
     "QuiverRpcError",
     "RegisterMode",
+    "TokenLogprob",
 ]

@@ -86,10 +86,12 @@ class AsyncQuiverClient:
         repetition_penalty: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
     ) -> Generation:
         """Generates a completion of `prompt` (raw text) or `messages` (chat turns) and returns it whole.
 
-        Parameters left as None are not sent, so the server's defaults apply.
+        Parameters left as None are not sent, so the server's defaults apply. `logprobs=n` returns each
+        token's log-probability and the n most likely tokens at its position (`Generation.logprobs`).
         """
         request = build_request(
             pb.GenerateRequest,
@@ -103,6 +105,7 @@ class AsyncQuiverClient:
             repetition_penalty=repetition_penalty,
             stop=stop,
             seed=seed,
+            logprobs=logprobs,
         )
         try:
             response = await self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
@@ -123,6 +126,7 @@ class AsyncQuiverClient:
         repetition_penalty: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
     ) -> AsyncGenerator[GenerationChunk, None]:
         """Like `generate`, but an async iterator of chunks; the last one carries the finish fields.
 
@@ -141,6 +145,7 @@ class AsyncQuiverClient:
             repetition_penalty=repetition_penalty,
             stop=stop,
             seed=seed,
+            logprobs=logprobs,
         )
         return self._stream(request)
 

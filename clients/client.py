@@ -85,10 +85,12 @@ class QuiverClient:
         repetition_penalty: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
     ) -> Generation:
         """Generates a completion of `prompt` (raw text) or `messages` (chat turns) and returns it whole.
 
-        Parameters left as None are not sent, so the server's defaults apply.
+        Parameters left as None are not sent, so the server's defaults apply. `logprobs=n` returns each
+        token's log-probability and the n most likely tokens at its position (`Generation.logprobs`).
         """
         request = build_request(
             pb.GenerateRequest,
@@ -102,6 +104,7 @@ class QuiverClient:
             repetition_penalty=repetition_penalty,
             stop=stop,
             seed=seed,
+            logprobs=logprobs,
         )
         try:
             response = self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
@@ -122,6 +125,7 @@ class QuiverClient:
         repetition_penalty: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
     ) -> Generator[GenerationChunk, None, None]:
         """Like `generate`, but yields chunks as they are decoded; the last one carries the finish fields.
 
@@ -140,6 +144,7 @@ class QuiverClient:
             repetition_penalty=repetition_penalty,
             stop=stop,
             seed=seed,
+            logprobs=logprobs,
         )
         return self._stream(request)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -27,6 +27,18 @@ RequestT = TypeVar("RequestT", pb.GenerateRequest, pb.GenerateStreamRequest)
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens at its position."""
+
+    token_id: int
+    """The generated token."""
+    logprob: float
+    """Its natural-log probability (before temperature, top-k, top-p and repetition penalty)."""
+    top: list[tuple[int, float]]
+    """(token id, log-probability) of the `logprobs` most likely tokens, most likely first."""
+
+
+@dataclass(frozen=True)
 class Generation:
     """A whole completion."""
 
@@ -40,6 +52,8 @@ class Generation:
     """Tokens in the prompt after templating."""
     completion_tokens: int
     """Tokens generated."""
+    logprobs: list[TokenLogprob]
+    """One per token id when the request asked for `logprobs`, else empty."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,8 @@ class GenerationChunk:
     """Tokens in the prompt after templating; last chunk only."""
     completion_tokens: int | None
     """Tokens generated in all; last chunk only."""
+    logprobs: list[TokenLogprob]
+    """One per token id of this chunk when the request asked for `logprobs`, else empty."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ def build_request(
     repetition_penalty: float | None,
     stop: Sequence[str],
     seed: int | None,
+    logprobs: int | None = None,
 ) -> RequestT:
     """A GenerateRequest or GenerateStreamRequest; arguments left as None stay unset on the wire.
 
@@ -114,6 +131,10 @@ def build_request(
     _set_present(request.stopping, {"max_new_tokens": max_new_tokens}, "stopping")
     if stop:
         request.stopping.stop_sequences.extend(stop)
+    if logprobs is not None:
+        if logprobs < 0:
+            raise ValueError(f"logprobs: must be >= 0, got {logprobs}")
+        request.logprobs = logprobs
     return request
 
 
@@ -151,6 +172,7 @@ def generation_from_response(response: pb.GenerateResponse) -> Generation:
         finish_reason=finish_reason,
         prompt_tokens=response.usage.prompt_tokens,
         completion_tokens=response.usage.completion_tokens,
+        logprobs=_logprobs(response.logprobs),
     )
 
 
@@ -162,7 +184,12 @@ def chunk_from_response(response: pb.GenerateStreamResponse) -> GenerationChunk:
         finish_reason=_finish_reason(response.finish_reason),
         prompt_tokens=response.usage.prompt_tokens if has_usage else None,
         completion_tokens=response.usage.completion_tokens if has_usage else None,
+        logprobs=_logprobs(response.logprobs),
     )
+
+
+def _logprobs(entries: Iterable[pb.TokenLogprob]) -> list[TokenLogprob]:
+    return [TokenLogprob(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in entries]
 
 
 def model_info_from_response(response: pb.ModelInfoResponse) -> ModelInfo:

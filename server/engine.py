@@ -28,6 +28,7 @@ from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.config import EngineConfig
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
+from quiver.server.logprobs import TokenLogprob, token_logprobs
 from quiver.server.lora import LoraSlots
 from quiver.server.prefill import Prefilled, PrefillRow, plan_groups, prefill, prefill_length
 from quiver.server.request_builder import GenerationRequest
@@ -53,6 +54,7 @@ class GenerationEvent:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
 
 
 Sink = Callable[[GenerationEvent], None]
@@ -314,7 +316,9 @@ class Engine:
             return
         logits = torch.stack([s.logits for s in batch if s.logits is not None])  # (B, V)
         tokens = sample_next(logits, [s.sampler for s in batch], [s.seen[: s.n_seen] for s in batch])
-        keep = [i for i, (seq, token) in enumerate(zip(batch, tokens.tolist(), strict=True)) if self._emit(seq, token)]
+        details = token_logprobs(logits, tokens, [s.request.logprobs for s in batch])
+        keep = [i for i, (seq, token, detail) in enumerate(zip(batch, tokens.tolist(), details, strict=True))
+                if self._emit(seq, token, detail)]
         for i, seq in enumerate(batch):
             if i not in keep:
                 self._retire(seq)
@@ -327,7 +331,7 @@ class Engine:
         for seq, row in zip(self._running, next_logits, strict=True):
             seq.logits = row
 
-    def _emit(self, seq: _Sequence, token: int) -> bool:
+    def _emit(self, seq: _Sequence, token: int, detail: TokenLogprob | None) -> bool:
         """Record `token` and send its event; returns whether the sequence goes on."""
         seq.seen[seq.n_seen] = token
         seq.n_seen += 1
@@ -343,7 +347,8 @@ class Engine:
                 finish = FinishReason.LENGTH
         if finish is not None and finish is not FinishReason.STOP_SEQUENCE:
             text += seq.text.finish()
-        event = GenerationEvent(text, (token,), len(seq.request.prompt_ids), seq.n_generated, finish)
+        event = GenerationEvent(text, (token,), len(seq.request.prompt_ids), seq.n_generated, finish,
+                                logprobs=(detail,) if detail is not None else ())
         return self._send(seq, event) and finish is None
 
     def _retire(self, seq: _Sequence) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from quiver.adapters.store import StoredAdapter
 from quiver.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from quiver.server.logprobs import MAX_TOP_LOGPROBS
 from quiver.server.sampling import SamplingParams
 from quiver.v1 import generation_pb2 as pb
 
@@ -30,6 +31,7 @@ class GenerationRequest:
     max_new_tokens: int
     stop_sequences: tuple[str, ...]
     adapter: StoredAdapter | None = None  # the adapter version to apply, resolved when the request arrived
+    logprobs: int | None = None  # None: no log-probabilities; n: each token's and the n most likely ones
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,11 @@ class WireRequest(Protocol):
     stopping: pb.StoppingCriteria
     text: str
     chat: pb.ChatMessages
+    logprobs: int
 
     def WhichOneof(self, name: str) -> str | None: ...
+
+    def HasField(self, name: str) -> bool: ...
 
 
 # Sampling field -> (test a set value must pass, what the message says otherwise).
@@ -94,6 +99,7 @@ class RequestBuilder:
             max_new_tokens=max_new_tokens,
             stop_sequences=_stop_sequences(request.stopping),
             adapter=adapter,
+            logprobs=_logprobs(request),
         )
 
     def _prompt_ids(self, request: WireRequest, template: str | None, virtual: int) -> list[int]:
@@ -166,6 +172,14 @@ def _sampling_params(sampling: pb.SamplingParameters) -> SamplingParams:
     if values.get("temperature", 0.0) < GREEDY_BELOW:
         values["temperature"] = 0.0
     return SamplingParams(**values)
+
+
+def _logprobs(request: WireRequest) -> int | None:
+    if not request.HasField("logprobs"):
+        return None
+    if request.logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}")
+    return request.logprobs
 
 
 def _stop_sequences(stopping: pb.StoppingCriteria) -> tuple[str, ...]:

@@ -25,6 +25,14 @@ def _usage(event: GenerationEvent) -> pb.Usage:
     return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
 
 
+def _logprobs(event: GenerationEvent) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+        for lp in event.logprobs
+    ]
+
+
 class GenerationService(pb_grpc.GenerationServiceServicer):
     """Implements quiver.v1.GenerationService over one engine."""
 
@@ -53,6 +61,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         async for event in stream_events(self._engine, prepared, self._timer(prepared)):
             texts.append(event.text)
             response.token_ids.extend(event.token_ids)
+            response.logprobs.extend(_logprobs(event))
             if event.finish_reason is not None:
                 response.finish_reason = _FINISH_REASONS[event.finish_reason]
                 response.usage.CopyFrom(_usage(event))
@@ -64,7 +73,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         prepared = await self._prepare(request)
         async for event in stream_events(self._engine, prepared, self._timer(prepared)):
-            message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
+            message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids,
+                                                logprobs=_logprobs(event))
             if event.finish_reason is not None:
                 message.finish_reason = _FINISH_REASONS[event.finish_reason]
                 message.usage.CopyFrom(_usage(event))

@@ -77,6 +77,7 @@ HELLO = Generation(
     finish_reason="eos_token",
     prompt_tokens=5,
     completion_tokens=5,
+    logprobs=[],
 )
 
 
@@ -161,6 +162,7 @@ def test_unset_options_stay_unset_on_the_wire(client: QuiverClient, fake: FakeSe
     assert request.adapter == ""
     assert not request.HasField("sampling")
     assert not request.HasField("stopping")
+    assert not request.HasField("logprobs")
 
 
 @pytest.mark.parametrize("method", ["generate", "generate_stream"])
@@ -174,6 +176,7 @@ def test_set_options_arrive(client: QuiverClient, fake: FakeServer, method: str)
         "repetition_penalty": 1.1,
         "stop": ["\n", "END"],
         "seed": 2**63 + 5,
+        "logprobs": 0,  # zero still crosses the wire: "only the chosen token's"
     }
     send(client, method, "hi", **options)
     request = last_request(fake)
@@ -183,6 +186,7 @@ def test_set_options_arrive(client: QuiverClient, fake: FakeServer, method: str)
     assert (s.top_k, s.seed) == (40, 2**63 + 5)
     assert request.stopping.max_new_tokens == 7
     assert list(request.stopping.stop_sequences) == ["\n", "END"]
+    assert request.HasField("logprobs") and request.logprobs == 0
 
 
 @pytest.mark.parametrize("field", ["temperature", "top_p", "top_k", "repetition_penalty", "seed"])
@@ -400,3 +404,14 @@ def test_async_task_cancellation_cancels_the_call(fake: FakeServer, method: str)
         return await asyncio.to_thread(fake.servicer.cancelled.wait, 5)
 
     assert run_async(fake.target, body)
+
+
+def test_logprobs_are_converted_per_token() -> None:
+    from quiver.clients.types import TokenLogprob, chunk_from_response, generation_from_response
+
+    entries = [pb.TokenLogprob(token_id=5, logprob=-0.25, top=[pb.TopLogprob(token_id=5, logprob=-0.25),
+                                                               pb.TopLogprob(token_id=9, logprob=-2.0)])]
+    expected = [TokenLogprob(5, -0.25, [(5, -0.25), (9, -2.0)])]
+    whole = pb.GenerateResponse(token_ids=[5], finish_reason=pb.FINISH_REASON_LENGTH, logprobs=entries)
+    assert generation_from_response(whole).logprobs == expected
+    assert chunk_from_response(pb.GenerateStreamResponse(token_ids=[5], logprobs=entries)).logprobs == expected

@@ -95,6 +95,29 @@ def test_stream_concatenation_equals_generate(stub: Any):
     assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
 
 
+def test_logprobs_are_the_models_and_stream_like_generate(stub: Any, loaded: Any):
+    prompt = "The three primary colors are"
+    fields: dict[str, Any] = {"text": prompt, "stopping": pb.StoppingCriteria(max_new_tokens=6), "logprobs": 3,
+                              "sampling": pb.SamplingParameters(temperature=0.8, seed=7)}
+    reply = stub.Generate(pb.GenerateRequest(**fields))
+    assert [lp.token_id for lp in reply.logprobs] == list(reply.token_ids)
+    # Teacher forcing: the model's log-softmax at each generated position, before any sampling transform.
+    prompt_ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + list(reply.token_ids)])
+    with torch.inference_mode():
+        expected = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), dim=-1)  # (T, V)
+    for i, lp in enumerate(reply.logprobs):
+        row = expected[len(prompt_ids) - 1 + i]  # (V,)
+        assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-3)
+        top_values, top_ids = row.topk(3)
+        assert [t.token_id for t in lp.top] == top_ids.tolist()
+        assert [t.logprob for t in lp.top] == pytest.approx(top_values.tolist(), abs=1e-3)
+    chunks = list(stub.GenerateStream(pb.GenerateStreamRequest(**fields)))
+    assert [lp for c in chunks for lp in c.logprobs] == list(reply.logprobs)  # same seed: same tokens
+    plain = stub.Generate(pb.GenerateRequest(text=prompt, stopping=pb.StoppingCriteria(max_new_tokens=2)))
+    assert not plain.logprobs  # only when asked
+
+
 def test_stop_sequence_over_grpc(stub: Any):
     base = stub.Generate(pb.GenerateRequest(text="Count: 1, 2, 3,", stopping=pb.StoppingCriteria(max_new_tokens=20)))
     stop = " 6"
@@ -134,6 +157,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[], pb.GenerateRequest], str]] = {
         _with(stopping=pb.StoppingCriteria(stop_sequences=[str(i) for i in range(17)])), "stopping.stop_sequences"),
     "overlong stop sequence": (
         _with(stopping=pb.StoppingCriteria(stop_sequences=["x" * 257])), "stopping.stop_sequences[0]"),
+    "too many logprobs": (_with(logprobs=21), "logprobs"),
     "empty chat": (lambda: pb.GenerateRequest(chat=pb.ChatMessages()), "chat.messages"),
     "bad chat role": (
         lambda: pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="hi")])),

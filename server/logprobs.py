@@ -1,0 +1,46 @@
+"""Per-token log-probabilities for the requests that ask for them (vLLM's `logprobs`).
+
+They are taken from the model's raw next-token distribution, log_softmax of the logits, before temperature,
+top-k, top-p and the repetition penalty: those shape how a token is drawn, not what the model predicts. Only
+rows that asked pay for the log_softmax and the top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the `top` most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, requested: Sequence[int | None]
+) -> list[TokenLogprob | None]:
+    """For rows whose `requested` count is not None: the chosen token's log-probability and that many top ones.
+
+    `logits` (B, V) raw next-token logits, `tokens` (B,) the tokens drawn from them."""
+    rows = [i for i, n in enumerate(requested) if n is not None]
+    out: list[TokenLogprob | None] = [None] * len(requested)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # (R, V)
+    chosen = logprobs.gather(1, tokens.to(logits.device).index_select(0, index)[:, None])[:, 0].tolist()  # (R,)
+    k = max(requested[i] or 0 for i in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())  # (R, k)
+    for j, i in enumerate(rows):
+        n = requested[i] or 0
+        top = tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True))
+        out[i] = TokenLogprob(int(tokens[i]), chosen[j], top)
+    return out
