@@ -10,6 +10,7 @@ from typing import Any
 from quiver.clients.cli.common import add_server_argument, report_rpc_error, report_usage_error
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
+from quiver.clients.types import TokenLogprob
 
 HELP = "generate a completion (greedy unless --temperature is set) and print only its text"
 
@@ -33,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, metavar="R", help="> 0; 1 disables it")
     parser.add_argument("--seed", type=int, metavar="N", help="seed of the sampler (for --temperature > 0)")
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="stop before S (repeatable)")
+    parser.add_argument(
+        "--logprobs", type=int, metavar="N",
+        help="also write each token's log-probability and the N most likely tokens to stderr, one line per "
+        "token: id, log-probability, then id:log-probability pairs (tab-separated)",
+    )
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,7 +58,14 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
         "repetition_penalty": args.repetition_penalty,
         "stop": args.stop,
         "seed": args.seed,
+        "logprobs": args.logprobs,
     }
+
+
+def _write_logprobs(entries: list[TokenLogprob]) -> None:
+    for entry in entries:
+        top = "\t".join(f"{token}:{logprob:.4f}" for token, logprob in entry.top)
+        sys.stderr.write(f"{entry.token_id}\t{entry.logprob:.4f}" + (f"\t{top}" if top else "") + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,13 +73,18 @@ def run(args: argparse.Namespace) -> int:
         inputs = _inputs(args)
         with QuiverClient(args.server) as client:
             if args.stream:
+                logprobs: list[TokenLogprob] = []
                 with closing(client.generate_stream(**inputs)) as chunks:
                     for chunk in chunks:
                         sys.stdout.write(chunk.text)
                         sys.stdout.flush()
+                        logprobs.extend(chunk.logprobs)
                 print()
             else:
-                print(client.generate(**inputs).text)
+                generation = client.generate(**inputs)
+                print(generation.text)
+                logprobs = generation.logprobs
+            _write_logprobs(logprobs)
     except QuiverRpcError as e:
         return report_rpc_error(e)
     except ValueError as e:

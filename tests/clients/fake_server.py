@@ -79,6 +79,17 @@ def fake_completion(request: Request) -> tuple[str, pb.FinishReason.ValueType]:
     return text, pb.FINISH_REASON_EOS_TOKEN
 
 
+def _fake_logprobs(request: pb.GenerateRequest | pb.GenerateStreamRequest, text: str) -> list[pb.TokenLogprob]:
+    """When asked: each token at log-probability -(its position in `text` + 1), its top the next ids down."""
+    if not request.HasField("logprobs"):
+        return []
+    return [
+        pb.TokenLogprob(token_id=t, logprob=-(i + 1.0),
+                        top=[pb.TopLogprob(token_id=t - j, logprob=-(i + 1.0 + j)) for j in range(request.logprobs)])
+        for i, t in enumerate(_token_ids(text))
+    ]
+
+
 def _token_ids(text: str) -> list[int]:
     return [ord(c) for c in text]
 
@@ -127,6 +138,7 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
         return pb.GenerateResponse(
             text=text,
             token_ids=_token_ids(text),
+            logprobs=_fake_logprobs(request, text),
             finish_reason=finish_reason,
             usage=pb.Usage(prompt_tokens=len(source_text(request)), completion_tokens=len(text)),
         )
@@ -143,7 +155,8 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
             text, finish_reason = fake_completion(request)
             for start in range(0, len(text), STREAM_CHUNK_CHARS):
                 piece = text[start : start + STREAM_CHUNK_CHARS]
-                yield pb.GenerateStreamResponse(text=piece, token_ids=_token_ids(piece))
+                yield pb.GenerateStreamResponse(text=piece, token_ids=_token_ids(piece),
+                                                logprobs=_fake_logprobs(request, piece))
         usage = pb.Usage(prompt_tokens=len(source_text(request)), completion_tokens=len(text))
         yield pb.GenerateStreamResponse(finish_reason=finish_reason, usage=usage)
 

@@ -212,3 +212,16 @@ def test_client_commands_import_neither_torch_nor_transformers() -> None:
         "heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_logprobs_go_to_stderr(fake: FakeServer, capsys: pytest.CaptureFixture[str], stream: bool) -> None:
+    flags = ["--stream"] if stream else []
+    assert cli("generate", "--server", fake.target, "--logprobs", "2", *flags, "abc") == 0
+    assert last_request(fake).logprobs == 2
+    out, err = capsys.readouterr()
+    assert out == "cba\n"  # stdout still holds only the text
+    ids = [ord(c) for c in "cba"]
+    assert err.splitlines() == [
+        f"{t}\t{-(i + 1):.4f}\t{t}:{-(i + 1):.4f}\t{t - 1}:{-(i + 2):.4f}" for i, t in enumerate(ids)
+    ]
