@@ -13,6 +13,7 @@ from quiver.clients.errors import QuiverRpcError
 from quiver.v1 import generation_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_LOGPROBS = 20  # the most top tokens a request may ask for (GenerateRequest.logprobs)
 """Where the clients connect when no target is given; `quiver serve`'s default address."""
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -52,7 +53,7 @@ class Generation:
     """Tokens in the prompt after templating."""
     completion_tokens: int
     """Tokens generated."""
-    logprobs: list[TokenLogprob]
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     """One per token id when the request asked for `logprobs`, else empty."""
 
 
@@ -70,7 +71,7 @@ class GenerationChunk:
     """Tokens in the prompt after templating; last chunk only."""
     completion_tokens: int | None
     """Tokens generated in all; last chunk only."""
-    logprobs: list[TokenLogprob]
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     """One per token id of this chunk when the request asked for `logprobs`, else empty."""
 
 
@@ -132,8 +133,8 @@ def build_request(
     if stop:
         request.stopping.stop_sequences.extend(stop)
     if logprobs is not None:
-        if logprobs < 0:
-            raise ValueError(f"logprobs: must be >= 0, got {logprobs}")
+        if not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
         request.logprobs = logprobs
     return request
 

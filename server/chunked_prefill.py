@@ -10,8 +10,10 @@ later chunks continue the same cache at the next positions.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from quiver.server.kv_cache import growing
 from quiver.server.lora import LoraSlots
 from quiver.server.prefill import Prefilled, PrefillRow, extend, prefill, prefill_length
 
@@ -30,8 +32,10 @@ class ChunkedPrefill:
         ids, adapter = self._row.ids, self._row.adapter
         if self._done is None:
             first = max(1, self._budget - prefill_length(0, adapter))  # a soft prompt shares the first chunk
-            self._done = prefill(model, lora, [PrefillRow(ids[:first], adapter)])
+            done = prefill(model, lora, [PrefillRow(ids[:first], adapter)])
             self._fed = min(first, ids.numel())
+            # Room for the rest of the prompt at the next chunk: no chunk copies the cache (as torch.cat would).
+            self._done = replace(done, cache=growing(done.cache, max(1, ids.numel() - self._fed)))
         else:
             chunk = ids[self._fed : self._fed + self._budget]
             self._done = extend(model, lora, self._done, adapter, chunk)

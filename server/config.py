@@ -64,7 +64,7 @@ class EngineConfig:
         default=1024,
         metadata={"help": "most padded prompt tokens (soft prompts included) prefilled in one engine step: "
                   "bounds prefill memory and how long running sequences wait; a longer prompt is prefilled "
-                  "alone, in chunks of this size, one per step"},
+                  "alone, in chunks of this size, one per step (a first chunk also holds its whole soft prompt)"},
     )
     cache_block_tokens: int = field(
         default=64,

@@ -30,7 +30,7 @@ from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.logprobs import TokenLogprob, token_logprobs
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import Prefilled, PrefillRow, plan_groups, prefill, prefill_length
+from quiver.server.prefill import Prefilled, PrefillRow, oldest_group, prefill, prefill_length
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler
@@ -125,6 +125,7 @@ class Engine:
         self._running: list[_Sequence] = []
         self._ready: list[_Sequence] = []  # admitted (adapter pinned), waiting for their prefill group
         self._chunked: tuple[_Sequence, ChunkedPrefill] | None = None  # a long prompt, prefilled a chunk per step
+        self._chunk_turn = False  # while chunking: whether the next step's prefill is the chunk's, not a group's
         self._batch = DecodeBatch(self._device, config.cache_block_tokens)
         self._wake = threading.Event()
         self._stopping = False
@@ -225,21 +226,48 @@ class Engine:
                 continue
             entry.item.adapter = entry.device
             self._ready.append(entry.item)
+        self._prefill_next()
+
+    def _prefill_next(self) -> None:
+        """This step's one prefill: a group of ready requests, or the next chunk of a long prompt. While a long
+        prompt is chunked, ready groups within the budget take every other step, so short requests do not wait
+        for the whole long prompt (as Sarathi and vLLM mix chunks with other work)."""
         if self._chunked is not None:
-            self._advance_chunk()
+            group = None if self._chunk_turn else self._take_group(fitting=True)
+            self._chunk_turn = group is not None
+            if group is None:
+                self._advance_chunk()
+            else:
+                self._prefill(group)
             return
-        if not self._ready:
+        group = self._take_group(fitting=False)
+        if group is None:
             return
         budget = self._config.max_prefill_tokens
+        if len(group) == 1 and prefill_length(len(group[0].request.prompt_ids), group[0].adapter) > budget:
+            self._start_chunks(group[0], budget)
+        else:
+            self._prefill(group)
+
+    def _take_group(self, *, fitting: bool) -> list[_Sequence] | None:
+        """Remove from the ready list the prefill group holding its oldest request (`oldest_group`)."""
         lengths = [prefill_length(len(seq.request.prompt_ids), seq.adapter) for seq in self._ready]
-        group = set(min(plan_groups(lengths, budget), key=min))
+        group = oldest_group(lengths, self._config.max_prefill_tokens, fitting=fitting)
+        if group is None:
+            return None
         chosen = [seq for i, seq in enumerate(self._ready) if i in group]
         self._ready = [seq for i, seq in enumerate(self._ready) if i not in group]
-        if len(chosen) == 1 and lengths[min(group)] > budget:
-            self._chunked = (chosen[0], ChunkedPrefill(self._row(chosen[0]), budget))
-            self._advance_chunk()
-        else:
-            self._prefill(sorted(chosen, key=_no_lora))
+        return sorted(chosen, key=_no_lora)
+
+    def _start_chunks(self, seq: _Sequence, budget: int) -> None:
+        try:
+            self._chunked = (seq, ChunkedPrefill(self._row(seq), budget))
+        except Exception as e:
+            log.exception("prefill failed")
+            self._finish_all([seq], e)
+            return
+        self._chunk_turn = False
+        self._advance_chunk()
 
     def _row(self, seq: _Sequence) -> PrefillRow:
         return PrefillRow(torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self._device), seq.adapter)

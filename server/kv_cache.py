@@ -93,11 +93,14 @@ class GrowingLayer(DynamicLayer):
 
 
 def growing(cache: DynamicCache, block: int) -> DynamicCache:
-    """`cache` with each plain layer replaced by a `GrowingLayer` over the same entries (no copy yet)."""
+    """`cache` with each plain layer replaced by a `GrowingLayer` over the same entries (no copy yet), and growing
+    layers set to grow by `block` from now on."""
     layers = []
     for layer in cache.layers:
         if type(layer) is DynamicLayer and layer.keys is not None and layer.values is not None:
             layer = GrowingLayer(layer.keys, layer.values, block)
+        elif isinstance(layer, GrowingLayer):
+            layer.block = block
         layers.append(layer)
     cache.layers = layers
     return cache

@@ -37,10 +37,10 @@ def token_logprobs(
     index = torch.tensor(rows, device=logits.device)
     logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # (R, V)
     chosen = logprobs.gather(1, tokens.to(logits.device).index_select(0, index)[:, None])[:, 0].tolist()  # (R,)
-    k = max(requested[i] or 0 for i in rows)
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())  # (R, k)
+    k = min(max(requested[i] or 0 for i in rows), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(k, dim=-1)  # (R, k)
+    ids, values, drawn = top_ids.tolist(), top_values.tolist(), tokens.tolist()  # one device sync each
     for j, i in enumerate(rows):
         n = requested[i] or 0
-        top = tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True))
-        out[i] = TokenLogprob(int(tokens[i]), chosen[j], top)
+        out[i] = TokenLogprob(drawn[i], chosen[j], tuple(zip(ids[j][:n], values[j][:n], strict=True)))
     return out

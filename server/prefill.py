@@ -91,6 +91,15 @@ def plan_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
+def oldest_group(lengths: Sequence[int], max_tokens: int, *, fitting: bool = False) -> list[int] | None:
+    """The prefill group (by `plan_groups`) holding the oldest row (lowest index); with `fitting`, among the groups
+    within the budget only (not a lone over-budget row, which would need chunks). None when there is none."""
+    groups = plan_groups(lengths, max_tokens)
+    if fitting:
+        groups = [g for g in groups if len(g) > 1 or lengths[g[0]] <= max_tokens]
+    return min(groups, key=min) if groups else None
+
+
 def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefilled:
     """Run the prompts of `rows` through `model` in one forward, each under its own adapter."""
     parts = [_parts_of(row.adapter) for row in rows]

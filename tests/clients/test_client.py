@@ -406,6 +406,12 @@ def test_async_task_cancellation_cancels_the_call(fake: FakeServer, method: str)
     assert run_async(fake.target, body)
 
 
+@pytest.mark.parametrize("value", [-1, 21, 2**32, 2.5])
+def test_bad_logprobs_raise_before_sending(client: QuiverClient, value: Any) -> None:
+    with pytest.raises(ValueError, match=r"^logprobs:"):
+        client.generate("hi", logprobs=value)
+
+
 def test_logprobs_are_converted_per_token() -> None:
     from quiver.clients.types import TokenLogprob, chunk_from_response, generation_from_response
 

@@ -348,3 +348,38 @@ def test_cancelling_a_prompt_between_its_chunks_drops_it(
         assert victim.events.empty() and eng.num_running == 0
     finally:
         eng.stop()
+
+
+def test_a_short_request_is_prefilled_between_a_long_prompts_chunks(
+    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+):
+    from quiver.server import chunked_prefill
+    from quiver.server import engine as engine_module
+    from quiver.server.batch import DecodeBatch
+
+    calls: list[str] = []
+
+    def recording(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(engine_module, "prefill", recording("G", engine_module.prefill))
+    monkeypatch.setattr(chunked_prefill, "prefill", recording("C", chunked_prefill.prefill))
+    monkeypatch.setattr(chunked_prefill, "extend", recording("C", chunked_prefill.extend))
+    monkeypatch.setattr(DecodeBatch, "forward", recording("D", DecodeBatch.forward))
+    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
+    long, short = Collector(), Collector()
+    eng.submit(request(smol_tokenizer, " ".join(PROMPTS * 3), max_new_tokens=4), long)  # the oldest: chunked
+    eng.submit(request(smol_tokenizer, PROMPTS[0], max_new_tokens=4), short)
+    eng.start()
+    try:
+        short_events, long_events = short.wait()[1], long.wait()[1]
+    finally:
+        eng.stop()
+    assert short_events[-1].finish_reason is long_events[-1].finish_reason is FinishReason.LENGTH
+    # The long prompt's first chunk, then the short request's group, then its 3 decode steps interleaved with
+    # chunks; once nothing decodes, the remaining chunks follow each other.
+    assert "".join(calls).startswith("CGDCDCDC"), calls

@@ -26,3 +26,8 @@ def test_rows_get_their_own_counts_and_unasked_rows_nothing():
 
 def test_no_row_asks():
     assert token_logprobs(torch.randn(2, 9), torch.tensor([1, 2]), [None, None]) == [None, None]
+
+
+def test_more_top_tokens_than_the_vocabulary_returns_them_all():
+    out = token_logprobs(torch.randn(1, 5), torch.tensor([2]), [20])
+    assert out[0] is not None and len(out[0].top) == 5

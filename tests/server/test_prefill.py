@@ -12,7 +12,7 @@ from quiver.server.adapter_tiers import AdapterKey, DeviceAdapter
 from quiver.server.batch import DecodeBatch
 from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.lora import LoraSlots
-from quiver.server.prefill import PrefillRow, plan_groups, prefill, prefill_length
+from quiver.server.prefill import PrefillRow, oldest_group, plan_groups, prefill, prefill_length
 
 ATOL = 1e-4
 
@@ -142,3 +142,22 @@ def test_chunked_prefill_equals_one_forward(tiny_model: Any, slots: LoraSlots, k
     for mine, theirs in zip(out.cache.layers, whole.cache.layers, strict=True):
         torch.testing.assert_close(mine.keys, theirs.keys, atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(mine.values, theirs.values, atol=ATOL, rtol=1e-5)
+
+
+def test_chunks_after_the_first_write_into_one_buffer(tiny_model: Any, slots: LoraSlots):
+    torch.manual_seed(5)
+    chunked = ChunkedPrefill(PrefillRow(torch.randint(0, 1000, (20,)), None), 4)
+    storage: list[int] = []
+    with torch.inference_mode():
+        while chunked.advance(tiny_model, slots) is None:
+            assert chunked._done is not None
+            storage.append(chunked._done.cache.layers[0].keys.data_ptr())
+    # The first chunk's entries are copied once, at the second chunk, into room for the whole prompt.
+    assert len(storage) == 4 and len(set(storage[1:])) == 1
+
+
+def test_oldest_group_can_skip_a_prompt_that_needs_chunks():
+    assert oldest_group([50, 3, 4], 10) == [0]  # the oldest request, alone and over the budget
+    assert oldest_group([50, 3, 4], 10, fitting=True) == [1, 2]
+    assert oldest_group([50], 10, fitting=True) is None
+    assert oldest_group([], 10) is None
