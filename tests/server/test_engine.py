@@ -203,22 +203,7 @@ def test_a_burst_of_arrivals_prefills_one_group_per_decode_step(
     tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ):
     """Running sequences are stalled by at most one prefill forward between two decode steps."""
-    from quiver.server import engine as engine_module
-    from quiver.server.batch import DecodeBatch
-
-    calls: list[str] = []
-    real_prefill, real_forward = engine_module.prefill, DecodeBatch.forward
-
-    def recording_prefill(*args: Any, **kwargs: Any) -> Any:
-        calls.append("P")
-        return real_prefill(*args, **kwargs)
-
-    def recording_forward(*args: Any, **kwargs: Any) -> Any:
-        calls.append("D")
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "prefill", recording_prefill)
-    monkeypatch.setattr(DecodeBatch, "forward", recording_forward)
+    calls = _record_forwards(monkeypatch, "P", "P")
     # Prompts of 4, 11, 6 and 8 tokens: with an 11-token budget each is a prefill group of its own (none chunked).
     eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=11)
     sinks = [Collector() for _ in PROMPTS]
@@ -269,15 +254,12 @@ def test_a_prefill_group_with_a_bad_row_fails_only_that_row(
     assert isinstance(failed.error, RuntimeError) and "simulated bad row" in str(failed.error)
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
-    tiny_model: Any, smol_tokenizer: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
-):
+def _record_forwards(monkeypatch: pytest.MonkeyPatch, group: str, chunk: str) -> list[str]:
+    """Record, in order, every prefill forward (a group's as `group`, a chunk's as `chunk`) and decode step ("D")."""
     from quiver.server import chunked_prefill
     from quiver.server import engine as engine_module
     from quiver.server.batch import DecodeBatch
 
-    long_prompt = " ".join(PROMPTS * 3)
-    reference = tokens_of(run(engine, request(smol_tokenizer, long_prompt, max_new_tokens=8)))
     calls: list[str] = []
 
     def recording(name: str, real: Any) -> Any:
@@ -287,10 +269,19 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
 
         return call
 
-    monkeypatch.setattr(engine_module, "prefill", recording("P", engine_module.prefill))
-    monkeypatch.setattr(chunked_prefill, "prefill", recording("P", chunked_prefill.prefill))
-    monkeypatch.setattr(chunked_prefill, "extend", recording("P", chunked_prefill.extend))
+    monkeypatch.setattr(engine_module, "prefill", recording(group, engine_module.prefill))
+    monkeypatch.setattr(chunked_prefill, "prefill", recording(chunk, chunked_prefill.prefill))
+    monkeypatch.setattr(chunked_prefill, "extend", recording(chunk, chunked_prefill.extend))
     monkeypatch.setattr(DecodeBatch, "forward", recording("D", DecodeBatch.forward))
+    return calls
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
+    tiny_model: Any, smol_tokenizer: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    long_prompt = " ".join(PROMPTS * 3)
+    reference = tokens_of(run(engine, request(smol_tokenizer, long_prompt, max_new_tokens=8)))
+    calls = _record_forwards(monkeypatch, "P", "P")
     eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
     short, long = Collector(), Collector()
     eng.submit(request(smol_tokenizer, PROMPTS[2], max_new_tokens=30), short)  # decoding while the long one fills
@@ -353,23 +344,7 @@ def test_cancelling_a_prompt_between_its_chunks_drops_it(
 def test_a_short_request_is_prefilled_between_a_long_prompts_chunks(
     tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ):
-    from quiver.server import chunked_prefill
-    from quiver.server import engine as engine_module
-    from quiver.server.batch import DecodeBatch
-
-    calls: list[str] = []
-
-    def recording(name: str, real: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            return real(*args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(engine_module, "prefill", recording("G", engine_module.prefill))
-    monkeypatch.setattr(chunked_prefill, "prefill", recording("C", chunked_prefill.prefill))
-    monkeypatch.setattr(chunked_prefill, "extend", recording("C", chunked_prefill.extend))
-    monkeypatch.setattr(DecodeBatch, "forward", recording("D", DecodeBatch.forward))
+    calls = _record_forwards(monkeypatch, "G", "C")
     eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
     long, short = Collector(), Collector()
     eng.submit(request(smol_tokenizer, " ".join(PROMPTS * 3), max_new_tokens=4), long)  # the oldest: chunked
