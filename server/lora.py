@@ -53,6 +53,9 @@ class LoraBatch:
     reuse: bool = False
     """Whether wrappers keep the gathered per-row weights for the next forward with the same generation: decode
     steps repeat the same selection until a sequence joins or leaves, so the gather then runs once, not per step."""
+    transient: bool = False
+    """A one-off selection (a prefill or a prefill chunk between decode steps): wrappers neither reuse nor drop the
+    weights they keep for the decode selection, which comes back at the next step."""
 
 
 class BatchedLoraLinear(nn.Module):
@@ -90,7 +93,10 @@ class BatchedLoraLinear(nn.Module):
         # B is gathered straight into (G, r, out) row-major: baddbmm_ on a transposed view of (G, out, r) took
         # 1.5-1.7x as long on a CPU (out 576 / 1536, r 16, G 8); for A the view was as fast as a copy.
         b = self.lora_B.narrow(2, 0, rank).mT.index_select(0, slot_ids)  # (G, r, out)
-        self._gathered = (generation, a, b) if self.batch.reuse else None
+        if self.batch.reuse:
+            self._gathered = (generation, a, b)
+        elif not self.batch.transient:
+            self._gathered = None
         return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +165,9 @@ class LoraSlots:
         if not self._wrappers:
             raise ValueError(f"{type(model).__name__} has no linear layer to wrap (targets: {target_leaf_names})")
         self.module_paths = frozenset(self._wrappers)
-        self._selection: tuple[tuple[int, ...], int, int] | None = None
+        self._selection: tuple[tuple[int, ...], int, int] | None = None  # the decode selection
+        self._selected: tuple[int, torch.Tensor] | None = None  # its generation and slot ids
+        self._generations = 0  # every selection gets a new generation
         element = torch.empty((), dtype=self.dtype).element_size()
         self.slot_bytes = element * sum(
             max_rank * (w.in_features + w.out_features) for w in self._wrappers.values()
@@ -186,7 +194,8 @@ class LoraSlots:
     def _invalidate(self) -> None:
         """A slot's weights change: no wrapper may reuse weights gathered before."""
         self._selection = None
-        self.batch.generation += 1
+        self._generations += 1
+        self.batch.generation = self._generations
 
     def clear(self, slot: int) -> None:
         """Zero `slot`, so rows pointing at it get the base output."""
@@ -196,23 +205,32 @@ class LoraSlots:
             for wrapper in self._wrappers.values():
                 wrapper.set_slot(slot, None, None, 0.0)
 
-    def set_batch(self, slot_ids: Sequence[int], ranks: Sequence[int]) -> None:
-        """Select each row's slot for the next forward; `ranks` are the rows' adapter ranks (0 for slot 0)."""
+    def set_batch(self, slot_ids: Sequence[int], ranks: Sequence[int], *, transient: bool = False) -> None:
+        """Select each row's slot for the next forward; `ranks` are the rows' adapter ranks (0 for slot 0).
+
+        `transient`: a one-off forward (a prefill) between decode steps; the decode selection, and the weights
+        gathered for it, stay for the next decode step."""
+        self.batch.transient = transient
         if not any(slot_ids):
             self.batch.slot_ids, self.batch.rank, self.batch.rows = None, 0, 0
-            self._selection = None
+            if not transient:
+                self._selection = None
             return
         rows = _leading_lora_rows(slot_ids)
         shared = len(set(slot_ids[:rows])) == 1  # one adapter for all LoRA rows: a single group
         groups = tuple(slot_ids[:1] if shared else slot_ids[:rows])
         rank = max(ranks)
-        if (groups, rows, rank) != self._selection:
-            self._selection = (groups, rows, rank)
-            self.batch.generation += 1
-            self.batch.slot_ids = torch.tensor(groups, dtype=torch.long, device=self._device)  # (G,)
-            self.batch.rows, self.batch.rank = rows, rank
+        if transient or (groups, rows, rank) != self._selection or self._selected is None:
+            self._generations += 1
+            selected = (self._generations, torch.tensor(groups, dtype=torch.long, device=self._device))  # (G,)
+            if not transient:
+                self._selection, self._selected = (groups, rows, rank), selected
+        else:
+            selected = self._selected
+        self.batch.generation, self.batch.slot_ids = selected
+        self.batch.rows, self.batch.rank = rows, rank
         # Keeping the gathered copies costs G slots' worth of memory at this rank; bound it.
-        self.batch.reuse = len(groups) * self.slot_bytes * rank <= REUSE_BYTES * self.max_rank
+        self.batch.reuse = not transient and len(groups) * self.slot_bytes * rank <= REUSE_BYTES * self.max_rank
 
     def unwrap(self) -> None:
         """Put the original base layers back; this LoraSlots is unusable afterwards."""

@@ -120,7 +120,7 @@ def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefille
     inputs = _inputs(model, ids, parts, prompt, new)
     cache = _prefix_cache(parts, past, pmax, b)
     lora.set_batch([r.adapter.lora_slot if r.adapter else 0 for r in rows],
-                   [r.adapter.rank if r.adapter else 0 for r in rows])
+                   [r.adapter.rank if r.adapter else 0 for r in rows], transient=True)
     out = model(**inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
     lengths = [p + n for p, n in zip(past, new, strict=True)]
@@ -180,7 +180,7 @@ def extend(model: Any, lora: LoraSlots, done: Prefilled, adapter: DeviceAdapter 
     assert done.mask.shape == (1, start), "a single prefilled row has no padding"
     mask = torch.cat([done.mask, done.mask.new_ones(1, t)], dim=1)  # (1, L + T)
     positions = torch.arange(start, start + t, device=ids.device)[None]  # (1, T)
-    lora.set_batch([adapter.lora_slot if adapter else 0], [adapter.rank if adapter else 0])
+    lora.set_batch([adapter.lora_slot if adapter else 0], [adapter.rank if adapter else 0], transient=True)
     out = model(input_ids=ids[None], attention_mask=mask, position_ids=positions, past_key_values=done.cache,
                 use_cache=True, logits_to_keep=1)
     return Prefilled(out.logits[:, -1].float(), done.cache, mask, [start + t])

@@ -158,6 +158,37 @@ def test_batch_rank_below_max_uses_only_its_columns(
     assert torch.allclose(_logits(model, ids), peft_logits["qv-r2"], atol=ATOL, rtol=0)
 
 
+def test_decode_weights_are_gathered_once_and_survive_a_transient_prefill(
+    base_dir: Path, adapters: dict[str, Adapter], ids: torch.Tensor,
+    base_logits: torch.Tensor, peft_logits: dict[str, torch.Tensor],
+):
+    model = load_base(base_dir)
+    slots, row_slots, row_ranks = _slots_with_all(model, adapters)
+    wrapper = next(iter(slots._wrappers.values()))
+    gathered = []
+    for _ in range(2):  # two decode steps with the same selection: one gather
+        slots.set_batch(row_slots, row_ranks)
+        first = _logits(model, ids)
+        assert wrapper._gathered is not None
+        gathered.append(wrapper._gathered[1])
+    assert gathered[0] is gathered[1]
+    # A prefill of other rows in between (transient), then the same decode selection again.
+    slots.set_batch([2, 1, 0, 0, 0], [adapters["all-r4-rslora"].rank, adapters["qv-r2"].rank, 0, 0, 0],
+                    transient=True)
+    prefill_logits = _logits(model, ids)
+    assert wrapper._gathered is not None and wrapper._gathered[1] is gathered[0]  # kept, not replaced
+    _assert_rows(prefill_logits, [2, 1, 0, 0, 0], list(peft_logits.values()), base_logits, ATOL)
+    slots.set_batch(row_slots, row_ranks)
+    again = _logits(model, ids)
+    assert wrapper._gathered is not None and wrapper._gathered[1] is gathered[0]  # reused, not gathered again
+    assert torch.equal(again, first)
+    # New weights in a slot: nothing gathered before may be reused.
+    slots.load(1, adapters["all-r8-patterns"].tensors, adapters["all-r8-patterns"].scalings)
+    slots.set_batch(row_slots, row_ranks)
+    _logits(model, ids)
+    assert wrapper._gathered is not None and wrapper._gathered[1] is not gathered[0]
+
+
 def _quantized_base(base_dir: Path, scheme: str) -> Any:
     quant = quantization_config(scheme, torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
