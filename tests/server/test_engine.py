@@ -358,3 +358,44 @@ def test_a_short_request_is_prefilled_between_a_long_prompts_chunks(
     # The long prompt's first chunk, then the short request's group, then its 3 decode steps interleaved with
     # chunks; once nothing decodes, the remaining chunks follow each other.
     assert "".join(calls).startswith("CGDCDCDC"), calls
+
+
+def test_requests_waiting_only_for_their_prefill_are_not_queued(tiny_model: Any, smol_tokenizer: Any):
+    """Admitted requests hold a batch place: they do not count against --max-queued."""
+    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=11, max_queued=2)
+    seen: list[int] = []
+    first = Collector()
+
+    def record(event: GenerationEvent) -> None:
+        seen.append(eng.num_waiting)  # the second request is admitted, its prefill due at the next step
+        first(event)
+
+    eng.submit(request(smol_tokenizer, PROMPTS[0], max_new_tokens=2), record)
+    second = Collector()
+    eng.submit(request(smol_tokenizer, PROMPTS[1], max_new_tokens=2), second)
+    eng.start()
+    try:
+        first.wait()
+        second.wait()
+    finally:
+        eng.stop()
+    assert seen[0] == 0
+
+
+def test_a_failure_setting_up_chunks_fails_only_that_request(
+    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+):
+    from quiver.server import engine as engine_module
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulated chunk setup failure")
+
+    monkeypatch.setattr(engine_module, "ChunkedPrefill", boom)
+    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
+    eng.start()
+    try:
+        events = run(eng, request(smol_tokenizer, " ".join(PROMPTS), max_new_tokens=3))
+        assert isinstance(events[-1].error, RuntimeError) and "chunk setup" in str(events[-1].error)
+        assert tokens_of(run(eng, request(smol_tokenizer, PROMPTS[0], max_new_tokens=3)))  # still serving
+    finally:
+        eng.stop()
