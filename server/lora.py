@@ -165,8 +165,8 @@ class LoraSlots:
         if not self._wrappers:
             raise ValueError(f"{type(model).__name__} has no linear layer to wrap (targets: {target_leaf_names})")
         self.module_paths = frozenset(self._wrappers)
-        self._selection: tuple[tuple[int, ...], int, int] | None = None  # the decode selection
-        self._selected: tuple[int, torch.Tensor] | None = None  # its generation and slot ids
+        # The decode selection (groups, rows, rank), with its generation and slot ids (G,) on the device.
+        self._selection: tuple[tuple[tuple[int, ...], int, int], int, torch.Tensor] | None = None
         self._generations = 0  # every selection gets a new generation
         element = torch.empty((), dtype=self.dtype).element_size()
         self.slot_bytes = element * sum(
@@ -220,14 +220,15 @@ class LoraSlots:
         shared = len(set(slot_ids[:rows])) == 1  # one adapter for all LoRA rows: a single group
         groups = tuple(slot_ids[:1] if shared else slot_ids[:rows])
         rank = max(ranks)
-        if transient or (groups, rows, rank) != self._selection or self._selected is None:
+        key = (groups, rows, rank)
+        if transient or self._selection is None or self._selection[0] != key:
             self._generations += 1
-            selected = (self._generations, torch.tensor(groups, dtype=torch.long, device=self._device))  # (G,)
+            selection = (key, self._generations, torch.tensor(groups, dtype=torch.long, device=self._device))
             if not transient:
-                self._selection, self._selected = (groups, rows, rank), selected
+                self._selection = selection
         else:
-            selected = self._selected
-        self.batch.generation, self.batch.slot_ids = selected
+            selection = self._selection
+        _, self.batch.generation, self.batch.slot_ids = selection
         self.batch.rows, self.batch.rank = rows, rank
         # Keeping the gathered copies costs G slots' worth of memory at this rank; bound it.
         self.batch.reuse = not transient and len(groups) * self.slot_bytes * rank <= REUSE_BYTES * self.max_rank

@@ -44,13 +44,12 @@ def test_decode_equals_concatenating_cache_and_copies_once_per_block(tiny_model:
     assert isinstance(layer, GrowingLayer)
 
     buffers = set()
-    want = _decode(tiny_model, plain, steps[:, :1], 5)
-    got = _decode(tiny_model, grown, steps[:, :1], 5)
-    for i in range(1, steps.shape[1]):
-        want = torch.cat([want, _decode(tiny_model, plain, steps[:, i : i + 1], 5 + i)])
-        got = torch.cat([got, _decode(tiny_model, grown, steps[:, i : i + 1], 5 + i)])
+    want, got = [], []
+    for i in range(steps.shape[1]):
+        want.append(_decode(tiny_model, plain, steps[:, i : i + 1], 5 + i))
+        got.append(_decode(tiny_model, grown, steps[:, i : i + 1], 5 + i))
         buffers.add(layer.keys.data_ptr())
-    assert torch.equal(got, want)
+    assert torch.equal(torch.cat(got), torch.cat(want))
     for mine, theirs in zip(cache_layers(grown), cache_layers(plain), strict=True):
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
     # 10 one-token steps in blocks of 4 spare columns: the first step copies the prefill into a buffer with
