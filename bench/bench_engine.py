@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench import peft_scenarios, quiver_scenarios
 from bench.context import BenchOptions, Context, ScenarioResult
 from bench.workload import MODEL_CONFIGS, cache_dir, environment, load_bench_model
@@ -123,7 +125,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="compute dtype; auto = float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--cache-dir", help="model cache (default: $QUIVER_CACHE_DIR, else the test suite's cache)")
     parser.add_argument("--work-dir", type=Path, help="keep adapters and the store here (default: a temp dir)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--verbose", action="store_true", help="log Quiver's INFO messages")
     for option in dataclasses.fields(BenchOptions):
         parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, dest=option.name,
@@ -134,7 +135,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _doc(name: str) -> str:
     docs = {
-        "n": "concurrent requests in a-e", "engine_threads": "torch threads of the engine thread (0: default)",
+        "n": "concurrent requests in a-e", "engine_threads": "torch threads of the engine thread (0: one per CPU)",
+        "peft_threads": "torch threads of the PEFT scenarios' thread (0: one per CPU)",
         "rounds": "interleaved runs of a-e (ratios: median over rounds)",
         "max_new_tokens": "tokens every request generates",
         "f_adapters": "registered adapters in f", "f_requests": "requests in f",
@@ -226,10 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, raised inside PEFT
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # before any torch work: the main thread never forms an OpenMP team (context.py)
     options = _options(args)
     out = args.out or RESULTS_DIR / f"engine-{args.device}{'-quick' if args.quick else ''}.json"
     if args.work_dir:

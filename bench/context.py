@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench.adapter_maker import AdapterMaker, MadeAdapter
 from bench.workload import BenchModel, prompt_ids
 
@@ -21,10 +19,12 @@ class BenchOptions:
     rounds: int = 3
     """Times scenarios a-e run, interleaved (a, b, c, d, e, a, b, ...); each ratio is the median of its rounds'
     ratios, so a slow spell of a shared CPU hits both sides of a ratio instead of one scenario."""
-    engine_threads: int = 1
-    """Torch CPU threads of the engine's thread in the Quiver scenarios (EngineConfig.threads; 0 = torch's
-    default). PEFT runs on the main thread with torch's default (or --threads): each side in its faster setting
-    on the 2-core VM (bench/README.md, "Threads")."""
+    engine_threads: int = 0
+    """Torch CPU threads of the engine's thread in the Quiver scenarios (EngineConfig.threads; 0 = one per CPU)."""
+    peft_threads: int = 0
+    """Torch CPU threads of the PEFT scenarios (c, d), each run on a thread of its own (0 = one per CPU). The
+    main thread (loading, making adapters) runs torch on one thread, so that only one thread's OpenMP team
+    exists at a time (bench/README.md, "Threads")."""
     max_new_tokens: int = 64
     """Tokens every request generates; end-of-sequence is disabled, so every request generates exactly this."""
     f_adapters: int = 1000
@@ -77,7 +77,6 @@ class Context:
     def __init__(self, bm: BenchModel, options: BenchOptions, work_dir: Path) -> None:
         self.bm = bm
         self.options = options
-        self.main_threads = torch.get_num_threads()  # the engine may change it; PEFT scenarios set it back
         self.maker = AdapterMaker(bm, work_dir)
         self._pools: dict[str, list[MadeAdapter]] = {}
 

@@ -9,8 +9,9 @@ Both generate exactly max_new_tokens per request (`min_new_tokens` = `max_new_to
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,39 @@ from transformers import GenerationConfig
 from bench.adapter_maker import restore_base
 from bench.context import Context, ScenarioResult
 from bench.quiver_scenarios import LORA
+from quiver.server.cpu_threads import cpu_count
+
+Scenario = Callable[[Context], list[ScenarioResult]]
+
+
+def on_own_thread(scenario: Scenario) -> Scenario:
+    """Run PEFT on a thread of its own with `peft_threads` torch threads: its OpenMP team ends with the thread.
+
+    A team left on the main thread would keep the engine's team from spin-waiting (server/cpu_threads.py).
+    """
+
+    def run(ctx: Context) -> list[ScenarioResult]:
+        out: list[list[ScenarioResult]] = []
+        errors: list[BaseException] = []
+
+        def body() -> None:
+            torch.set_num_threads(ctx.options.peft_threads or cpu_count())  # MKL's count too: PEFT's matmuls
+            try:
+                out.append(scenario(ctx))
+            except BaseException as e:  # re-raised on the caller's thread
+                errors.append(e)
+            finally:
+                torch.set_num_threads(1)  # the process default again, for threads started later
+
+        thread = threading.Thread(target=body, name=f"peft-{scenario.__name__}")
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+        return out[0]
+
+    run.__name__ = scenario.__name__
+    return run
 
 
 @contextmanager
@@ -71,8 +105,8 @@ def _left_padded(
     return ids.to(device), mask.to(device)
 
 
+@on_own_thread
 def scenario_c(ctx: Context) -> list[ScenarioResult]:
-    torch.set_num_threads(ctx.main_threads)  # an engine thread may have changed it
     n, max_new = ctx.options.n, ctx.options.max_new_tokens
     sources = [a.source for a in ctx.adapters(LORA, n) if a.source is not None]
     rows = [_left_padded([p], ctx.bm.tokenizer.pad_token_id, ctx.bm.device) for p in ctx.prompts(n)]
@@ -90,8 +124,8 @@ def scenario_c(ctx: Context) -> list[ScenarioResult]:
     return [ScenarioResult("c", "PEFT, one request at a time, set_adapter", n, tokens, wall)]
 
 
+@on_own_thread
 def scenario_d(ctx: Context) -> list[ScenarioResult]:
-    torch.set_num_threads(ctx.main_threads)  # an engine thread may have changed it
     n, max_new = ctx.options.n, ctx.options.max_new_tokens
     sources = [a.source for a in ctx.adapters(LORA, n) if a.source is not None]
     ids, mask = _left_padded(ctx.prompts(n), ctx.bm.tokenizer.pad_token_id, ctx.bm.device)

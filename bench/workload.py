@@ -162,7 +162,6 @@ def environment(bm: BenchModel, quantize: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "git_commit": _git_commit(),
         "model_config": bm.name,

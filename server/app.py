@@ -24,6 +24,7 @@ from quiver.adapters.validation import ValidationLimits
 from quiver.server.adapter_service import AdapterService
 from quiver.server.auth import AdminTokenInterceptor
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
+from quiver.server.cpu_threads import reserve_for_engine
 from quiver.server.engine import Engine
 from quiver.server.errors import FailedPrecondition
 from quiver.server.interceptors import StatusInterceptor
@@ -186,5 +187,6 @@ def serve(
     model_config: ModelConfig, engine_config: EngineConfig, config: ServerConfig, adapter_config: AdapterConfig
 ) -> None:
     """Load the model, serve until SIGINT/SIGTERM, then drain gracefully."""
+    reserve_for_engine()
     loaded = load_base_model(model_config)
     asyncio.run(_serve_until_signal(loaded, engine_config, config, adapter_config))

@@ -87,8 +87,13 @@ class EngineConfig:
     )
     threads: int = field(
         default=0,
-        metadata={"help": "torch CPU threads, set by the engine thread for the whole process (0: torch's "
-                  "default, one per core); on a small CPU, 1 can decode faster (bench/README.md)"},
+        metadata={"help": "torch CPU threads of the engine thread (0: one per CPU); the engine thread is the only "
+                  "multi-threaded torch thread, every other thread runs torch ops on one (server/cpu_threads.py)"},
+    )
+    pack_cpu_weights: bool = field(
+        default=True,
+        metadata={"help": "on a CPU, run the base model's fp32 linears through oneDNN with weights prepacked once "
+                  "(faster at every batch size; costs one more copy of those weights in host memory)"},
     )
 
     def __post_init__(self) -> None:

@@ -148,27 +148,35 @@ def test_seeded_sampling_is_reproducible(engine: Engine, smol_tokenizer: Any):
 
 def test_full_queue_is_resource_exhausted(tiny_model: Any, smol_tokenizer: Any):
     eng = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(max_queued=2))
-    # Not started: nothing leaves the queue.
-    eng.submit(request(smol_tokenizer, "a"), Collector())
-    eng.submit(request(smol_tokenizer, "b"), Collector())
-    with pytest.raises(ResourceExhausted):
-        eng.submit(request(smol_tokenizer, "c"), Collector())
+    try:
+        # Not started: nothing leaves the queue.
+        eng.submit(request(smol_tokenizer, "a"), Collector())
+        eng.submit(request(smol_tokenizer, "b"), Collector())
+        with pytest.raises(ResourceExhausted):
+            eng.submit(request(smol_tokenizer, "c"), Collector())
+    finally:
+        eng.stop()
 
 
-def test_engine_thread_runs_with_the_configured_torch_threads(tiny_model: Any, smol_tokenizer: Any):
+def test_the_engine_thread_claims_its_torch_threads_and_later_threads_get_one(tiny_model: Any, smol_tokenizer: Any):
     before = torch.get_num_threads()
     seen: list[int] = []
-    eng = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(threads=1))
+    eng = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(threads=2))
     eng.start()
     try:
         eng.submit(request(smol_tokenizer, "a", max_new_tokens=1), lambda event: seen.append(torch.get_num_threads()))
         deadline = time.monotonic() + 30
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)
+        elsewhere: list[int] = []
+        other = threading.Thread(target=lambda: elsewhere.append(torch.get_num_threads()))
+        other.start()
+        other.join()
     finally:
         eng.stop()
         torch.set_num_threads(before)
-    assert seen == [1]
+    assert seen == [2]  # sinks run on the engine thread
+    assert elsewhere == [1]
     with pytest.raises(ValueError, match="--threads"):
         EngineConfig(threads=-1)
 
@@ -281,6 +289,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
 ):
     long_prompt = " ".join(PROMPTS * 3)
     reference = tokens_of(run(engine, request(smol_tokenizer, long_prompt, max_new_tokens=8)))
+    engine.stop()  # one engine per model at a time
     calls = _record_forwards(monkeypatch, "P", "P")
     eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
     short, long = Collector(), Collector()
