@@ -135,8 +135,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _doc(name: str) -> str:
     docs = {
-        "n": "concurrent requests in a-e", "engine_threads": "torch threads of the engine thread (0: one per CPU)",
-        "peft_threads": "torch threads of the PEFT scenarios' thread (0: one per CPU)",
+        "n": "concurrent requests in a-e", "engine_threads": "torch threads of the engine thread (0: torch's default)",
+        "peft_threads": "torch threads of the PEFT scenarios' thread (0: torch's default)",
         "rounds": "interleaved runs of a-e (ratios: median over rounds)",
         "max_new_tokens": "tokens every request generates",
         "f_adapters": "registered adapters in f", "f_requests": "requests in f",

@@ -20,9 +20,9 @@ class BenchOptions:
     """Times scenarios a-e run, interleaved (a, b, c, d, e, a, b, ...); each ratio is the median of its rounds'
     ratios, so a slow spell of a shared CPU hits both sides of a ratio instead of one scenario."""
     engine_threads: int = 0
-    """Torch CPU threads of the engine's thread in the Quiver scenarios (EngineConfig.threads; 0 = one per CPU)."""
+    """Torch CPU threads of the engine's thread in the Quiver scenarios (EngineConfig.threads; 0 = torch's default)."""
     peft_threads: int = 0
-    """Torch CPU threads of the PEFT scenarios (c, d), each run on a thread of its own (0 = one per CPU). The
+    """Torch CPU threads of the PEFT scenarios (c, d), each run on a thread of its own (0 = torch's default). The
     main thread (loading, making adapters) runs torch on one thread, so that only one thread's OpenMP team
     exists at a time (bench/README.md, "Threads")."""
     max_new_tokens: int = 64

@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 from bench.adapter_maker import restore_base
 from bench.context import Context, ScenarioResult
 from bench.quiver_scenarios import LORA
-from quiver.server.cpu_threads import cpu_count
+from quiver.server.cpu_threads import default_threads
 
 Scenario = Callable[[Context], list[ScenarioResult]]
 
@@ -39,7 +39,7 @@ def on_own_thread(scenario: Scenario) -> Scenario:
         errors: list[BaseException] = []
 
         def body() -> None:
-            torch.set_num_threads(ctx.options.peft_threads or cpu_count())  # MKL's count too: PEFT's matmuls
+            torch.set_num_threads(ctx.options.peft_threads or default_threads())  # MKL's count too: PEFT's matmuls
             try:
                 out.append(scenario(ctx))
             except BaseException as e:  # re-raised on the caller's thread

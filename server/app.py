@@ -149,18 +149,23 @@ async def start_server(
     registry = build_registry(loaded, adapter_config, engine_config)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
     server = grpc.aio.server(interceptors=_interceptors(metrics, adapter_config))
-    _add_services(server, loaded, engine, engine_config, registry, adapter_config, metrics)
-    metrics.watch_tiers(engine.host_adapters, engine.device_adapters)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if config.reflection:
-        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
-    engine.start()
-    await server.start()
-    metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
+    try:
+        _add_services(server, loaded, engine, engine_config, registry, adapter_config, metrics)
+        metrics.watch_tiers(engine.host_adapters, engine.device_adapters)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        if config.reflection:
+            reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
+        engine.start()
+        await server.start()
+        metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
+    except BaseException:
+        await server.stop(None)  # a no-op before it started
+        engine.stop()  # gives the model back
+        raise
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     gauges = asyncio.create_task(_update_gauges(engine, metrics))

@@ -87,8 +87,9 @@ class EngineConfig:
     )
     threads: int = field(
         default=0,
-        metadata={"help": "torch CPU threads of the engine thread (0: one per CPU); the engine thread is the only "
-                  "multi-threaded torch thread, every other thread runs torch ops on one (server/cpu_threads.py)"},
+        metadata={"help": "torch CPU threads of the engine thread (0: torch's default, one per physical core); the "
+                  "engine thread is the only multi-threaded torch thread, threads that start torch work later run "
+                  "it on one (server/cpu_threads.py)"},
     )
     pack_cpu_weights: bool = field(
         default=True,

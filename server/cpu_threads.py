@@ -25,17 +25,19 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# The OpenMP runtimes torch may link; only one already loaded by torch is used (never a second copy).
-_OPENMP_LIBRARIES = ("libgomp.so.1", "libiomp5.so", "libomp.so")
+# torch's own choice (physical cores, or OMP_NUM_THREADS), read before anything here changes it.
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+_OPENMP_NAMES = ("libgomp", "libiomp", "libomp")  # file-name prefixes of the runtimes torch links
 
 
-def cpu_count() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def default_threads() -> int:
+    """torch's default CPU thread count for this process (what `--threads 0` means)."""
+    return _TORCH_DEFAULT_THREADS
 
 
 def reserve_for_engine() -> None:
-    """Run torch on one thread here and on threads started later; call before any torch work of the process.
+    """Run torch on one thread here and on threads that start torch work later; call before the process's
+    first torch work.
 
     The model then loads on one thread, which leaves no OpenMP team behind on this thread for the engine's
     to compete with (a team lives as long as its thread).
@@ -44,13 +46,14 @@ def reserve_for_engine() -> None:
 
 
 def claim_for_this_thread(threads: int) -> int:
-    """Give the calling thread `threads` torch CPU threads (0: one per CPU) and every other thread one.
+    """Give the calling thread `threads` torch CPU threads (0: torch's default), and make one thread the
+    default for threads that start torch work later (threads that already ran torch keep their count).
 
-    Returns the calling thread's thread count. Where the OpenMP runtime cannot be reached, falls back to
-    torch.set_num_threads (the count then applies to every thread).
+    Returns the calling thread's thread count. Where the OpenMP runtime cannot be reached or does not take
+    the count, falls back to torch.set_num_threads: the count then applies to every thread.
     """
-    wanted = threads or cpu_count()
-    openmp = _loaded_library(_OPENMP_LIBRARIES, "omp_set_num_threads")
+    wanted = threads or default_threads()
+    openmp = openmp_runtime()
     if openmp is None or wanted == 1:
         torch.set_num_threads(wanted)
         return torch.get_num_threads()
@@ -58,20 +61,34 @@ def claim_for_this_thread(threads: int) -> int:
     torch.set_num_threads(1)  # the process default, for threads that start torch work later
     openmp.omp_set_num_threads(ctypes.c_int(wanted))
     count = torch.get_num_threads()
-    log.info("engine thread: %d torch threads; other threads: 1", count)
+    if count != wanted:  # not the runtime torch uses after all
+        log.warning("could not set the engine thread's own OpenMP threads; using %d for every thread", wanted)
+        torch.set_num_threads(wanted)
+        return torch.get_num_threads()
+    log.info("engine thread: %d torch threads; threads that start torch work later: 1", count)
     return count
 
 
-def _loaded_library(names: tuple[str, ...], symbol: str) -> ctypes.CDLL | None:
-    """The first of `names` that is already loaded in this process and exports `symbol`."""
-    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
-    if not mode & getattr(os, "RTLD_NOLOAD", 0):
-        return None  # no way to look without loading: do not risk a second runtime
-    for name in names:
+def openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime already loaded in this process, preferring a copy shipped inside torch; None where
+    that cannot be found without loading a library (no /proc, no RTLD_NOLOAD)."""
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)  # also the prefix of wheels' "torch.libs" folder
+    candidates = sorted(
+        (p for p in paths if os.path.basename(p).startswith(_OPENMP_NAMES)), key=lambda p: not p.startswith(torch_dir)
+    )
+    for path in candidates:
         try:
-            library = ctypes.CDLL(name, mode=mode)
+            library = ctypes.CDLL(path, mode=noload | os.RTLD_LAZY)
         except OSError:
             continue
-        if hasattr(library, symbol):
+        if hasattr(library, "omp_set_num_threads"):
             return library
     return None

@@ -26,12 +26,11 @@ from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapt
 from quiver.server.batch import DecodeBatch
 from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.config import EngineConfig
-from quiver.server.cpu_linear import PackedLinear, PackedLinears
 from quiver.server.cpu_threads import claim_for_this_thread
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
+from quiver.server.held_model import HeldModel
 from quiver.server.logprobs import TokenLogprob, token_logprobs
-from quiver.server.lora import BatchedLoraLinear, LoraSlots
 from quiver.server.prefill import Prefilled, PrefillRow, oldest_group, prefill, prefill_length
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import RowSampler, sample_next
@@ -93,23 +92,6 @@ class _Sequence:
     done: bool = field(default=False)
 
 
-def _lora_slots(model: Any, config: EngineConfig, dtype: torch.dtype) -> LoraSlots:
-    """As many LoRA slots as the device adapter budget holds, at most `max_lora_slots`, at least one."""
-    probe = LoraSlots(model, num_slots=1, max_rank=config.max_lora_rank, dtype=dtype)
-    slot_bytes = probe.slot_bytes
-    probe.unwrap()
-    fit = config.max_device_adapter_bytes // slot_bytes
-    slots = max(1, min(config.max_lora_slots, fit))
-    log.info("LoRA: %d device slots of rank %d (%.1f MiB each)", slots, config.max_lora_rank, slot_bytes / 2**20)
-    return LoraSlots(model, num_slots=slots, max_rank=config.max_lora_rank, dtype=dtype)
-
-
-def _check_unowned(model: Any) -> None:
-    """An engine rewires the model's linears until it stops; a second one on top would tangle them."""
-    if any(isinstance(m, (BatchedLoraLinear, PackedLinear)) for m in model.modules()):
-        raise ValueError("the model is in use by another engine: stop that engine first")
-
-
 def _no_lora(seq: _Sequence) -> bool:
     """Sort key that puts sequences using a LoRA first (see LoraBatch.rows)."""
     return seq.adapter is None or seq.adapter.lora_slot == 0
@@ -119,18 +101,27 @@ class Engine:
     """Runs generation requests on a dedicated thread that alone touches the model."""
 
     def __init__(self, model: Any, tokenizer: Any, eos_token_ids: frozenset[int], config: EngineConfig) -> None:
-        _check_unowned(model)
         self._model = model
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
         self._config = config
         self._device = next(model.parameters()).device
         dtype = model.get_input_embeddings().weight.dtype
-        self.lora = _lora_slots(model, config, dtype)
-        # Packed after the LoRA wrappers exist, so their base layers are packed too; unpacked before unwrapping.
-        self._packed = PackedLinears(model) if config.pack_cpu_weights else None
+        self._held = HeldModel(model, config, dtype)
+        try:
+            self._setup(config, dtype)
+        except BaseException:
+            self._held.release()  # the model stays usable by another engine
+            raise
+
+    def _setup(self, config: EngineConfig, dtype: torch.dtype) -> None:
+        self.lora = self._held.lora
         self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes)
-        self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype)
+        try:
+            self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype)
+        except BaseException:
+            self.host_adapters.close()
+            raise
         self._scheduler: Scheduler[_Sequence] = Scheduler(self.host_adapters, self.device_adapters)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._running: list[_Sequence] = []
@@ -155,9 +146,7 @@ class Engine:
         for waiting in self._scheduler.take_all():
             self._fail(waiting.item, Unavailable("the server is shutting down"))
         self.host_adapters.close()
-        if self._packed is not None:
-            self._packed.unpack()
-        self.lora.unwrap()
+        self._held.release()
 
     @property
     def num_running(self) -> int:

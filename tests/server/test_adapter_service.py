@@ -305,3 +305,21 @@ def test_tiny_temperature_decodes_greedily(server: ServerThread):
         tiny = gen.Generate(gpb.GenerateRequest(text="w1 w2 w3", stopping=stopping,
                                                 sampling=gpb.SamplingParameters(temperature=1e-38)))
     assert list(tiny.token_ids) == list(greedy.token_ids)
+
+
+def test_a_server_that_fails_to_start_gives_the_model_back(loaded: Any, store: Path):
+    import asyncio
+    import socket
+
+    from quiver.server.app import start_server
+    from quiver.server.config import EngineConfig, ServerConfig
+    from quiver.server.engine import Engine
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=taken.getsockname()[1])
+        with pytest.raises(OSError):
+            asyncio.run(start_server(loaded, EngineConfig(), config, adapter_config(store)))
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, EngineConfig())  # not "in use"
+    engine.stop()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from quiver.server.config import EngineConfig
+from quiver.server.cpu_threads import openmp_runtime
 from quiver.server.engine import Engine, FinishReason, GenerationEvent
 from quiver.server.errors import ResourceExhausted
 from quiver.server.request_builder import GenerationRequest
@@ -158,6 +159,7 @@ def test_full_queue_is_resource_exhausted(tiny_model: Any, smol_tokenizer: Any):
         eng.stop()
 
 
+@pytest.mark.skipif(openmp_runtime() is None, reason="needs torch's OpenMP runtime (Linux)")
 def test_the_engine_thread_claims_its_torch_threads_and_later_threads_get_one(tiny_model: Any, smol_tokenizer: Any):
     before = torch.get_num_threads()
     seen: list[int] = []

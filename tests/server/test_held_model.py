@@ -1,0 +1,74 @@
+"""An engine's hold on the model: LoRA wrappers and prepacked linears while it runs, the originals after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from quiver.server import held_model
+from quiver.server.config import EngineConfig
+from quiver.server.cpu_linear import PackedLinear
+from quiver.server.engine import Engine
+from quiver.server.held_model import HeldModel
+
+
+def _linears(model: nn.Module) -> dict[str, type]:
+    return {path: type(m) for path, m in model.named_modules() if isinstance(m, (nn.Linear, PackedLinear))}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_the_engine_packs_while_it_runs_and_gives_the_model_back(tiny_model: Any, smol_tokenizer: Any):
+    before = dict(tiny_model.named_modules())
+    engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
+    try:
+        packed = [path for path, kind in _linears(tiny_model).items() if kind is PackedLinear]
+        # Every linear, the LoRA wrappers' base layers and the output head included.
+        assert "lm_head" in packed and any(p.endswith("q_proj.base_layer") for p in packed)
+        with pytest.raises(ValueError, match="in use by another engine"):
+            Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
+    finally:
+        engine.stop()
+        engine.stop()  # a second stop changes nothing
+    after = dict(tiny_model.named_modules())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_packing_can_be_turned_off(tiny_model: Any, smol_tokenizer: Any):
+    engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(pack_cpu_weights=False))
+    try:
+        assert PackedLinear not in _linears(tiny_model).values()
+    finally:
+        engine.stop()
+
+
+def test_a_failure_while_packing_leaves_the_model_as_it_was(tiny_model: Any, monkeypatch: pytest.MonkeyPatch):
+    before = dict(tiny_model.named_modules())
+
+    def broken(model: Any) -> None:
+        raise RuntimeError("simulated packing failure")
+
+    monkeypatch.setattr(held_model, "PackedLinears", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        HeldModel(tiny_model, EngineConfig(), torch.float32)
+    after = dict(tiny_model.named_modules())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_an_engine_that_fails_to_build_leaves_the_model_as_it_was(
+    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+):
+    from quiver.server import engine as engine_module
+
+    before = dict(tiny_model.named_modules())
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated setup failure")
+
+    monkeypatch.setattr(engine_module, "DeviceAdapters", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
+    after = dict(tiny_model.named_modules())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
