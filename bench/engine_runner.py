@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from bench.workload import BenchModel
 from quiver.adapters.store import StoredAdapter
 from quiver.server.config import EngineConfig
-from quiver.server.engine import Engine, GenerationEvent, Sink
+from quiver.server.engine import Engine
+from quiver.server.generation_events import GenerationEvent, Sink
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import SamplingParams
 

@@ -12,11 +12,9 @@ prefixes) or none; the weights never change between requests.
 
 from __future__ import annotations
 
-import enum
 import logging
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +27,7 @@ from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import claim_for_this_thread
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
+from quiver.server.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
 from quiver.server.held_model import HeldModel
 from quiver.server.logprobs import TokenLogprob, token_logprobs
 from quiver.server.prefill import Prefilled, PrefillRow, oldest_group, prefill, prefill_length
@@ -37,42 +36,6 @@ from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-
-class FinishReason(enum.Enum):
-    LENGTH = "length"
-    EOS_TOKEN = "eos_token"
-    STOP_SEQUENCE = "stop_sequence"
-
-
-@dataclass(frozen=True)
-class GenerationEvent:
-    """What one engine step produced for one request; the last event has `finish_reason` or `error`."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: FinishReason | None = None
-    error: BaseException | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
-
-
-Sink = Callable[[GenerationEvent], None]
-
-
-class RequestHandle:
-    """Lets the submitter cancel; the engine drops the sequence at its next step."""
-
-    def __init__(self) -> None:
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
 
 @dataclass(eq=False)

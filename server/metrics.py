@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from quiver.server.adapter_tiers import DeviceAdapters, HostAdapterCache
-from quiver.server.engine import GenerationEvent
+from quiver.server.generation_events import GenerationEvent
 from quiver.server.request_builder import GenerationRequest
 
 # Generation requests run from milliseconds (one token) to minutes (long outputs on CPU).

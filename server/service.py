@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from quiver.server.engine import Engine, FinishReason, GenerationEvent
+from quiver.server.engine import Engine
+from quiver.server.generation_events import FinishReason, GenerationEvent
 from quiver.server.metrics import RequestTimer, ServerMetrics
 from quiver.server.request_builder import GenerationRequest, RequestBuilder, WireRequest
 from quiver.server.streaming import stream_events

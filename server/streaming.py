@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from quiver.server.engine import Engine, GenerationEvent
+from quiver.server.engine import Engine
+from quiver.server.generation_events import GenerationEvent
 from quiver.server.metrics import RequestTimer
 from quiver.server.request_builder import GenerationRequest
 

@@ -19,7 +19,8 @@ from quiver.adapters.store import LocalAdapterStore, StoredAdapter
 from quiver.adapters.validation import ValidationLimits
 from quiver.server.adapter_tiers import DeviceAdapters, HostAdapterCache, load_host_adapter
 from quiver.server.config import EngineConfig, ModelConfig
-from quiver.server.engine import Engine, GenerationEvent
+from quiver.server.engine import Engine
+from quiver.server.generation_events import GenerationEvent
 from quiver.server.lora import LoraSlots
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import SamplingParams

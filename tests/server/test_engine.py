@@ -13,8 +13,9 @@ import torch
 
 from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import openmp_runtime
-from quiver.server.engine import Engine, FinishReason, GenerationEvent
+from quiver.server.engine import Engine
 from quiver.server.errors import ResourceExhausted
+from quiver.server.generation_events import FinishReason, GenerationEvent
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import SamplingParams
 
