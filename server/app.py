@@ -45,7 +45,8 @@ SERVICE_NAMES = (SERVICE_NAME, ADAPTER_SERVICE_NAME, health_pb2.DESCRIPTOR.servi
 _GAUGE_PERIOD_S = 1.0
 
 
-def model_info(loaded: LoadedModel, engine_config: EngineConfig) -> pb.ModelInfoResponse:
+def model_info(loaded: LoadedModel, engine_config: EngineConfig, engine_bytes: int = 0) -> pb.ModelInfoResponse:
+    """`engine_bytes`: what the engine adds to the resident weights (prepacked copies on a CPU)."""
     info = loaded.info
     return pb.ModelInfoResponse(
         model_name=info.name,
@@ -53,7 +54,7 @@ def model_info(loaded: LoadedModel, engine_config: EngineConfig) -> pb.ModelInfo
         quantization=info.quantization,
         device=info.device,
         context_length=info.context_length,
-        resident_bytes=info.resident_bytes,
+        resident_bytes=info.resident_bytes + engine_bytes,
         dtype=info.dtype,
         architecture=info.architecture,
         max_new_tokens_limit=engine_config.max_new_tokens_limit,
@@ -133,7 +134,7 @@ def _add_services(
         default_max_new_tokens=engine_config.default_max_new_tokens,
     )
     builder = RequestBuilder(loaded.tokenizer, limits, _resolver(registry, loaded.info.fingerprint))
-    service = GenerationService(engine, builder, model_info(loaded, engine_config), metrics)
+    service = GenerationService(engine, builder, model_info(loaded, engine_config, engine.packed_weight_bytes), metrics)
     pb_grpc.add_GenerationServiceServicer_to_server(service, server)
     import_roots = tuple(Path(root) for root in adapter_config.import_roots)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(

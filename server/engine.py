@@ -112,6 +112,11 @@ class Engine:
         self._held.release()
 
     @property
+    def packed_weight_bytes(self) -> int:
+        """Memory of the base weights' prepacked copies (server/cpu_linear.py) while the engine holds the model."""
+        return self._held.packed_bytes
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

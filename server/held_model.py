@@ -36,6 +36,11 @@ class HeldModel:
             log.info("%d linears prepacked for oneDNN (%.0f MiB host copies)", len(self._packed.paths),
                      self._packed.extra_bytes / 2**20)
 
+    @property
+    def packed_bytes(self) -> int:
+        """Host memory of the prepacked weight copies (0 once released)."""
+        return self._packed.extra_bytes if self._packed is not None else 0
+
     def release(self) -> None:
         """Give the model its original modules back; idempotent."""
         if self._packed is not None:

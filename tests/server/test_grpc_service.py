@@ -198,6 +198,9 @@ def test_model_info(stub: Any, loaded: Any):
     assert info.context_length == loaded.model.config.max_position_embeddings
     params = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     assert info.resident_bytes >= params > 0
+    # The engine's prepacked copies of the fp32 linears (lm_head included) count as resident too.
+    packed = sum(m.weight.nbytes for m in loaded.model.modules() if type(m) is torch.nn.Linear)
+    assert info.resident_bytes == loaded.info.resident_bytes + packed
     assert info.has_chat_template
 
 
