@@ -64,7 +64,7 @@ class PackedLinears:
         self.model = model
         self.paths = [path for path, module in model.named_modules() if can_pack(module)]
         for path in self.paths:
-            _replace(model, path, PackedLinear(model.get_submodule(path)))  # type: ignore[arg-type]
+            model.set_submodule(path, PackedLinear(model.get_submodule(path)))  # type: ignore[arg-type]
 
     @property
     def extra_bytes(self) -> int:
@@ -74,7 +74,7 @@ class PackedLinears:
     def unpack(self) -> None:
         """Put the original linears back; idempotent."""
         for path in self.paths:
-            _replace(self.model, path, _packed(self.model, path).base_layer)
+            self.model.set_submodule(path, _packed(self.model, path).base_layer)
         self.paths = []
 
 
@@ -83,7 +83,3 @@ def _packed(model: nn.Module, path: str) -> PackedLinear:
     assert isinstance(module, PackedLinear), f"{path} is no longer packed"
     return module
 
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)

@@ -160,7 +160,7 @@ class LoraSlots:
             wrapper = BatchedLoraLinear(
                 model.get_submodule(path), num_slots=num_slots, max_rank=max_rank, dtype=self.dtype, batch=self.batch
             )
-            _replace(model, path, wrapper)
+            model.set_submodule(path, wrapper)
             self._wrappers[path] = wrapper
         if not self._wrappers:
             raise ValueError(f"{type(model).__name__} has no linear layer to wrap (targets: {target_leaf_names})")
@@ -236,7 +236,7 @@ class LoraSlots:
     def unwrap(self) -> None:
         """Put the original base layers back; this LoraSlots is unusable afterwards."""
         for path, wrapper in self._wrappers.items():
-            _replace(self.model, path, wrapper.base_layer)
+            self.model.set_submodule(path, wrapper.base_layer)
         self._wrappers.clear()
         self.batch.slot_ids, self.batch.rank, self.batch.rows = None, 0, 0
 
@@ -289,10 +289,6 @@ def _target_paths(model: nn.Module, leaf_names: Collection[str] | None) -> list[
             paths.append(path)
     return paths
 
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:
