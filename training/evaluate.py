@@ -286,8 +286,10 @@ def local_server(model: str | None, store: str | None) -> Iterator[str]:
     """An in-process server over `model` and `store` (port 0, no metrics endpoint) for the duration; its target."""
     from quiver.server.app import start_server
     from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
+    from quiver.server.cpu_threads import reserve_for_engine
     from quiver.server.model_loader import load_base_model
 
+    reserve_for_engine()  # as `quiver serve` does: the engine's thread is then the only multi-threaded one
     loaded = load_base_model(ModelConfig(model=model))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="quiver-eval-server", daemon=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
@@ -97,11 +98,18 @@ def test_report_through_the_server(server: ServerThread, dev_file: Path, tmp_pat
 
 def test_cli_local_mode_limits_rows(base_dir: Path, server: ServerThread, store_dir: Path, dev_file: Path,
                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    """--model/--store start an in-process server over the store the running server registered NAME in."""
+    """--model/--store start an in-process server over the store the running server registered NAME in, and
+    reserve the CPU threads for its engine as `quiver serve` does."""
     out = tmp_path / "eval.json"
     args = ["eval", "--data", str(dev_file), "--adapter", f"{NAME}@1", "--model", str(base_dir), "--store",
             str(store_dir), "--limit", "2", "--max-new-tokens", "4", "--no-general", "--out", str(out), *FIELDS]
-    assert main(args) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as if this thread had run torch on two threads before
+    try:
+        assert main(args) == 0
+        assert torch.get_num_threads() == 1  # the model loaded here on one thread (server/cpu_threads.py)
+    finally:
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "rougeL" in printed and GENERAL_METRIC not in printed
     written = json.loads(out.read_text())
