@@ -117,12 +117,13 @@ def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefille
         mask[i, pmax + t - new[i]:] = 1
     first = torch.tensor([p - (t - n) for p, n in zip(past, new, strict=True)], device=device)[:, None]  # (B, 1)
     positions = (torch.arange(t, device=device)[None] + first).clamp(min=0)  # (B, T); padding clamped to 0
+    padded = any(n < t for n in new) or any(p < pmax for p in past)
     inputs = _inputs(model, ids, parts, prompt, new)
     cache = _prefix_cache(parts, past, pmax, b)
     lora.set_batch([r.adapter.lora_slot if r.adapter else 0 for r in rows],
                    [r.adapter.rank if r.adapter else 0 for r in rows], transient=True)
-    out = model(**inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(**inputs, attention_mask=_attention_mask(model, mask, t, padded), position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
     lengths = [p + n for p, n in zip(past, new, strict=True)]
     if any(p and n < t for p, n in zip(past, new, strict=True)):  # padding between a prefix and the prompt
         mask = _compact(cache, mask)
@@ -132,6 +133,27 @@ def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefille
             layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
         mask = mask[:, trim:]
     return Prefilled(out.logits[:, -1].float(), cache, mask, lengths)
+
+
+def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> torch.Tensor:
+    """The mask for a prefill forward of `t` new positions over `mask` (B, W) valid entries.
+
+    A left-padded row's padding queries have no key to attend to. With SDPA's boolean masks some CUDA kernels
+    return NaN for such a row, where torch's CPU kernels return zeros; the NaN would become the padding's keys
+    and values in the next layer, and real queries multiply those by zero weights, which spreads it. So under
+    SDPA with padding, the 4-D mask (B, 1, T, W) lets each padding query attend to its own entry, as
+    transformers' `_unmask_unattended` once did; real queries see exactly what the 2-D mask gives them. Other
+    attention implementations keep the 2-D mask (eager adds a finite minimum, flash attention unpads).
+    """
+    if not padded or model.config._attn_implementation != "sdpa":
+        return mask
+    width = mask.shape[1]
+    query_cols = torch.arange(width - t, width, device=mask.device)[:, None]  # (T, 1): each query's own column
+    key_cols = torch.arange(width, device=mask.device)[None]  # (1, W)
+    allowed = (key_cols <= query_cols)[None] & mask.bool()[:, None]  # (B, T, W): causal, valid entries only
+    unattended = ~allowed.any(dim=2, keepdim=True)  # (B, T, 1): padding queries
+    allowed |= unattended & (key_cols == query_cols)[None]
+    return allowed[:, None]  # (B, 1, T, W)
 
 
 def _inputs(model: Any, ids: torch.Tensor, parts: list[_Parts], prompt: list[int], new: list[int]

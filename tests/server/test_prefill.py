@@ -81,6 +81,37 @@ def test_batched_prefill_equals_each_row_alone(tiny_model: Any, slots: LoraSlots
         assert (bare.logits[i] - together.logits[i + 1]).abs().max() > 100 * ATOL
 
 
+def _nan_for_unattended_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                             scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Attention as some CUDA kernels compute it: a query row with no key to attend to comes out NaN (softmax
+    over nothing but -inf), where torch's CPU kernels return zeros."""
+    if enable_gqa:  # (B, H_kv, K, D) -> (B, H, K, D)
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scores = query @ key.mT * (scale if scale is not None else query.shape[-1] ** -0.5)  # (B, H, T, K)
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril(scores.shape[-1] - scores.shape[-2])
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1) @ value  # (B, H, T, D)
+
+
+def test_padding_rows_stay_finite_where_attention_returns_nan_for_them(tiny_model: Any, slots: LoraSlots,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """A left-padded row's padding queries have no key to attend to. Their outputs become the padding's keys
+    and values in later layers, which real queries multiply by zero weights: NaN there would spread."""
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _nan_for_unattended_rows)
+    rows = _rows(tiny_model)
+    with torch.inference_mode():
+        together = prefill(tiny_model, slots, rows)
+        alone = [prefill(tiny_model, slots, [row]) for row in rows]
+    for layer in together.cache.layers:
+        assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+    for i, solo in enumerate(alone):
+        torch.testing.assert_close(together.logits[i], solo.logits[0], atol=ATOL, rtol=0)
+
+
 def test_rows_prefilled_together_decode_like_rows_prefilled_alone(tiny_model: Any, slots: LoraSlots):
     rows = _rows(tiny_model)
     tokens = torch.tensor([7, 8, 9, 10, 11, 12, 13, 14])
