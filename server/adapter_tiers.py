@@ -194,14 +194,15 @@ class DeviceAdapter:
 class DeviceAdapters:
     """Device residency, engine thread only: LoRA slots in preallocated stacks, prompts and prefixes as tensors.
 
-    `max_bytes` bounds the LoRA stacks (allocated up front by `lora`) plus the resident prompts and prefixes.
+    `max_bytes` bounds the LoRA stacks (allocated up front by `lora`, slot 0 included) plus the resident prompts
+    and prefixes.
     """
 
     def __init__(self, lora: LoraSlots, max_bytes: int, device: torch.device, dtype: torch.dtype) -> None:
         self._lora = lora
         self._device = device
         self._dtype = dtype
-        self._tensor_budget = max(0, max_bytes - lora.slot_bytes * lora.num_slots)
+        self._tensor_budget = max(0, max_bytes - lora.stack_bytes)
         self._tensor_bytes = 0
         self._entries: OrderedDict[AdapterKey, DeviceAdapter] = OrderedDict()
         self._free_slots = list(range(lora.num_slots, 0, -1))

@@ -80,7 +80,8 @@ class EngineConfig:
     )
     max_device_adapter_bytes: int = field(
         default=2**30,
-        metadata={"help": "device bytes for adapters: the LoRA slot stacks plus resident prompts and prefixes"},
+        metadata={"help": "device bytes for adapters: the LoRA slot stacks (with the all-zero slot 0) plus resident "
+                         "prompts and prefixes"},
     )
     max_host_adapter_bytes: int = field(
         default=4 * 2**30, metadata={"help": "host-memory LRU of loaded adapters, in bytes"}

@@ -13,7 +13,7 @@ import torch
 
 from quiver.server.config import EngineConfig
 from quiver.server.cpu_linear import PackedLinear, PackedLinears
-from quiver.server.lora import BatchedLoraLinear, LoraSlots
+from quiver.server.lora import BatchedLoraLinear, LoraSlots, slot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ class HeldModel:
 
 
 def _lora_slots(model: Any, config: EngineConfig, dtype: torch.dtype) -> LoraSlots:
-    """As many LoRA slots as the device adapter budget holds, at most `max_lora_slots`, at least one."""
-    probe = LoraSlots(model, num_slots=1, max_rank=config.max_lora_rank, dtype=dtype)
-    slot_bytes = probe.slot_bytes
-    probe.unwrap()
-    fit = config.max_device_adapter_bytes // slot_bytes
+    """As many LoRA slots as the device adapter budget holds beside slot 0 (all zeros, for rows without a LoRA),
+    at most `max_lora_slots`, at least one."""
+    per_slot = slot_bytes(model, config.max_lora_rank, dtype)
+    fit = config.max_device_adapter_bytes // per_slot - 1
     slots = max(1, min(config.max_lora_slots, fit))
-    log.info("LoRA: %d device slots of rank %d (%.1f MiB each)", slots, config.max_lora_rank, slot_bytes / 2**20)
+    log.info("LoRA: %d device slots of rank %d (%.1f MiB each, %.1f MiB with slot 0)", slots, config.max_lora_rank,
+             per_slot / 2**20, per_slot * (slots + 1) / 2**20)
     return LoraSlots(model, num_slots=slots, max_rank=config.max_lora_rank, dtype=dtype)

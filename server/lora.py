@@ -21,7 +21,7 @@ in the slots' own dtype.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -168,10 +168,12 @@ class LoraSlots:
         # The decode selection (groups, rows, rank), with its generation and slot ids (G,) on the device.
         self._selection: tuple[tuple[tuple[int, ...], int, int], int, torch.Tensor] | None = None
         self._generations = 0  # every selection gets a new generation
-        element = torch.empty((), dtype=self.dtype).element_size()
-        self.slot_bytes = element * sum(
-            max_rank * (w.in_features + w.out_features) for w in self._wrappers.values()
-        )
+        self.slot_bytes = _slot_bytes(self._wrappers.values(), max_rank, self.dtype)
+
+    @property
+    def stack_bytes(self) -> int:
+        """Device memory of the slot stacks: `num_slots` slots plus slot 0 (all zeros)."""
+        return self.slot_bytes * (self.num_slots + 1)
 
     def load(self, slot: int, tensors: Mapping[str, torch.Tensor], scalings: Mapping[str, float]) -> int:
         """Copy a PEFT LoRA state dict into `slot` (1..num_slots); modules it does not target are zeroed.
@@ -271,6 +273,20 @@ def lora_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Ten
     if missing:
         raise ValueError(f"modules with only one of lora_A / lora_B: {missing}")
     return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}
+
+
+def slot_bytes(
+    model: nn.Module, max_rank: int, dtype: torch.dtype | None = None, target_leaf_names: Collection[str] | None = None
+) -> int:
+    """Bytes of one slot that LoraSlots(model, ...) would have, found without allocating any."""
+    modules = (model.get_submodule(path) for path in _target_paths(model, target_leaf_names))
+    targets = [m for m in modules if isinstance(m, nn.Linear)]  # all of them: _target_paths picks linears
+    return _slot_bytes(targets, max_rank, dtype if dtype is not None else _compute_dtype(model))
+
+
+def _slot_bytes(linears: Iterable[nn.Linear | BatchedLoraLinear], max_rank: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return element * sum(max_rank * (m.in_features + m.out_features) for m in linears)
 
 
 def _leading_lora_rows(slot_ids: Sequence[int]) -> int:

@@ -144,7 +144,7 @@ def test_prompt_bytes_on_the_device_are_counted_in_the_model_dtype(loaded: Any, 
     host = load_host_adapter(stored)  # float32, as saved
     slots = LoraSlots(loaded.model, num_slots=1, max_rank=2)
     try:
-        device = DeviceAdapters(slots, max_bytes=slots.slot_bytes + host.nbytes // 2, device=torch.device("cpu"),
+        device = DeviceAdapters(slots, max_bytes=slots.stack_bytes + host.nbytes // 2, device=torch.device("cpu"),
                                 dtype=torch.bfloat16)
         entry = device.acquire(host)  # fits only because bfloat16 halves it
         assert entry is not None and entry.prompt is not None and entry.prompt.dtype == torch.bfloat16

@@ -13,6 +13,7 @@ from quiver.server.config import EngineConfig
 from quiver.server.cpu_linear import PackedLinear
 from quiver.server.engine import Engine
 from quiver.server.held_model import HeldModel
+from quiver.server.lora import slot_bytes
 
 
 def _linears(model: nn.Module) -> dict[str, type]:
@@ -72,3 +73,21 @@ def test_an_engine_that_fails_to_build_leaves_the_model_as_it_was(
         Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
     after = dict(tiny_model.named_modules())
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def _stack_bytes(model: nn.Module) -> int:
+    """Device bytes the LoRA wrappers' slot stacks really take."""
+    return sum(b.nbytes for name, b in model.named_buffers() if name.endswith(("lora_A", "lora_B")))
+
+
+@pytest.mark.parametrize("fit", [2, 3])
+def test_lora_slots_and_slot_zero_fit_the_device_budget(tiny_model: Any, fit: int):
+    per_slot = slot_bytes(tiny_model, 8, torch.float32)
+    config = EngineConfig(max_lora_rank=8, max_lora_slots=16, max_device_adapter_bytes=fit * per_slot + per_slot // 2)
+    held = HeldModel(tiny_model, config, torch.float32)
+    try:
+        assert held.lora.slot_bytes == per_slot  # computed without allocating a slot
+        assert held.lora.num_slots == fit - 1  # slot 0 is in the stacks too
+        assert _stack_bytes(tiny_model) == held.lora.stack_bytes <= config.max_device_adapter_bytes
+    finally:
+        held.release()
