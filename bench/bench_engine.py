@@ -124,7 +124,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="compute dtype; auto = float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--cache-dir", help="model cache (default: $QUIVER_CACHE_DIR, else the test suite's cache)")
-    parser.add_argument("--work-dir", type=Path, help="keep adapters and the store here (default: a temp dir)")
+    parser.add_argument("--work-dir", type=Path,
+                        help="keep adapters and the store here; a fresh directory (default: a temp dir)")
     parser.add_argument("--verbose", action="store_true", help="log Quiver's INFO messages")
     for option in dataclasses.fields(BenchOptions):
         parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, dest=option.name,
@@ -224,13 +225,30 @@ def _run(args: argparse.Namespace, options: BenchOptions, work_dir: Path) -> dic
     }
 
 
+def _default_out_name(args: argparse.Namespace, options: BenchOptions) -> str:
+    """engine-<device>.json for a full default run; anything else adds what differs, so split runs (e.g. a GPU
+    run's scenarios in several commands) do not overwrite each other."""
+    parts = [f"engine-{args.device}"]
+    if args.model_config != "smollm2-135m":
+        parts.append(args.model_config)
+    if args.quantize != "none":
+        parts.append(args.quantize)
+    if options.n != BenchOptions.n and not args.quick:
+        parts.append(f"n{options.n}")
+    if sorted(args.scenarios.replace(",", "")) != sorted(SCENARIOS):
+        parts.append(args.scenarios.replace(",", ""))
+    if args.quick:
+        parts.append("quick")
+    return "-".join(parts) + ".json"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, raised inside PEFT
     torch.set_num_threads(1)  # before any torch work: the main thread never forms an OpenMP team (context.py)
     options = _options(args)
-    out = args.out or RESULTS_DIR / f"engine-{args.device}{'-quick' if args.quick else ''}.json"
+    out = args.out or RESULTS_DIR / _default_out_name(args, options)
     if args.work_dir:
         report = _run(args, options, args.work_dir)
     else:

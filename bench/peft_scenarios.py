@@ -108,7 +108,7 @@ def _left_padded(
 @on_own_thread
 def scenario_c(ctx: Context) -> list[ScenarioResult]:
     n, max_new = ctx.options.n, ctx.options.max_new_tokens
-    sources = [a.source for a in ctx.adapters(LORA, n) if a.source is not None]
+    sources = [a.peft_dir for a in ctx.adapters(LORA, n)]
     rows = [_left_padded([p], ctx.bm.tokenizer.pad_token_id, ctx.bm.device) for p in ctx.prompts(n)]
     with _peft_model(ctx, sources) as (model, names):
         model.set_adapter(names[0])
@@ -127,7 +127,7 @@ def scenario_c(ctx: Context) -> list[ScenarioResult]:
 @on_own_thread
 def scenario_d(ctx: Context) -> list[ScenarioResult]:
     n, max_new = ctx.options.n, ctx.options.max_new_tokens
-    sources = [a.source for a in ctx.adapters(LORA, n) if a.source is not None]
+    sources = [a.peft_dir for a in ctx.adapters(LORA, n)]
     ids, mask = _left_padded(ctx.prompts(n), ctx.bm.tokenizer.pad_token_id, ctx.bm.device)
     with _peft_model(ctx, sources) as (model, names):
         _generate(model, ids, mask, _greedy(ctx, 2), adapter_names=names)  # warm-up
