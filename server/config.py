@@ -71,6 +71,12 @@ class EngineConfig:
         metadata={"help": "key/value cache columns reserved at a time for the running batch: decode steps write "
                   "into them instead of copying the whole cache every step"},
     )
+    max_cache_bytes: int = field(
+        default=4 * 2**30,
+        metadata={"help": "key/value cache bytes the running batch may take: a request starts only while the batch "
+                  "fits with every row at its longest (prompt + adapter virtual tokens + max_new_tokens); one that "
+                  "cannot fit even alone is refused with RESOURCE_EXHAUSTED (server/cache_budget.py)"},
+    )
     max_lora_rank: int = field(
         default=64,
         metadata={"help": "rank of the preallocated LoRA slots; registration refuses higher ranks"},
@@ -100,7 +106,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued",
-                     "max_prefill_tokens", "cache_block_tokens", "max_lora_rank", "max_lora_slots",
+                     "max_prefill_tokens", "cache_block_tokens", "max_cache_bytes", "max_lora_rank", "max_lora_slots",
                      "max_device_adapter_bytes", "max_host_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

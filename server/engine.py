@@ -22,6 +22,7 @@ import torch
 
 from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache
 from quiver.server.batch import DecodeBatch
+from quiver.server.cache_budget import CacheBudget
 from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import claim_for_this_thread
@@ -49,6 +50,7 @@ class _Sequence:
     text: TextStream
     seen: torch.Tensor  # (prompt_len + max_new_tokens,) token ids; the first `n_seen` are valid
     n_seen: int
+    peak: int  # most cache positions the row can take: prompt + its adapter's virtual tokens + max_new_tokens
     adapter: DeviceAdapter | None = None
     logits: torch.Tensor | None = None  # (V,) next-token logits
     n_generated: int = 0
@@ -92,6 +94,7 @@ class Engine:
         self._chunked: tuple[_Sequence, ChunkedPrefill] | None = None  # a long prompt, prefilled a chunk per step
         self._chunk_turn = False  # while chunking: whether the next step's prefill is the chunk's, not a group's
         self._batch = DecodeBatch(self._device, config.cache_block_tokens)
+        self._cache_budget = CacheBudget.of(self._model, config.max_cache_bytes, config.cache_block_tokens, dtype)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
@@ -130,12 +133,15 @@ class Engine:
             raise Unavailable("the server is shutting down")
         if self.num_waiting >= self._config.max_queued:
             raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
+        virtual = (request.adapter.metadata.num_virtual_tokens or 0) if request.adapter is not None else 0
+        peak = len(request.prompt_ids) + virtual + request.max_new_tokens
+        self._cache_budget.check_alone(peak)
         handle = RequestHandle()
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
         seen = torch.cat([prompt, torch.zeros(request.max_new_tokens, dtype=torch.long)])
         sequence = _Sequence(
             request, sink, handle, RowSampler(request.sampling), TextStream(self._tokenizer, request.stop_sequences),
-            seen, len(request.prompt_ids),
+            seen, len(request.prompt_ids), peak,
         )
         self._inbox.put(sequence)
         self._wake.set()
@@ -189,13 +195,20 @@ class Engine:
                 self._retire(seq)
         self._ready = [seq for seq in self._ready if not seq.done]
         room = self._config.max_running - len(self._running) - len(self._ready) - (self._chunked is not None)
-        for entry in self._scheduler.admit(room):
+        for entry in self._scheduler.admit(room, self._fits_cache):
             if entry.error is not None:
                 self._fail(entry.item, entry.error)
                 continue
             entry.item.adapter = entry.device
             self._ready.append(entry.item)
         self._prefill_next()
+
+    def _fits_cache(self, seq: _Sequence, admitted: list[_Sequence]) -> bool:
+        """Whether the batch still fits the cache budget at its worst case with `seq` and `admitted` in it."""
+        rows = [*self._running, *self._ready, *admitted, seq]
+        if self._chunked is not None:
+            rows.append(self._chunked[0])
+        return self._cache_budget.fits(row.peak for row in rows)
 
     def _prefill_next(self) -> None:
         """This step's one prefill: a group of ready requests, or the next chunk of a long prompt. While a long

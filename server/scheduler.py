@@ -5,7 +5,8 @@ load in the background meanwhile, so requests whose adapters are ready overtake 
 still loading. Device residency is granted strictly in arrival order: once the oldest request that needs a
 new residency cannot get one (every slot is pinned by running sequences), no later request that names an
 adapter may start (it would take a slot or keep one pinned); base-only requests still do. The blocked
-request therefore gets the first slot that frees up and cannot starve.
+request therefore gets the first slot that frees up and cannot starve. The key/value cache budget
+(server/cache_budget.py) holds back every later request the same way once the oldest one does not fit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from quiver.adapters.store import StoredAdapter
 from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapter, HostAdapterCache
 
 T = TypeVar("T")
+# fits(item, items admitted so far in this call) -> whether item may join the batch too.
+Fits = Callable[[T, list[T]], bool]
 
 
 @dataclass(eq=False)
@@ -55,16 +58,23 @@ class Scheduler(Generic[T]):
         self._waiting = [w for w in self._waiting if not is_dead(w.item)]
         return dead
 
-    def admit(self, room: int) -> list[Waiting[T]]:
-        """Up to `room` requests that can start now (adapter pinned on the device) or whose adapter failed."""
+    def admit(self, room: int, fits: Fits[T] = lambda item, admitted: True) -> list[Waiting[T]]:
+        """Up to `room` requests that can start now (adapter pinned on the device) or whose adapter failed.
+
+        `fits(item, admitted)` says whether `item` may join the batch besides the `admitted` items of this call
+        (the key/value cache budget); once one does not, no later request starts, so it cannot starve."""
         blocked = False  # an older request is waiting for a device residency
+        full = False  # an older request does not fit the cache budget
         kept: list[Waiting[T]] = []
         admitted: list[Waiting[T]] = []
         for entry in self._waiting:
-            held = blocked and entry.stored is not None
-            if len(admitted) < room and not held and self._ready(entry):
-                admitted.append(entry)
-                continue
+            held = full or (blocked and entry.stored is not None)
+            if len(admitted) < room and not held:
+                if not fits(entry.item, [a.item for a in admitted]):
+                    full = True
+                elif self._ready(entry):
+                    admitted.append(entry)
+                    continue
             if entry.stored is not None and entry.error is None and not self._device.has_room(entry.stored):
                 blocked = True
             kept.append(entry)
