@@ -85,6 +85,7 @@ async def _update_gauges(engine: Engine, metrics: ServerMetrics) -> None:
     while True:
         metrics.running.set(engine.num_running)
         metrics.waiting.set(engine.num_waiting)
+        metrics.cache_reserved.set(engine.cache_reserved_bytes)
         await asyncio.sleep(_GAUGE_PERIOD_S)
 
 
@@ -147,6 +148,7 @@ async def start_server(
 ) -> RunningServer:
     """Start the engine and a grpc.aio server around an already loaded model."""
     metrics = ServerMetrics()
+    metrics.cache_budget.set(engine_config.max_cache_bytes)
     registry = build_registry(loaded, adapter_config, engine_config)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
     server = grpc.aio.server(interceptors=_interceptors(metrics, adapter_config))

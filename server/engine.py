@@ -120,6 +120,16 @@ class Engine:
         return self._held.packed_bytes
 
     @property
+    def cache_reserved_bytes(self) -> int:
+        """Key/value cache bytes the batch may reach with its rows (running, admitted, chunked) at their longest:
+        what admission holds against `max_cache_bytes`."""
+        rows = [*self._running, *self._ready]
+        chunked = self._chunked
+        if chunked is not None:
+            rows.append(chunked[0])
+        return self._cache_budget.batch_bytes(row.peak for row in rows)
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 

@@ -2,7 +2,8 @@
 
 What an operator of a multi-adapter server watches, as vLLM and LoRAX export it: call counts and latency by
 status, time to first token and between tokens, token throughput by adapter kind (not by adapter name: a store
-may hold thousands), engine load, and each adapter tier's hits, loads, evictions and bytes.
+may hold thousands), engine load and key/value cache reservation, and each adapter tier's hits, loads,
+evictions and bytes.
 """
 
 from __future__ import annotations
@@ -126,6 +127,15 @@ class ServerMetrics:
         )
         self.running = Gauge("quiver_running_sequences", "Sequences being decoded", registry=self.registry)
         self.waiting = Gauge("quiver_waiting_requests", "Requests waiting to start", registry=self.registry)
+        self.cache_reserved = Gauge(
+            "quiver_cache_reserved_bytes",
+            "Key/value cache bytes the batch may reach with every row at its longest (admission's count)",
+            registry=self.registry,
+        )
+        self.cache_budget = Gauge(
+            "quiver_cache_budget_bytes", "Key/value cache bytes the batch may take (--max-cache-bytes)",
+            registry=self.registry,
+        )
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).inc()

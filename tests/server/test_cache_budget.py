@@ -3,6 +3,7 @@ requests back (in arrival order) while the batch would outgrow it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,3 +95,18 @@ def test_a_request_that_does_not_fit_yet_holds_back_later_ones(tiny_model: Any, 
         later_first = later.events.get(timeout=60)[0]
     assert first_final < large_first  # the large one waited for room
     assert large_final < later_first  # and the later small one did not overtake it
+
+
+def test_the_engine_reports_what_its_rows_reserve(tiny_model: Any, smol_tokenizer: Any):
+    peak = _peak(smol_tokenizer, 200)
+    for engine in _engine(tiny_model, smol_tokenizer, EngineConfig().max_cache_bytes):
+        assert engine.cache_reserved_bytes == 0
+        sink = Collector()
+        handle = engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=200), sink)
+        sink.events.get(timeout=60)  # running
+        assert engine.cache_reserved_bytes == _bytes(tiny_model, [peak])
+        handle.cancel()  # a cancelled row leaves within a step, and sends nothing more
+        deadline = time.monotonic() + 30
+        while engine.cache_reserved_bytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.cache_reserved_bytes == 0

@@ -287,3 +287,5 @@ def test_metrics_time_and_count_tokens(stub: Any, server: ServerThread):
         for name in ("quiver_adapter_hits_total", "quiver_adapter_misses_total", "quiver_adapter_loads_total",
                      "quiver_adapter_evictions_total", "quiver_adapter_bytes"):
             assert (name, (("tier", tier),)) in after
+    assert after[("quiver_cache_budget_bytes", ())] == server.running.engine._config.max_cache_bytes
+    assert ("quiver_cache_reserved_bytes", ()) in after
