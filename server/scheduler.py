@@ -59,7 +59,8 @@ class Scheduler(Generic[T]):
         return dead
 
     def admit(self, room: int, fits: Fits[T] = lambda item, admitted: True) -> list[Waiting[T]]:
-        """Up to `room` requests that can start now (adapter pinned on the device) or whose adapter failed.
+        """Up to `room` requests that can start now (adapter pinned on the device), and every request whose
+        adapter failed to load.
 
         `fits(item, admitted)` says whether `item` may join the batch besides the `admitted` items of this call
         (the key/value cache budget); once one does not, no later request starts, so it cannot starve."""
@@ -68,9 +69,13 @@ class Scheduler(Generic[T]):
         kept: list[Waiting[T]] = []
         admitted: list[Waiting[T]] = []
         for entry in self._waiting:
+            if self._failed(entry):  # never runs: its error goes out at once, whatever waits before it
+                admitted.append(entry)
+                continue
             held = full or (blocked and entry.stored is not None)
-            if len(admitted) < room and not held:
-                if not fits(entry.item, [a.item for a in admitted]):
+            starting = [a.item for a in admitted if a.error is None]
+            if len(starting) < room and not held:
+                if not fits(entry.item, starting):
                     full = True
                 elif self._ready(entry):
                     admitted.append(entry)
@@ -81,17 +86,20 @@ class Scheduler(Generic[T]):
         self._waiting = kept
         return admitted
 
+    @staticmethod
+    def _failed(entry: Waiting[T]) -> bool:
+        """Whether the adapter of `entry` failed to load (its error is then set)."""
+        if entry.error is None and entry.host is not None and entry.host.done():
+            entry.error = entry.host.exception()
+        return entry.error is not None
+
     def _ready(self, entry: Waiting[T]) -> bool:
         if entry.stored is None:
             return True
         assert entry.host is not None
         if not entry.host.done():
             return False
-        error = entry.host.exception()
-        if error is not None:
-            entry.error = error
-            return True
-        host = entry.host.result()
+        host = entry.host.result()  # a failed load was taken by _failed
         try:
             entry.device = self._device.acquire(host)
         except Exception as e:  # e.g. an adapter larger than the whole device budget
