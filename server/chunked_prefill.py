@@ -34,8 +34,10 @@ class ChunkedPrefill:
             first = max(1, self._budget - prefill_length(0, adapter))  # a soft prompt shares the first chunk
             done = prefill(model, lora, [PrefillRow(ids[:first], adapter)])
             self._fed = min(first, ids.numel())
-            # Room for the rest of the prompt at the next chunk: no chunk copies the cache (as torch.cat would).
-            self._done = replace(done, cache=growing(done.cache, max(1, ids.numel() - self._fed)))
+            # The next chunk's update makes room for itself plus this block: exactly the rest of the prompt, so
+            # no later chunk copies the cache (as torch.cat would) and none reserves more than the prompt needs.
+            rest = ids.numel() - self._fed
+            self._done = replace(done, cache=growing(done.cache, max(1, rest - self._budget)))
         else:
             chunk = ids[self._fed : self._fed + self._budget]
             self._done = extend(model, lora, self._done, adapter, chunk)
