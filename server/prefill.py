@@ -143,9 +143,11 @@ def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> tor
     and values in the next layer, and real queries multiply those by zero weights, which spreads it. So under
     SDPA with padding, the 4-D mask (B, 1, T, W) lets each padding query attend to its own entry, as
     transformers' `_unmask_unattended` once did; real queries see exactly what the 2-D mask gives them. Other
-    attention implementations keep the 2-D mask (eager adds a finite minimum, flash attention unpads).
+    attention implementations keep the 2-D mask (eager adds a finite minimum, flash attention unpads), and so
+    do models with sliding-window or chunked attention layers: transformers takes a 4-D mask as it is, for
+    every layer, so it would lose their windows.
     """
-    if not padded or model.config._attn_implementation != "sdpa":
+    if not padded or model.config._attn_implementation != "sdpa" or not _full_attention_only(model.config):
         return mask
     width = mask.shape[1]
     query_cols = torch.arange(width - t, width, device=mask.device)[:, None]  # (T, 1): each query's own column
@@ -154,6 +156,14 @@ def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> tor
     unattended = ~allowed.any(dim=2, keepdim=True)  # (B, T, 1): padding queries
     allowed |= unattended & (key_cols == query_cols)[None]
     return allowed[:, None]  # (B, 1, T, W)
+
+
+def _full_attention_only(config: Any) -> bool:
+    """Whether every attention layer sees all earlier positions (no sliding window, no chunks)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
+        return False
+    return all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ())
 
 
 def _inputs(model: Any, ids: torch.Tensor, parts: list[_Parts], prompt: list[int], new: list[int]

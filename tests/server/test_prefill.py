@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import MistralConfig, MistralForCausalLM
 
 from quiver.server.adapter_tiers import AdapterKey, DeviceAdapter
 from quiver.server.batch import DecodeBatch
@@ -112,6 +113,21 @@ def test_padding_rows_stay_finite_where_attention_returns_nan_for_them(tiny_mode
         torch.testing.assert_close(together.logits[i], solo.logits[0], atol=ATOL, rtol=0)
 
 
+def test_a_sliding_window_model_keeps_its_window_in_a_padded_prefill():
+    """The padding-safe 4-D mask is for full attention only: transformers would apply it to every layer as is."""
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa")
+    model = MistralForCausalLM(config).eval()
+    lora = LoraSlots(model, num_slots=1, max_rank=4)
+    rows = [PrefillRow(torch.randint(3, 256, (n,)), None) for n in (12, 7)]
+    with torch.inference_mode():
+        together = prefill(model, lora, rows)
+        for i, row in enumerate(rows):
+            alone = prefill(model, lora, [row])
+            torch.testing.assert_close(together.logits[i], alone.logits[0], atol=ATOL, rtol=0)
+
+
 def test_rows_prefilled_together_decode_like_rows_prefilled_alone(tiny_model: Any, slots: LoraSlots):
     rows = _rows(tiny_model)
     tokens = torch.tensor([7, 8, 9, 10, 11, 12, 13, 14])
@@ -185,6 +201,21 @@ def test_chunks_after_the_first_write_into_one_buffer(tiny_model: Any, slots: Lo
             storage.append(chunked._done.cache.layers[0].keys.data_ptr())
     # The first chunk's entries are copied once, at the second chunk, into room for the whole prompt.
     assert len(storage) == 4 and len(set(storage[1:])) == 1
+
+
+@pytest.mark.parametrize(("prompt", "budget"), [(20, 4), (21, 4), (9, 8), (1000, 256)])
+def test_chunked_prefill_reserves_no_more_than_the_prompt(tiny_model: Any, slots: LoraSlots, prompt: int,
+                                                          budget: int):
+    """What the cache budget (server/cache_budget.py) assumes: a chunked row's cache holds its prompt, plus at
+    most one spare column, not a further chunk."""
+    torch.manual_seed(6)
+    chunked = ChunkedPrefill(PrefillRow(torch.randint(0, 1000, (prompt,)), None), budget)
+    with torch.inference_mode():
+        while (done := chunked.advance(tiny_model, slots)) is None:
+            pass
+    for layer in done.cache.layers:
+        buffer = layer._key_buffer if layer._key_buffer is not None else layer.keys
+        assert prompt <= buffer.shape[2] <= prompt + 1
 
 
 def test_oldest_group_can_skip_a_prompt_that_needs_chunks():
