@@ -52,8 +52,14 @@ def _lora_slots(model: Any, config: EngineConfig, dtype: torch.dtype) -> LoraSlo
     """As many LoRA slots as the device adapter budget holds beside slot 0 (all zeros, for rows without a LoRA),
     at most `max_lora_slots`, at least one."""
     per_slot = slot_bytes(model, config.max_lora_rank, dtype)
+    if not per_slot:
+        raise ValueError(f"{type(model).__name__} has no linear layer to wrap for LoRA")
     fit = config.max_device_adapter_bytes // per_slot - 1
     slots = max(1, min(config.max_lora_slots, fit))
+    if fit < 1:
+        log.warning("--max-device-adapter-bytes (%d) holds less than one LoRA slot of rank %d besides slot 0; "
+                    "using one slot (%d bytes with slot 0), which leaves no room for prompts and prefixes",
+                    config.max_device_adapter_bytes, config.max_lora_rank, 2 * per_slot)
     log.info("LoRA: %d device slots of rank %d (%.1f MiB each, %.1f MiB with slot 0)", slots, config.max_lora_rank,
              per_slot / 2**20, per_slot * (slots + 1) / 2**20)
     return LoraSlots(model, num_slots=slots, max_rank=config.max_lora_rank, dtype=dtype)

@@ -91,3 +91,11 @@ def test_lora_slots_and_slot_zero_fit_the_device_budget(tiny_model: Any, fit: in
         assert _stack_bytes(tiny_model) == held.lora.stack_bytes <= config.max_device_adapter_bytes
     finally:
         held.release()
+
+
+def test_a_model_without_linear_layers_is_refused_clearly():
+    from transformers import GPT2Config, GPT2LMHeadModel  # Conv1D projections, no nn.Linear to wrap
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match="no linear layer"):
+        HeldModel(model, EngineConfig(), torch.float32)
