@@ -3,14 +3,18 @@ requests back (in arrival order) while the batch would outgrow it."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers import DynamicCache
 
+from quiver.adapters.metadata import AdapterMetadata
+from quiver.adapters.store import StoredAdapter
 from quiver.server.cache_budget import CacheBudget, position_bytes
 from quiver.server.config import EngineConfig
 from quiver.server.engine import Engine
@@ -64,6 +68,27 @@ def test_a_request_that_cannot_fit_alone_is_refused(tiny_model: Any, smol_tokeni
         engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=20), Collector())
         with pytest.raises(ResourceExhausted, match="--max-cache-bytes"):
             engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=21), Collector())
+
+
+def _soft_prompt(tmp_path: Path, virtual: int) -> StoredAdapter:
+    metadata = AdapterMetadata(
+        name="soft", version=1, kind="prompt_tuning", peft_type="PROMPT_TUNING", base_fingerprint="0" * 64,
+        base_architecture="LlamaForCausalLM", size_bytes=1, num_parameters=1, rank=None,
+        num_virtual_tokens=virtual, target_modules=(), sha256="0" * 64, created_at="2026-11-24T00:00:00Z",
+    )
+    return StoredAdapter(metadata, tmp_path)
+
+
+def test_an_adapters_virtual_tokens_count_toward_a_requests_peak(tiny_model: Any, smol_tokenizer: Any,
+                                                                   tmp_path: Path):
+    peak = _peak(smol_tokenizer, 20)
+    for engine in _engine(tiny_model, smol_tokenizer, _bytes(tiny_model, [peak])):
+        plain = request(smol_tokenizer, PROMPT, max_new_tokens=19)
+        soft = dataclasses.replace(plain, adapter=_soft_prompt(tmp_path, 1))
+        assert engine.submit(soft, Collector()) is not None  # 19 new + 1 virtual: the peak still fits
+        too_long = dataclasses.replace(soft, adapter=_soft_prompt(tmp_path, 2))
+        with pytest.raises(ResourceExhausted, match=f"may grow to {peak + 1} positions"):
+            engine.submit(too_long, Collector())
 
 
 @pytest.mark.parametrize("rows_that_fit", [2, 3])
