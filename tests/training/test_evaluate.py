@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
+from quiver.server import model_loader
 from quiver.server.config import AdapterConfig, ModelConfig
+from quiver.server.model_loader import load_base_model
 from quiver.training.data import Example, Message
 from quiver.training.evaluate import (
     GENERAL_METRIC,
@@ -97,19 +100,27 @@ def test_report_through_the_server(server: ServerThread, dev_file: Path, tmp_pat
 
 
 def test_cli_local_mode_limits_rows(base_dir: Path, server: ServerThread, store_dir: Path, dev_file: Path,
-                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+                                    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch):
     """--model/--store start an in-process server over the store the running server registered NAME in, and
-    reserve the CPU threads for its engine as `quiver serve` does."""
+    load its model on one thread, as `quiver serve` does (server/cpu_threads.py)."""
     out = tmp_path / "eval.json"
     args = ["eval", "--data", str(dev_file), "--adapter", f"{NAME}@1", "--model", str(base_dir), "--store",
             str(store_dir), "--limit", "2", "--max-new-tokens", "4", "--no-general", "--out", str(out), *FIELDS]
+    loading_threads: list[int] = []
+
+    def load(config: ModelConfig) -> Any:
+        loading_threads.append(torch.get_num_threads())
+        return load_base_model(config)
+
+    monkeypatch.setattr(model_loader, "load_base_model", load)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # as if this thread had run torch on two threads before
     try:
         assert main(args) == 0
-        assert torch.get_num_threads() == 1  # the model loaded here on one thread (server/cpu_threads.py)
     finally:
         torch.set_num_threads(threads)
+    assert loading_threads == [1]
     printed = capsys.readouterr().out
     assert "rougeL" in printed and GENERAL_METRIC not in printed
     written = json.loads(out.read_text())
