@@ -116,7 +116,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated letters (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (flags still override)")
-    parser.add_argument("--out", type=Path, help="JSON output (default: bench/results/engine-<device>[-quick].json)")
+    parser.add_argument("--out", type=Path, help="JSON output (default: bench/results/engine-<device>.json, with "
+                        "the model config, quantization, n and scenarios added where they differ from the defaults)")
     parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default="smollm2-135m",
                         help="base model: the default checkpoint, or a random-weight Llama of these shapes")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
@@ -233,10 +234,11 @@ def _default_out_name(args: argparse.Namespace, options: BenchOptions) -> str:
         parts.append(args.model_config)
     if args.quantize != "none":
         parts.append(args.quantize)
-    if options.n != BenchOptions.n and not args.quick:
+    if options.n != (QUICK if args.quick else BenchOptions()).n:
         parts.append(f"n{options.n}")
-    if sorted(args.scenarios.replace(",", "")) != sorted(SCENARIOS):
-        parts.append(args.scenarios.replace(",", ""))
+    scenarios = "".join(s.strip() for s in args.scenarios.split(","))
+    if sorted(scenarios) != sorted(SCENARIOS):
+        parts.append(scenarios)
     if args.quick:
         parts.append("quick")
     return "-".join(parts) + ".json"

@@ -30,11 +30,12 @@ MIX: tuple[str | None, ...] = (LORA, "prompt", "prefix", LORA, "prompt", "prefix
 
 def _mixed_config(ctx: Context) -> EngineConfig:
     """a, b and e share one engine configuration: all N requests run at once, every adapter resident on the
-    device and in host memory (the default 4 GiB host tier holds only about 25 rank-16 adapters of an 8B base)."""
+    device and in host memory (the default 4 GiB host tier holds only about 25 rank-16 adapters of an 8B base), and
+    no cache budget holds a request back."""
     return EngineConfig(
         max_running=ctx.options.n, max_lora_rank=16, max_lora_slots=ctx.options.n,
         max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES, max_host_adapter_bytes=UNLIMITED_DEVICE_BYTES,
-        threads=ctx.options.engine_threads,
+        max_cache_bytes=UNLIMITED_DEVICE_BYTES, threads=ctx.options.engine_threads,
     )
 
 
