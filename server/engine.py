@@ -123,11 +123,12 @@ class Engine:
     def cache_reserved_bytes(self) -> int:
         """Key/value cache bytes the batch may reach with its rows (running, admitted, chunked) at their longest:
         what admission holds against `max_cache_bytes`."""
-        rows = [*self._running, *self._ready]
-        chunked = self._chunked
-        if chunked is not None:
-            rows.append(chunked[0])
-        return self._cache_budget.batch_bytes(row.peak for row in rows)
+        return self._cache_budget.batch_bytes(row.peak for row in self._batch_rows())
+
+    def _batch_rows(self) -> list[_Sequence]:
+        """Every row the batch holds or has promised a place: running, admitted, and the one being chunked."""
+        chunked = self._chunked  # read once: another thread may ask (cache_reserved_bytes)
+        return [*self._running, *self._ready, *([chunked[0]] if chunked is not None else [])]
 
     @property
     def num_running(self) -> int:
@@ -215,10 +216,7 @@ class Engine:
 
     def _fits_cache(self, seq: _Sequence, admitted: list[_Sequence]) -> bool:
         """Whether the batch still fits the cache budget at its worst case with `seq` and `admitted` in it."""
-        rows = [*self._running, *self._ready, *admitted, seq]
-        if self._chunked is not None:
-            rows.append(self._chunked[0])
-        return self._cache_budget.fits(row.peak for row in rows)
+        return self._cache_budget.fits(row.peak for row in [*self._batch_rows(), *admitted, seq])
 
     def _prefill_next(self) -> None:
         """This step's one prefill: a group of ready requests, or the next chunk of a long prompt. While a long
