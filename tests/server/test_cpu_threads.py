@@ -34,6 +34,13 @@ def test_the_claiming_thread_gets_its_count_and_threads_started_later_get_one():
     assert _on_new_thread(torch.get_num_threads) == 1
 
 
+@pytest.mark.skipif(cpu_threads.openmp_runtime() is None or cpu_threads.mkl_threads() is None,
+                    reason="needs torch's OpenMP runtime and MKL (x86 Linux builds)")
+def test_the_claiming_thread_runs_mkl_on_its_count_too():
+    """torch.set_num_threads(1), the process default the claim sets, also sets the calling thread's MKL count."""
+    assert _on_new_thread(lambda: (cpu_threads.claim_for_this_thread(3), cpu_threads.mkl_threads())) == (3, 3)
+
+
 def test_without_the_runtime_the_count_applies_to_every_thread(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(cpu_threads, "openmp_runtime", lambda: None)
     assert _on_new_thread(lambda: cpu_threads.claim_for_this_thread(3)) == 3
