@@ -68,18 +68,13 @@ def claim_for_this_thread(threads: int) -> int:
         log.warning("could not set the engine thread's own OpenMP threads; using %d for every thread", wanted)
         torch.set_num_threads(wanted)
         return torch.get_num_threads()
-    mkl = _mkl_set_local()
-    if mkl is not None:
-        mkl(ctypes.c_int(count))
-    log.info("engine thread: %d torch threads (MKL's: %s); threads that start torch work later: 1", count,
-             count if mkl is not None else "the global count")
+    # The C entry, by value: the lowercase `mkl_set_num_threads_local` exported beside it takes a pointer.
+    mkl_set_local = _mkl_function("MKL_Set_Num_Threads_Local")
+    if mkl_set_local is not None:
+        mkl_set_local(ctypes.c_int(count))
+    log.info("engine thread: %d torch threads (MKL: %s); threads that start torch work later: 1", count,
+             mkl_threads())
     return count
-
-
-def _mkl_set_local() -> Any | None:
-    """MKL's `MKL_Set_Num_Threads_Local(int)` (the lowercase `mkl_set_num_threads_local` exported beside it is
-    the Fortran entry, which takes a pointer)."""
-    return _mkl_function("MKL_Set_Num_Threads_Local")
 
 
 def mkl_threads() -> int | None:
