@@ -3,14 +3,15 @@
 The batch is one left-padded tensor per layer (server/batch.py), so its cache takes
 rows x (longest row + spare block) x bytes per position. A row grows to at most its prompt, plus any
 virtual tokens of its adapter (soft prompt or prefix), plus its `max_new_tokens`; so if the batch fits with
-every row at that worst case, it never outgrows the budget, whatever the rows generate. That bounds the
-batch's own cache; transient copies come on top of it for a moment: a prefill group's cache (padded to the
-group's longest prompt, at most `--max-prefill-tokens` wide) before it joins, and the old entries while a
-join or a growth copies them into new buffers. Admission adds a
+every row at that worst case, it never outgrows the budget, whatever the rows generate. Admission adds a
 request only while that holds (in arrival order: the oldest request that does not fit holds back the later
 ones, so a long request is not starved by short ones), and a request that could not fit even alone is
 refused when it arrives. vLLM bounds the same memory with paged blocks and preempts rows when it runs out;
 this batch has no pages to preempt, so it reserves for the worst case instead.
+
+The budget bounds the batch's own cache. Transient copies come on top of it for a moment: a prefill group's
+cache (padded to the group's longest prompt, at most `--max-prefill-tokens` wide) before it joins, and the
+old entries while a join or a growth copies them into new buffers.
 """
 
 from __future__ import annotations
