@@ -89,23 +89,13 @@ def mkl_threads() -> int | None:
 
 def _mkl_function(name: str) -> Any | None:
     """`name` from the torch library that links MKL (x86 builds), if it is loaded and exports it."""
-    noload = getattr(os, "RTLD_NOLOAD", None)
-    if noload is None:
-        return None
-    try:
-        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"),
-                              mode=noload | os.RTLD_LAZY)
-    except OSError:
-        return None
-    return getattr(library, name, None)
+    library = _already_loaded(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    return getattr(library, name, None) if library is not None else None
 
 
 def openmp_runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime already loaded in this process, preferring a copy shipped inside torch; None where
     that cannot be found without loading a library (no /proc, no RTLD_NOLOAD)."""
-    noload = getattr(os, "RTLD_NOLOAD", None)
-    if noload is None:
-        return None
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/" in line}
@@ -116,10 +106,19 @@ def openmp_runtime() -> ctypes.CDLL | None:
         (p for p in paths if os.path.basename(p).startswith(_OPENMP_NAMES)), key=lambda p: not p.startswith(torch_dir)
     )
     for path in candidates:
-        try:
-            library = ctypes.CDLL(path, mode=noload | os.RTLD_LAZY)
-        except OSError:
-            continue
-        if hasattr(library, "omp_set_num_threads"):
+        library = _already_loaded(path)
+        if library is not None and hasattr(library, "omp_set_num_threads"):
             return library
     return None
+
+
+def _already_loaded(path: str) -> ctypes.CDLL | None:
+    """A handle on the library at `path` if the process has loaded it; never loads one (None without
+    RTLD_NOLOAD)."""
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:
+        return None
+    try:
+        return ctypes.CDLL(path, mode=noload | os.RTLD_LAZY)
+    except OSError:
+        return None

@@ -32,7 +32,7 @@ from quiver.server.generation_events import FinishReason, GenerationEvent, Reque
 from quiver.server.held_model import HeldModel
 from quiver.server.logprobs import TokenLogprob, token_logprobs
 from quiver.server.prefill import Prefilled, PrefillRow, oldest_group, prefill, prefill_length
-from quiver.server.request_builder import GenerationRequest
+from quiver.server.request_builder import GenerationRequest, virtual_tokens
 from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler
 
@@ -144,8 +144,7 @@ class Engine:
             raise Unavailable("the server is shutting down")
         if self.num_waiting >= self._config.max_queued:
             raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
-        virtual = (request.adapter.metadata.num_virtual_tokens or 0) if request.adapter is not None else 0
-        peak = len(request.prompt_ids) + virtual + request.max_new_tokens
+        peak = len(request.prompt_ids) + virtual_tokens(request.adapter) + request.max_new_tokens
         self._cache_budget.check_alone(peak)
         handle = RequestHandle()
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long)

@@ -78,6 +78,11 @@ def _no_adapters(ref: str) -> StoredAdapter:
     raise NotFound(f"adapter {ref!r} not found")
 
 
+def virtual_tokens(adapter: StoredAdapter | None) -> int:
+    """Positions an adapter adds before the prompt (soft prompt or prefix entries); 0 for LoRA or none."""
+    return (adapter.metadata.num_virtual_tokens or 0) if adapter is not None else 0
+
+
 class RequestBuilder:
     """Validates and tokenizes requests against one tokenizer and one set of limits."""
 
@@ -90,7 +95,7 @@ class RequestBuilder:
         # Unknown names fail here with NOT_FOUND: never a base-model answer.
         adapter = self._resolve_adapter(request.adapter) if request.adapter else None
         template = adapter.metadata.prompt_template if adapter else None
-        virtual = (adapter.metadata.num_virtual_tokens or 0) if adapter else 0
+        virtual = virtual_tokens(adapter)
         prompt_ids = self._prompt_ids(request, template, virtual)
         max_new_tokens = self._max_new_tokens(request.stopping, len(prompt_ids) + virtual)
         return GenerationRequest(
