@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from quiver.server.decode_step import DecodeStep, transformers_step
 from quiver.server.kv_cache import growing, set_entries
 
 
@@ -33,9 +34,10 @@ def _pad_left(t: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
 class DecodeBatch:
     """Cache, mask and positions of the rows being decoded together."""
 
-    def __init__(self, device: torch.device, block: int = 64) -> None:
+    def __init__(self, device: torch.device, block: int = 64, step: DecodeStep = transformers_step) -> None:
         self._device = device
         self._block = block  # spare cache columns reserved at a time (kv_cache.GrowingLayer)
+        self._step = step  # the model's forward for one token per row (decode_step.decode_step_for)
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, L): 1 = real entry, 0 = padding
         self.lengths: list[int] = []  # valid entries per row = the next position id
@@ -80,10 +82,7 @@ class DecodeBatch:
         """Decode one token per row: `tokens` (B,) -> next-token logits (B, V)."""
         positions = torch.tensor(self.lengths, dtype=torch.long, device=self._device)[:, None]  # (B, 1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)  # (B, L + 1)
-        out = model(
-            input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-        )
+        assert self.cache is not None
+        logits = self._step(model, tokens[:, None], positions, self.mask, self.cache)  # (B, V)
         self.lengths = [n + 1 for n in self.lengths]
-        logits: torch.Tensor = out.logits[:, -1].float()  # (B, V)
-        return logits
+        return logits.float()

@@ -103,6 +103,12 @@ class EngineConfig:
         metadata={"help": "on a CPU, run the base model's fp32 linears through oneDNN with weights prepacked once "
                   "(faster at every batch size; costs one more copy of those weights in host memory)"},
     )
+    plain_decode_step: bool = field(
+        default=True,
+        metadata={"help": "decode Llama, Mistral and Qwen2 models through Quiver's plain-torch step, which "
+                  "computes transformers' forward with less glue per step (server/decode_step.py); other models, "
+                  "and all with this off, use transformers' forward"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens_limit", "default_max_new_tokens", "max_running", "max_queued",

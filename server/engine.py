@@ -26,6 +26,7 @@ from quiver.server.cache_budget import CacheBudget
 from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import claim_for_this_thread
+from quiver.server.decode_step import decode_step_for
 from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
@@ -93,7 +94,8 @@ class Engine:
         self._ready: list[_Sequence] = []  # admitted (adapter pinned), waiting for their prefill group
         self._chunked: tuple[_Sequence, ChunkedPrefill] | None = None  # a long prompt, prefilled a chunk per step
         self._chunk_turn = False  # while chunking: whether the next step's prefill is the chunk's, not a group's
-        self._batch = DecodeBatch(self._device, config.cache_block_tokens)
+        step = decode_step_for(self._model, plain=config.plain_decode_step)
+        self._batch = DecodeBatch(self._device, config.cache_block_tokens, step)
         self._cache_budget = CacheBudget.of(self._model, config.max_cache_bytes, config.cache_block_tokens, dtype)
         self._wake = threading.Event()
         self._stopping = False

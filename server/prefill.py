@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from quiver.server.adapter_tiers import DeviceAdapter
 from quiver.server.batch import cache_layers
+from quiver.server.decode_step import full_attention_only
 from quiver.server.lora import LoraSlots
 
 
@@ -147,7 +148,7 @@ def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> tor
     do models with sliding-window or chunked attention layers: transformers takes a 4-D mask as it is, for
     every layer, so it would lose their windows.
     """
-    if not padded or model.config._attn_implementation != "sdpa" or not _full_attention_only(model.config):
+    if not padded or model.config._attn_implementation != "sdpa" or not full_attention_only(model.config):
         return mask
     width = mask.shape[1]
     query_cols = torch.arange(width - t, width, device=mask.device)[:, None]  # (T, 1): each query's own column
@@ -156,14 +157,6 @@ def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> tor
     unattended = ~allowed.any(dim=2, keepdim=True)  # (B, T, 1): padding queries
     allowed |= unattended & (key_cols == query_cols)[None]
     return allowed[:, None]  # (B, 1, T, W)
-
-
-def _full_attention_only(config: Any) -> bool:
-    """Whether every attention layer sees all earlier positions (no sliding window, no chunks)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
-        return False
-    return all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ())
 
 
 def _inputs(model: Any, ids: torch.Tensor, parts: list[_Parts], prompt: list[int], new: list[int]

@@ -1,0 +1,126 @@
+"""The plain-torch decode step against transformers' forward, and the choice between them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from quiver.server import decode_step
+from quiver.server.batch import DecodeBatch
+from quiver.server.config import EngineConfig
+from quiver.server.cpu_linear import PackedLinears
+from quiver.server.decode_step import decode_step_for, llama_step, transformers_step
+from quiver.server.engine import Engine
+from quiver.server.lora import LoraSlots
+from quiver.server.prefill import PrefillRow, prefill
+
+from .test_engine import request, run, tokens_of
+
+_DIMS: dict[str, Any] = {
+    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 128,
+}
+FAMILIES = {
+    "llama-gqa": lambda: LlamaForCausalLM(LlamaConfig(**_DIMS, num_key_value_heads=2)),
+    "llama-mha": lambda: LlamaForCausalLM(LlamaConfig(**_DIMS, num_key_value_heads=4, attention_bias=True)),
+    "llama-one-kv-head": lambda: LlamaForCausalLM(LlamaConfig(**_DIMS, num_key_value_heads=1)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**_DIMS, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_DIMS, num_key_value_heads=2)),  # q/k/v with bias
+}
+
+
+def _random_lora(slots: LoraSlots, slot: int, rank: int) -> None:
+    tensors, scalings = {}, {}
+    for path, wrapper in slots._wrappers.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = torch.randn(rank, wrapper.in_features) / 4
+        tensors[f"base_model.model.{path}.lora_B.weight"] = torch.randn(wrapper.out_features, rank) / 4
+        scalings[path] = 2.0
+    slots.load(slot, tensors, scalings)
+
+
+def _batch(model: Any, slots: LoraSlots, step: Any) -> DecodeBatch:
+    """Four rows of different lengths (so three are left-padded), prefilled with their LoRA slots."""
+    torch.manual_seed(1)
+    rows = [PrefillRow(torch.randint(0, 256, (n,)), None) for n in (3, 9, 5, 7)]
+    slots.set_batch([2, 1, 0, 0], [4, 8, 0, 0], transient=True)
+    out = prefill(model, slots, rows)
+    batch = DecodeBatch(torch.device("cpu"), 4, step)
+    batch.add(out.cache, out.mask, out.lengths)
+    return batch
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain-linears", "packed-linears"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.inference_mode()
+def test_plain_step_equals_transformers_forward_bit_for_bit(family: str, packed: bool) -> None:
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    assert decode_step_for(model) is llama_step
+    slots = LoraSlots(model, num_slots=2, max_rank=8)
+    _random_lora(slots, 1, 8)
+    _random_lora(slots, 2, 4)
+    if packed:
+        PackedLinears(model)
+    theirs, ours = _batch(model, slots, transformers_step), _batch(model, slots, llama_step)
+    tokens = torch.randint(0, 256, (4,))
+    for i in range(12):  # past one growth block, and rows leaving on the way
+        if i == 6:
+            theirs.keep([0, 1, 3])
+            ours.keep([0, 1, 3])
+            tokens = tokens[[0, 1, 3]]
+        slots.set_batch([2, 1, 0, 0][: len(tokens)], [4, 8, 0, 0][: len(tokens)])
+        expected, got = theirs.forward(model, tokens), ours.forward(model, tokens)
+        assert torch.equal(got, expected), f"step {i}: max difference {(got - expected).abs().max()}"
+        tokens = expected.argmax(-1)
+    assert ours.lengths == theirs.lengths
+
+
+def test_models_outside_the_registry_or_its_conditions_use_transformers_forward() -> None:
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4, n_positions=64))
+    windowed = MistralForCausalLM(MistralConfig(**_DIMS, num_key_value_heads=2, sliding_window=4))
+    llama = FAMILIES["llama-gqa"]()
+    assert decode_step_for(gpt2) is transformers_step
+    assert decode_step_for(windowed) is transformers_step
+    assert decode_step_for(llama, plain=False) is transformers_step
+    assert decode_step_for(llama) is llama_step
+    handle = llama.model.layers[0].register_forward_hook(lambda *args: None)
+    assert decode_step_for(llama) is transformers_step  # the hook would be bypassed
+    handle.remove()
+    assert decode_step_for(llama) is llama_step
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_engine_decodes_through_the_step_its_config_names(
+    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, plain: bool
+) -> None:
+    calls = {"plain": 0, "transformers": 0}
+
+    def counting(name: str, step: Any) -> Any:
+        def run(*args: Any) -> torch.Tensor:
+            calls[name] += 1
+            logits: torch.Tensor = step(*args)
+            return logits
+        return run
+
+    monkeypatch.setitem(decode_step._STEPS, "LlamaForCausalLM", counting("plain", llama_step))
+    monkeypatch.setattr(decode_step, "transformers_step", counting("transformers", transformers_step))
+    engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(plain_decode_step=plain))
+    engine.start()
+    try:
+        generated = tokens_of(run(engine, request(smol_tokenizer, "Hello there", max_new_tokens=4)))
+    finally:
+        engine.stop()
+    assert len(generated) == 4
+    assert calls == ({"plain": 3, "transformers": 0} if plain else {"plain": 0, "transformers": 3})
