@@ -139,23 +139,23 @@ def _packed(model: nn.Module, path: str) -> PackedLinear:
     return module
 
 
-
 def _shared_packs(model: nn.Module, paths: Sequence[str]) -> dict[str, tuple[SharedPack, int]]:
     """Path -> (its SharedPack, its index) for every complete group of SIBLINGS among `paths` (a LoRA wrapper's
     base layer, "...q_proj.base_layer", counts as its wrapper's name)."""
-    by_name = {_role(path): path for path in paths}
+    by_role = {_role(path): path for path in paths}
     shared: dict[str, tuple[SharedPack, int]] = {}
-    for role in by_name:
+    for role in by_role:
         owner, _, leaf = role.rpartition(".")
-        for names in SIBLINGS:
-            members = [by_name.get(f"{owner}.{name}" if owner else name) for name in names]
-            if leaf != names[0] or None in members:
-                continue
-            layers = [model.get_submodule(path) for path in members if path is not None]
-            if len({(m.in_features, m.bias is None) for m in layers if isinstance(m, nn.Linear)}) != 1:
-                continue  # different inputs or mixed biases: not siblings after all
-            pack = SharedPack([m for m in layers if isinstance(m, nn.Linear)])
-            shared.update({path: (pack, i) for i, path in enumerate(members) if path is not None})
+        names = next((group for group in SIBLINGS if group[0] == leaf), ())
+        prefix = f"{owner}." if owner else ""
+        members = [by_role[prefix + name] for name in names if prefix + name in by_role]
+        if not names or len(members) != len(names):
+            continue
+        layers = [model.get_submodule(path) for path in members]
+        if len({(m.in_features, m.bias is None) for m in layers if isinstance(m, nn.Linear)}) != 1:
+            continue  # different inputs or mixed biases: not siblings after all
+        pack = SharedPack([m for m in layers if isinstance(m, nn.Linear)])
+        shared.update({path: (pack, i) for i, path in enumerate(members)})
     return shared
 
 
