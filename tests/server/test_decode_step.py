@@ -50,10 +50,10 @@ def _random_lora(slots: LoraSlots, slot: int, rank: int) -> None:
     slots.load(slot, tensors, scalings)
 
 
-def _batch(model: Any, slots: LoraSlots, step: Any) -> DecodeBatch:
-    """Four rows of different lengths (so three are left-padded), prefilled with their LoRA slots."""
+def _batch(model: Any, slots: LoraSlots, step: Any, lengths: tuple[int, ...]) -> DecodeBatch:
+    """Rows of these prompt lengths (left-padded when they differ), prefilled with their LoRA slots."""
     torch.manual_seed(1)
-    rows = [PrefillRow(torch.randint(0, 256, (n,)), None) for n in (3, 9, 5, 7)]
+    rows = [PrefillRow(torch.randint(0, 256, (n,)), None) for n in lengths]
     slots.set_batch([2, 1, 0, 0], [4, 8, 0, 0], transient=True)
     out = prefill(model, slots, rows)
     batch = DecodeBatch(torch.device("cpu"), 4, step)
@@ -61,10 +61,13 @@ def _batch(model: Any, slots: LoraSlots, step: Any) -> DecodeBatch:
     return batch
 
 
+@pytest.mark.parametrize("lengths", [(3, 9, 5, 7), (6, 6, 6, 6)], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("packed", [False, True], ids=["plain-linears", "packed-linears"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @torch.inference_mode()
-def test_plain_step_equals_transformers_forward_bit_for_bit(family: str, packed: bool) -> None:
+def test_plain_step_equals_transformers_forward_bit_for_bit(
+    family: str, packed: bool, lengths: tuple[int, ...]
+) -> None:
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
     assert decode_step_for(model) is llama_step
@@ -73,7 +76,8 @@ def test_plain_step_equals_transformers_forward_bit_for_bit(family: str, packed:
     _random_lora(slots, 2, 4)
     if packed:
         PackedLinears(model)
-    theirs, ours = _batch(model, slots, transformers_step), _batch(model, slots, llama_step)
+    theirs, ours = _batch(model, slots, transformers_step, lengths), _batch(model, slots, llama_step, lengths)
+    assert bool(ours.mask.all()) == (len(set(lengths)) == 1)  # the unpadded case takes the step's unmasked path
     tokens = torch.randint(0, 256, (4,))
     for i in range(12):  # past one growth block, and rows leaving on the way
         if i == 6:
@@ -91,8 +95,17 @@ def test_models_outside_the_registry_or_its_conditions_use_transformers_forward(
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4, n_positions=64))
     windowed = MistralForCausalLM(MistralConfig(**_DIMS, num_key_value_heads=2, sliding_window=4))
     llama = FAMILIES["llama-gqa"]()
+    eager = LlamaForCausalLM(LlamaConfig(**_DIMS, num_key_value_heads=2, attn_implementation="eager"))
+    wide_heads = LlamaForCausalLM(LlamaConfig(**_DIMS, num_key_value_heads=2, head_dim=512))
+
+    class Subclassed(LlamaForCausalLM):
+        """Stands for a class of the same name with other internals."""
+
     assert decode_step_for(gpt2) is transformers_step
     assert decode_step_for(windowed) is transformers_step
+    assert decode_step_for(eager) is transformers_step  # the step runs sdpa
+    assert decode_step_for(wide_heads) is transformers_step  # transformers' sdpa repeats keys above 256
+    assert decode_step_for(Subclassed(LlamaConfig(**_DIMS))) is transformers_step
     assert decode_step_for(llama, plain=False) is transformers_step
     assert decode_step_for(llama) is llama_step
     handle = llama.model.layers[0].register_forward_hook(lambda *args: None)
@@ -114,7 +127,7 @@ def test_engine_decodes_through_the_step_its_config_names(
             return logits
         return run
 
-    monkeypatch.setitem(decode_step._STEPS, "LlamaForCausalLM", counting("plain", llama_step))
+    monkeypatch.setitem(decode_step._STEPS, LlamaForCausalLM, counting("plain", llama_step))
     monkeypatch.setattr(decode_step, "transformers_step", counting("transformers", transformers_step))
     engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(plain_decode_step=plain))
     engine.start()
