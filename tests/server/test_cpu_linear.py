@@ -93,14 +93,20 @@ def test_lora_wrapped_siblings_share_a_pack_and_the_model_output_is_unchanged():
                          num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (2, 5))
-    expected = model(input_ids=ids).logits
     slots = LoraSlots(model, num_slots=1, max_rank=4, target_leaf_names={"q_proj", "v_proj", "up_proj"})
+    pairs = {f"base_model.model.{path}.lora_{half}.weight": torch.randn(4, w.in_features) if half == "A"
+             else torch.randn(w.out_features, 4) for path, w in slots._wrappers.items() for half in "AB"}
+    slots.load(1, pairs, dict.fromkeys(slots.module_paths, 0.5))
+    slots.set_batch([1, 0], [4, 0])  # row 0 with the LoRA, added in place into its shared parts
+    expected = model(input_ids=ids).logits
     packed = PackedLinears(model)
     attn = model.model.layers[0].self_attn
     q, k = attn.q_proj.base_layer, attn.k_proj  # a wrapper's base layer and a bare linear, one group
     assert isinstance(q, PackedLinear) and isinstance(k, PackedLinear)
     assert q._shared is not None and k._shared is not None and q._shared[0] is k._shared[0]
     torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    slots.set_batch([0, 0], [0, 0])
+    assert not torch.allclose(model(input_ids=ids).logits[0], expected[0], rtol=1e-4, atol=1e-4)  # LoRA mattered
     assert packed.extra_bytes == sum(m.base_layer.weight.nbytes for m in model.modules() if isinstance(m, PackedLinear))
     packed.unpack()
     slots.unwrap()
