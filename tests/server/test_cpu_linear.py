@@ -10,6 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from quiver.server.cpu_linear import PackedLinear, PackedLinears, can_pack
 from quiver.server.lora import LoraSlots
 
+from .test_decode_step import random_lora
+
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 
 
@@ -94,9 +96,7 @@ def test_lora_wrapped_siblings_share_a_pack_and_the_model_output_is_unchanged():
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (2, 5))
     slots = LoraSlots(model, num_slots=1, max_rank=4, target_leaf_names={"q_proj", "v_proj", "up_proj"})
-    pairs = {f"base_model.model.{path}.lora_{half}.weight": torch.randn(4, w.in_features) if half == "A"
-             else torch.randn(w.out_features, 4) for path, w in slots._wrappers.items() for half in "AB"}
-    slots.load(1, pairs, dict.fromkeys(slots.module_paths, 0.5))
+    random_lora(slots, 1, 4)
     slots.set_batch([1, 0], [4, 0])  # row 0 with the LoRA, added in place into its shared parts
     expected = model(input_ids=ids).logits
     packed = PackedLinears(model)

@@ -41,7 +41,8 @@ FAMILIES = {
 }
 
 
-def _random_lora(slots: LoraSlots, slot: int, rank: int) -> None:
+def random_lora(slots: LoraSlots, slot: int, rank: int) -> None:
+    """Load a random LoRA of `rank` on every wrapped module into `slot`."""
     tensors, scalings = {}, {}
     for path, wrapper in slots._wrappers.items():
         tensors[f"base_model.model.{path}.lora_A.weight"] = torch.randn(rank, wrapper.in_features) / 4
@@ -72,8 +73,8 @@ def test_plain_step_equals_transformers_forward_bit_for_bit(
     model = FAMILIES[family]().eval()
     assert decode_step_for(model) is llama_step
     slots = LoraSlots(model, num_slots=2, max_rank=8)
-    _random_lora(slots, 1, 8)
-    _random_lora(slots, 2, 4)
+    random_lora(slots, 1, 8)
+    random_lora(slots, 2, 4)
     if packed:
         PackedLinears(model)
     theirs, ours = _batch(model, slots, transformers_step, lengths), _batch(model, slots, llama_step, lengths)
