@@ -94,8 +94,11 @@ def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return (x * cos) + (rotated * sin)
 
 
-def full_attention_only(config: Any) -> bool:
-    """Whether every attention layer sees all earlier positions (no sliding window, no chunks)."""
+def sdpa_full_attention(config: Any) -> bool:
+    """Whether the model runs transformers' sdpa attention and every layer sees all earlier positions (no
+    sliding window, no chunks): the attention that the plain step and prefill's 4-D mask reproduce."""
+    if config._attn_implementation != "sdpa":
+        return False
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
         return False
@@ -115,11 +118,10 @@ def decode_step_for(model: Any, *, plain: bool = True) -> DecodeStep:
     transformers' forward."""
     step = _STEPS.get(type(model))
     config = model.config
-    if step is None or not plain or not full_attention_only(config):
+    if step is None or not plain or not sdpa_full_attention(config):
         return transformers_step
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # The step mirrors transformers' sdpa path, which repeats keys and values instead above 256 per head.
-    if config._attn_implementation != "sdpa" or head_dim > 256:
+    if head_dim > 256:  # transformers' sdpa path, which the step mirrors, repeats keys and values there instead
         return transformers_step
     if any(hasattr(m, "_hf_hook") or m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return transformers_step  # hooks on the model itself (device maps, offloading) would be bypassed

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from quiver.server.adapter_tiers import DeviceAdapter
 from quiver.server.batch import cache_layers
-from quiver.server.decode_step import full_attention_only
+from quiver.server.decode_step import sdpa_full_attention
 from quiver.server.lora import LoraSlots
 
 
@@ -148,7 +148,7 @@ def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> tor
     do models with sliding-window or chunked attention layers: transformers takes a 4-D mask as it is, for
     every layer, so it would lose their windows.
     """
-    if not padded or model.config._attn_implementation != "sdpa" or not full_attention_only(model.config):
+    if not padded or not sdpa_full_attention(model.config):
         return mask
     width = mask.shape[1]
     query_cols = torch.arange(width - t, width, device=mask.device)[:, None]  # (T, 1): each query's own column
