@@ -12,7 +12,9 @@ first `rank` of them, the largest rank in the batch. A slot keeps A as PEFT does
 (r, out), so the gather of each row's weights, which runs once per change of the batch while the gathered
 weights are reused (LoraBatch.reuse), copies contiguous blocks: for 8 rank-16 all-linear adapters of the
 default model, gathering B from PEFT's (out, r) layout took 28 ms on a CPU, from this one 5 ms. A load pays
-that transpose once. The scale s
+that transpose once. When every LoRA row uses one adapter (a lone request's prefill, one-adapter traffic),
+the slot itself is used, as a view: nothing is copied (about 9 ms of a warm LoRA request's time to first
+token on the default model on a CPU). The scale s
 (alpha / r, or alpha / sqrt(r) with rsLoRA, per module) is folded into B when a slot is loaded, so the hot path
 is two gathers and two batched matmuls, the second accumulating in place into the base output. `base_layer`
 may be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt (both subclass nn.Linear); the LoRA math runs
@@ -42,13 +44,16 @@ class LoraBatch:
 
     slot_ids: torch.Tensor | None = None
     """(G,) long on the model device: the slot of each of G equal runs of consecutive rows among the first
-    `rows`, G = rows (one slot per row) or G = 1 (they share one slot: one gathered adapter and plain matmuls);
+    `rows`, G = rows (one slot per row) or G = 1 (they share one slot, used in place: `shared_slot`);
     None when no row uses LoRA (wrappers skip the math)."""
     rows: int = 0
     """LoRA applies to the first `rows` rows of the batch; the rows after them have no LoRA. The engine puts
     LoRA rows first, so rows without one (base, soft prompt, prefix) cost nothing here."""
     rank: int = 0
     """Columns of the stacks to use: the largest rank among this batch's slots (<= max_rank)."""
+    shared_slot: int | None = None
+    """The slot of the single group when G = 1 (every LoRA row uses one adapter): wrappers then use that
+    slot's own weights as views, with nothing to gather (slot_ids stays set for the rows' G = 1)."""
     generation: int = 0
     """Changes whenever the selection or a slot's weights change; wrappers key their gathered weights on it."""
     reuse: bool = False
@@ -87,10 +92,15 @@ class BatchedLoraLinear(nn.Module):
 
     def _weights(self, slot_ids: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group's A^T (G, in, r) and scaled B^T (G, r, out), reused while the generation holds."""
+        a_src, b_src = self.lora_A.narrow(1, 0, rank), self.lora_B.narrow(1, 0, rank)  # (S+1, r, in), (S+1, r, out)
+        shared = self.batch.shared_slot
+        if shared is not None:  # one adapter for all LoRA rows: its slot as it is, no copy
+            if not self.batch.transient:
+                self._gathered = None
+            return a_src.narrow(0, shared, 1).mT, b_src.narrow(0, shared, 1)  # (1, in, r), (1, r, out)
         generation = self.batch.generation
         if self._gathered is not None and self._gathered[0] == generation:
             return self._gathered[1], self._gathered[2]
-        a_src, b_src = self.lora_A.narrow(1, 0, rank), self.lora_B.narrow(1, 0, rank)  # (S+1, r, in), (S+1, r, out)
         # A enters bmm as a transposed view, as fast as a copy; B must be row-major: baddbmm_ on a transposed
         # (G, out, r) view took 1.5-1.7x as long on a CPU (out 576 / 1536, r 16, G 8).
         a, b = a_src.index_select(0, slot_ids).mT, b_src.index_select(0, slot_ids)  # (G, in, r), (G, r, out)
@@ -215,7 +225,7 @@ class LoraSlots:
         gathered for it, stay for the next decode step."""
         self.batch.transient = transient
         if not any(slot_ids):
-            self.batch.slot_ids, self.batch.rank, self.batch.rows = None, 0, 0
+            self.batch.slot_ids, self.batch.rank, self.batch.rows, self.batch.shared_slot = None, 0, 0, None
             if not transient:
                 self._selection = None
             return
@@ -232,7 +242,7 @@ class LoraSlots:
         else:
             selection = self._selection
         _, self.batch.generation, self.batch.slot_ids = selection
-        self.batch.rows, self.batch.rank = rows, rank
+        self.batch.rows, self.batch.rank, self.batch.shared_slot = rows, rank, groups[0] if shared else None
         # Keeping the gathered copies costs G slots' worth of memory at this rank; bound it.
         self.batch.reuse = not transient and len(groups) * self.slot_bytes * rank <= REUSE_BYTES * self.max_rank
 
@@ -241,7 +251,7 @@ class LoraSlots:
         for path, wrapper in self._wrappers.items():
             self.model.set_submodule(path, wrapper.base_layer)
         self._wrappers.clear()
-        self.batch.slot_ids, self.batch.rank, self.batch.rows = None, 0, 0
+        self.batch.slot_ids, self.batch.rank, self.batch.rows, self.batch.shared_slot = None, 0, 0, None
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.num_slots:

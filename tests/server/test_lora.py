@@ -189,6 +189,30 @@ def test_decode_weights_are_gathered_once_and_survive_a_transient_prefill(
     assert wrapper._gathered is not None and wrapper._gathered[1] is not gathered[0]
 
 
+def test_one_shared_adapter_uses_its_slot_in_place(
+    base_dir: Path, adapters: dict[str, Adapter], ids: torch.Tensor,
+    base_logits: torch.Tensor, peft_logits: dict[str, torch.Tensor],
+):
+    model = load_base(base_dir)
+    slots, _, _ = _slots_with_all(model, adapters)
+    wrapper = next(iter(slots._wrappers.values()))
+    _logits(model, ids)
+    assert wrapper._gathered is not None
+    decode_gathered = wrapper._gathered[1]
+    shared = [2, 2, 0, 0, 0]
+    shared_ranks = [adapters["all-r4-rslora"].rank] * 2 + [0, 0, 0]
+    slots.set_batch(shared, shared_ranks, transient=True)  # a prefill of one adapter's rows between decode steps
+    assert slots.batch.slot_ids is not None
+    a, b = wrapper._weights(slots.batch.slot_ids, slots.batch.rank)
+    assert a.untyped_storage().data_ptr() == wrapper.lora_A.untyped_storage().data_ptr()  # views, not copies
+    assert b.untyped_storage().data_ptr() == wrapper.lora_B.untyped_storage().data_ptr()
+    _assert_rows(_logits(model, ids), shared, list(peft_logits.values()), base_logits, ATOL)
+    assert wrapper._gathered is not None and wrapper._gathered[1] is decode_gathered  # the decode's kept
+    slots.set_batch(shared, shared_ranks)  # the decode selection becomes one adapter: the copies go
+    _assert_rows(_logits(model, ids), shared, list(peft_logits.values()), base_logits, ATOL)
+    assert wrapper._gathered is None
+
+
 def _quantized_base(base_dir: Path, scheme: str) -> Any:
     quant = quantization_config(scheme, torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
