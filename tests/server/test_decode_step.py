@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -25,6 +27,7 @@ from quiver.server.decode_step import decode_step_for, llama_step, transformers_
 from quiver.server.engine import Engine
 from quiver.server.lora import LoraSlots
 from quiver.server.prefill import PrefillRow, prefill
+from quiver.server.quantization import quantization_config
 
 from .test_engine import request, run, tokens_of
 
@@ -77,6 +80,28 @@ def test_plain_step_equals_transformers_forward_bit_for_bit(
     random_lora(slots, 2, 4)
     if packed:
         PackedLinears(model)
+    _assert_steps_equal(model, slots, lengths)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@torch.inference_mode()
+def test_plain_step_equals_transformers_forward_over_a_quantized_base(scheme: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    FAMILIES["llama-gqa"]().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, quantization_config=quantization_config(scheme, torch.float32),
+        device_map="cpu",
+    ).eval()
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ in ("Linear4bit", "Linear8bitLt")
+    assert decode_step_for(model) is llama_step
+    slots = LoraSlots(model, num_slots=2, max_rank=8)
+    random_lora(slots, 1, 8)
+    random_lora(slots, 2, 4)
+    _assert_steps_equal(model, slots, (3, 9, 5, 7))
+
+
+def _assert_steps_equal(model: Any, slots: LoraSlots, lengths: tuple[int, ...]) -> None:
+    """Decode the same rows (LoRA slots 2, 1, then base) through both steps: equal logits at every step."""
     theirs, ours = _batch(model, slots, transformers_step, lengths), _batch(model, slots, llama_step, lengths)
     assert bool(ours.mask.all()) == (len(set(lengths)) == 1)  # the unpadded case takes the step's unmasked path
     tokens = torch.randint(0, 256, (4,))
