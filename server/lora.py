@@ -63,6 +63,10 @@ class LoraBatch:
     """A one-off selection (a prefill or a prefill chunk between decode steps): wrappers neither reuse nor drop the
     weights they keep for the decode selection, which comes back at the next step."""
 
+    def select_none(self) -> None:
+        """No row uses LoRA: wrappers return their base output."""
+        self.slot_ids, self.rows, self.rank, self.shared_slot = None, 0, 0, None
+
 
 class BatchedLoraLinear(nn.Module):
     """A base linear plus rank-padded LoRA slot stacks; one forward serves rows with different adapters."""
@@ -225,7 +229,7 @@ class LoraSlots:
         gathered for it, stay for the next decode step."""
         self.batch.transient = transient
         if not any(slot_ids):
-            self.batch.slot_ids, self.batch.rank, self.batch.rows, self.batch.shared_slot = None, 0, 0, None
+            self.batch.select_none()
             if not transient:
                 self._selection = None
             return
@@ -251,7 +255,7 @@ class LoraSlots:
         for path, wrapper in self._wrappers.items():
             self.model.set_submodule(path, wrapper.base_layer)
         self._wrappers.clear()
-        self.batch.slot_ids, self.batch.rank, self.batch.rows, self.batch.shared_slot = None, 0, 0, None
+        self.batch.select_none()
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.num_slots:
