@@ -16,11 +16,12 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
-from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache
+from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache, SlotFormat, load_host_adapter
 from quiver.server.batch import DecodeBatch
 from quiver.server.cache_budget import CacheBudget
 from quiver.server.chunked_prefill import ChunkedPrefill
@@ -82,7 +83,8 @@ class Engine:
 
     def _setup(self, config: EngineConfig, dtype: torch.dtype) -> None:
         self.lora = self._held.lora
-        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes)
+        slots = SlotFormat(self.lora.dtype, pin=self._device.type == "cuda")
+        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes, partial(load_host_adapter, slots=slots))
         try:
             self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype)
         except BaseException:
