@@ -19,6 +19,7 @@ from bench.engine_runner import (
     time_to_first_token,
 )
 from quiver.adapters.store import StoredAdapter
+from quiver.server.adapter_tiers import load_host_adapter
 from quiver.server.config import EngineConfig
 from quiver.server.engine import Engine
 
@@ -130,7 +131,7 @@ def _cold_loads(ctx: Context, stored: list[StoredAdapter]) -> dict[str, float]:
     try:
         for adapter in stored:
             t0 = time.perf_counter()
-            host = engine.host_adapters.loader(adapter)  # as the engine's loader thread reads it
+            host = load_host_adapter(adapter)
             t1 = time.perf_counter()
             entry = engine.device_adapters.acquire(host)
             ctx.bm.sync()

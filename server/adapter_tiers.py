@@ -1,12 +1,9 @@
 """Adapter tiers sized in bytes: device residency <- host-memory LRU <- the store on disk (as in S-LoRA).
 
 Cold adapters load from the store (safetensors) on a loader thread into a host LRU, so the engine thread never
-waits on disk; a LoRA is also put into the device slots' layout and dtype there (B transposed and scaled). The
-engine then copies them into a preallocated device slot (LoRA) or a small device tensor (soft prompt, prefix)
-between two steps: plain copies, which on a CPU took a cold rank-16 all-linear LoRA of the default model from
-13-26 ms to 6-13 ms of the engine thread's time (25 loads each way). Entries in use by running sequences are
-pinned by a reference count and are never evicted, so deleting or replacing an adapter in the store never breaks
-a running request.
+waits on disk; the engine then copies them into a preallocated device slot (LoRA) or a small device tensor
+(soft prompt, prefix) between two steps. Entries in use by running sequences are pinned by a reference count
+and are never evicted, so deleting or replacing an adapter in the store never breaks a running request.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from quiver.adapters.peft_config import LoraSpec, read_peft_config
 from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY
 from quiver.adapters.store import StoredAdapter
 from quiver.server.errors import FailedPrecondition, NotFound, ResourceExhausted
-from quiver.server.lora import LoraSlots, ReadyLora, lora_pairs, ready_lora
+from quiver.server.lora import LoraSlots, lora_pairs
 
 log = logging.getLogger(__name__)
 
@@ -73,57 +70,46 @@ class HostAdapter:
 
     key: AdapterKey
     kind: str  # "lora" | "prompt_tuning" | "prefix_tuning"
-    # prompt: {"prompt": (P, H)}; prefix: {"prefix": (L, 2, H_kv, P, D)}; LoRA: none (`lora` holds it)
+    # LoRA: the PEFT state dict; prompt: {"prompt": (P, H)}; prefix: {"prefix": (L, 2, H_kv, P, D)}
     tensors: dict[str, torch.Tensor]
-    lora: ReadyLora | None  # LoRA: its weights already in the device slots' layout and dtype
+    scalings: dict[str, float]  # LoRA module path -> alpha / r (or alpha / sqrt(r))
     rank: int
     nbytes: int
 
 
-@dataclass(frozen=True)
-class SlotFormat:
-    """How LoRA weights are prepared in host memory for the device slots."""
-
-    dtype: torch.dtype | None = None  # the slots' dtype; None: the file's
-    pin: bool = False  # page-locked memory, for asynchronous copies to a GPU
-
-
-def _load_lora(stored: StoredAdapter, slots: SlotFormat) -> tuple[dict[str, torch.Tensor], ReadyLora | None]:
+def _load_lora(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     tensors = load_file(str(stored.path / WEIGHTS_FILE))
     spec = read_peft_config(stored.path).spec
     assert isinstance(spec, LoraSpec), "validated at registration"
-    scalings = {module: spec.scaling_for(module) for module in lora_pairs(tensors)}
-    dtype = slots.dtype or next(iter(tensors.values())).dtype
-    return {}, ready_lora(tensors, scalings, dtype, pin=slots.pin)
+    return tensors, {module: spec.scaling_for(module) for module in lora_pairs(tensors)}
 
 
-def _load_prompt(stored: StoredAdapter, slots: SlotFormat) -> tuple[dict[str, torch.Tensor], ReadyLora | None]:
-    return {"prompt": load_file(str(stored.path / WEIGHTS_FILE))[PROMPT_KEY]}, None
+def _load_prompt(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    return {"prompt": load_file(str(stored.path / WEIGHTS_FILE))[PROMPT_KEY]}, {}
 
 
-def _load_prefix(stored: StoredAdapter, slots: SlotFormat) -> tuple[dict[str, torch.Tensor], ReadyLora | None]:
-    return {"prefix": load_file(str(stored.path / PREFIX_FILE))[PREFIX_KEY]}, None
+def _load_prefix(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    return {"prefix": load_file(str(stored.path / PREFIX_FILE))[PREFIX_KEY]}, {}
 
 
-_LOADERS: dict[str, Callable[[StoredAdapter, SlotFormat], tuple[dict[str, torch.Tensor], ReadyLora | None]]] = {
+_LOADERS: dict[str, Callable[[StoredAdapter], tuple[dict[str, torch.Tensor], dict[str, float]]]] = {
     "lora": _load_lora,
     "prompt_tuning": _load_prompt,
     "prefix_tuning": _load_prefix,
 }
 
 
-def load_host_adapter(stored: StoredAdapter, slots: SlotFormat = SlotFormat()) -> HostAdapter:
-    """Read a stored adapter's tensors (safetensors only) into host memory; a LoRA is put into the device slots'
-    layout (`ready_lora`) here, on the loader thread, so that its slot load on the engine thread is plain copies."""
+def load_host_adapter(stored: StoredAdapter) -> HostAdapter:
+    """Read a stored adapter's tensors (safetensors only) into host memory."""
     kind = stored.metadata.kind
-    tensors, lora = _LOADERS[kind](stored, slots)
+    tensors, scalings = _LOADERS[kind](stored)
     return HostAdapter(
         key=AdapterKey.of(stored),
         kind=kind,
         tensors=tensors,
-        lora=lora,
+        scalings=scalings,
         rank=stored.metadata.rank or 0,
-        nbytes=sum(t.nbytes for t in tensors.values()) + (lora.nbytes if lora is not None else 0),
+        nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
     )
 
 
@@ -143,11 +129,6 @@ class HostAdapterCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-    @property
-    def loader(self) -> Callable[[StoredAdapter], HostAdapter]:
-        """What a cold load runs on the loader thread: store -> host memory."""
-        return self._loader
 
     def fetch(self, stored: StoredAdapter) -> Future[HostAdapter]:
         """A future of the host adapter: already done when cached, else loading in the background."""
@@ -291,8 +272,7 @@ class DeviceAdapters:
                 return None
             slot = self._free_slots.pop()
             try:
-                assert host.lora is not None, "a LoRA's host adapter holds its weights"
-                rank = self._lora.load_ready(slot, host.lora)
+                rank = self._lora.load(slot, host.tensors, host.scalings)
             except BaseException:
                 self._lora.clear(slot)
                 self._free_slots.append(slot)

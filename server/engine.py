@@ -16,12 +16,11 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 
-from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache, SlotFormat, load_host_adapter
+from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache
 from quiver.server.batch import DecodeBatch
 from quiver.server.cache_budget import CacheBudget
 from quiver.server.chunked_prefill import ChunkedPrefill
@@ -83,8 +82,7 @@ class Engine:
 
     def _setup(self, config: EngineConfig, dtype: torch.dtype) -> None:
         self.lora = self._held.lora
-        slots = SlotFormat(self.lora.dtype, pin=self._device.type == "cuda")
-        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes, partial(load_host_adapter, slots=slots))
+        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes)
         try:
             self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype)
         except BaseException:

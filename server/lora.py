@@ -11,13 +11,12 @@ Slots are rank-padded to `max_rank` (ranks above an adapter's own are zero), and
 first `rank` of them, the largest rank in the batch. A slot keeps A as PEFT does, (r, in), and B transposed,
 (r, out), so the gather of each row's weights, which runs once per change of the batch while the gathered
 weights are reused (LoraBatch.reuse), copies contiguous blocks: for 8 rank-16 all-linear adapters of the
-default model, gathering B from PEFT's (out, r) layout took 28 ms on a CPU, from this one 5 ms. When every
-LoRA row uses one adapter (a lone request's prefill, one-adapter traffic), the slot itself is used, as a view:
-nothing is copied (about 9 ms of a warm LoRA request's time to first token on the default model on a CPU).
-The scale s (alpha / r, or alpha / sqrt(r) with rsLoRA, per module) is folded into B, so the hot path is two
-gathers and two batched matmuls, the second accumulating in place into the base output. The transpose, the
-scale and the cast to the slots' dtype happen once per cold load, on the adapter loader thread (`ready_lora`):
-the slot load on the engine thread is then plain copies (from page-locked memory, asynchronous, on a GPU). `base_layer`
+default model, gathering B from PEFT's (out, r) layout took 28 ms on a CPU, from this one 5 ms. A load pays
+that transpose once. When every LoRA row uses one adapter (a lone request's prefill, one-adapter traffic),
+the slot itself is used, as a view: nothing is copied (about 9 ms of a warm LoRA request's time to first
+token on the default model on a CPU). The scale s
+(alpha / r, or alpha / sqrt(r) with rsLoRA, per module) is folded into B when a slot is loaded, so the hot path
+is two gathers and two batched matmuls, the second accumulating in place into the base output. `base_layer`
 may be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt (both subclass nn.Linear); the LoRA math runs
 in the slots' own dtype.
 """
@@ -134,19 +133,17 @@ class BatchedLoraLinear(nn.Module):
             target += torch.bmm(h, b).view(target.shape).to(out.dtype)  # (R, T, out)
         return out
 
-    def set_slot(self, slot: int, a: torch.Tensor | None, b_t: torch.Tensor | None) -> None:
-        """Fill `slot` with A (r, in) and scale * B^T (r, out) (`ReadyLora`'s layout), zero above rank r; None:
-        zeros."""
-        r = 0 if a is None or b_t is None else a.shape[0]
+    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
+        """Fill `slot` with A (r, in) and B (out, r) scaled by `scale`, zero above rank r; None: zeros."""
+        r = 0 if a is None or b is None else a.shape[0]
         # Write each element once: the adapter's part, then zeros above its rank (cold loads are copy-bound).
         if r < self.lora_A.shape[1]:
             self.lora_A[slot, r:].zero_()  # (max_rank - r, in)
             self.lora_B[slot, r:].zero_()  # (max_rank - r, out)
-        if a is None or b_t is None:
+        if a is None or b is None:
             return
-        # Contiguous blocks; from pinned host memory these copies to a GPU do not block the engine thread.
-        self.lora_A[slot, :r].copy_(a, non_blocking=True)  # (r, in)
-        self.lora_B[slot, :r].copy_(b_t, non_blocking=True)  # (r, out)
+        self.lora_A[slot, :r].copy_(a)  # (r, in), contiguous; copy_ also crosses devices and dtypes
+        self.lora_B[slot, :r].copy_(b.mT).mul_(scale)  # (r, out): B^T with the scale folded in, in the slot's dtype
 
     def extra_repr(self) -> str:
         slots, max_rank, _ = self.lora_A.shape
@@ -199,20 +196,17 @@ class LoraSlots:
         `scalings` maps module path -> scale (ValidatedAdapter.lora_scalings). Returns the adapter's rank.
         The adapter was validated at registration, so a mismatch here is a ValueError, with the slot untouched.
         """
-        return self.load_ready(slot, ready_lora(tensors, scalings, self.dtype))
-
-    def load_ready(self, slot: int, lora: ReadyLora) -> int:
-        """Copy a LoRA already in the slots' layout (`ready_lora`, made off the engine thread) into `slot`; as
-        `load`."""
         self._check_slot(slot)
-        problems = [self._pair_problem(path, a, b_t) for path, (a, b_t) in sorted(lora.pairs.items())]
+        pairs = lora_pairs(tensors)
+        problems = [self._pair_problem(path, a, b, scalings) for path, (a, b) in sorted(pairs.items())]
         if reasons := [p for p in problems if p]:
             raise ValueError(f"cannot load LoRA into slot {slot}: " + "; ".join(reasons))
         self._invalidate()
         with torch.no_grad():
             for path, wrapper in self._wrappers.items():
-                wrapper.set_slot(slot, *lora.pairs.get(path, (None, None)))
-        return lora.rank
+                a, b = pairs.get(path, (None, None))
+                wrapper.set_slot(slot, a, b, scalings.get(path, 0.0))
+        return max(a.shape[0] for a, _ in pairs.values())
 
     def _invalidate(self) -> None:
         """A slot's weights change: no wrapper may reuse weights gathered before."""
@@ -226,7 +220,7 @@ class LoraSlots:
         self._invalidate()
         with torch.no_grad():
             for wrapper in self._wrappers.values():
-                wrapper.set_slot(slot, None, None)
+                wrapper.set_slot(slot, None, None, 0.0)
 
     def set_batch(self, slot_ids: Sequence[int], ranks: Sequence[int], *, transient: bool = False) -> None:
         """Select each row's slot for the next forward; `ranks` are the rows' adapter ranks (0 for slot 0).
@@ -267,54 +261,19 @@ class LoraSlots:
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} is outside 1..{self.num_slots}")
 
-    def _pair_problem(self, path: str, a: torch.Tensor, b_t: torch.Tensor) -> str:
+    def _pair_problem(self, path: str, a: torch.Tensor, b: torch.Tensor, scalings: Mapping[str, float]) -> str:
         wrapper = self._wrappers.get(path)
         if wrapper is None:
             return f"{path} is not a wrapped module"
         r = a.shape[0]
         if r > self.max_rank:
             return f"{path} has rank {r}, over max_rank {self.max_rank}"
-        if tuple(a.shape) != (r, wrapper.in_features) or tuple(b_t.shape) != (r, wrapper.out_features):
-            shapes = f"A {tuple(a.shape)} / B {tuple(b_t.shape[::-1])}"
+        if tuple(a.shape) != (r, wrapper.in_features) or tuple(b.shape) != (wrapper.out_features, r):
+            shapes = f"A {tuple(a.shape)} / B {tuple(b.shape)}"
             return f"{path}: {shapes} do not fit {wrapper.in_features} -> {wrapper.out_features} features"
+        if path not in scalings:
+            return f"{path} has no scaling"
         return ""
-
-
-@dataclass(frozen=True)
-class ReadyLora:
-    """A LoRA adapter in the slots' layout and dtype: module path -> (A (r, in), scale * B^T (r, out)), each
-    contiguous. Made on the adapter loader thread, so a slot load on the engine thread is plain copies."""
-
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    rank: int  # the largest rank among the modules
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b_t.nbytes for a, b_t in self.pairs.values())
-
-
-def ready_lora(
-    tensors: Mapping[str, torch.Tensor], scalings: Mapping[str, float], dtype: torch.dtype, *, pin: bool = False
-) -> ReadyLora:
-    """PEFT's LoRA state dict in the slots' layout: B transposed and scaled, in `dtype` (the slots'), so the scale
-    rounds once in that dtype; `pin` puts the result in page-locked memory for asynchronous copies to a GPU.
-    ValueError for keys that are not LoRA weights and for modules without a scaling."""
-    pairs = lora_pairs(tensors)
-    if missing := sorted(set(pairs) - set(scalings)):
-        raise ValueError(f"modules without a scaling: {missing}")
-    ready = {}
-    for path, (a, b) in pairs.items():
-        if a.dtype == dtype and a.is_contiguous() and not pin:
-            a_ready = a  # (r, in) as read: no copy
-        else:
-            a_ready = torch.empty(a.shape, dtype=dtype, pin_memory=pin).copy_(a)
-        b_ready = torch.empty(b.shape[::-1], dtype=dtype, pin_memory=pin)  # (r, out)
-        if b.dtype == dtype:
-            torch.mul(b.mT, scalings[path], out=b_ready)  # one pass: transpose and scale
-        else:  # widen or narrow first, so the scale rounds in the slots' dtype
-            b_ready.copy_(b.mT).mul_(scalings[path])
-        ready[path] = (a_ready, b_ready)
-    return ReadyLora(ready, max(a.shape[0] for a, _ in ready.values()))
 
 
 def lora_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

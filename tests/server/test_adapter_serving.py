@@ -11,19 +11,17 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.names import AdapterRef
-from quiver.adapters.peft_config import read_peft_config
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import LocalAdapterStore, StoredAdapter
 from quiver.adapters.validation import ValidationLimits
-from quiver.server.adapter_tiers import WEIGHTS_FILE, DeviceAdapters, HostAdapterCache, load_host_adapter
+from quiver.server.adapter_tiers import DeviceAdapters, HostAdapterCache, load_host_adapter
 from quiver.server.config import EngineConfig, ModelConfig
 from quiver.server.engine import Engine
 from quiver.server.generation_events import GenerationEvent
-from quiver.server.lora import LoraSlots, lora_pairs
+from quiver.server.lora import LoraSlots
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import SamplingParams
 
@@ -153,33 +151,6 @@ def test_prompt_bytes_on_the_device_are_counted_in_the_model_dtype(loaded: Any, 
         assert entry.nbytes == entry.prompt.nbytes == host.nbytes // 2 == device.nbytes
     finally:
         slots.unwrap()
-
-
-def test_cold_lora_gets_the_slots_layout_and_dtype_on_the_loader_thread(base_dir: Path, loras: list[StoredAdapter],
-                                                                         tmp_path: Path):
-    from quiver.server.model_loader import load_base_model
-
-    bf16 = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", dtype="bfloat16",
-                                       cache_dir=str(tmp_path)))
-    engine = Engine(bf16.model, bf16.tokenizer, frozenset(), EngineConfig(max_lora_rank=8, max_lora_slots=2))
-    try:
-        stored = loras[1]
-        host = engine.host_adapters.loader(stored)  # what the loader thread runs for a cold adapter
-        assert host.lora is not None and not host.tensors
-        assert {t.dtype for pair in host.lora.pairs.values() for t in pair} == {torch.bfloat16}
-        assert host.nbytes == host.lora.nbytes == load_host_adapter(stored).nbytes // 2  # the file holds float32
-        entry = engine.device_adapters.acquire(host)
-        assert entry is not None and entry.lora_slot == 1
-        # The engine thread's plain copies fill the slot as loading PEFT's own state dict does (scale in bf16).
-        tensors = load_file(str(stored.path / WEIGHTS_FILE))
-        spec: Any = read_peft_config(stored.path).spec
-        engine.lora.load(2, tensors, {module: spec.scaling_for(module) for module in lora_pairs(tensors)})
-        for wrapper in engine.lora._wrappers.values():
-            assert torch.equal(wrapper.lora_A[1], wrapper.lora_A[2])
-            assert torch.equal(wrapper.lora_B[1], wrapper.lora_B[2])
-        assert any(wrapper.lora_B[1].any() for wrapper in engine.lora._wrappers.values())
-    finally:
-        engine.stop()
 
 
 def test_more_distinct_adapters_than_slots_all_complete(engine: Engine, loras: list[StoredAdapter]):

@@ -27,7 +27,7 @@ def slots(tiny_model: Any) -> Iterator[LoraSlots]:
     torch.manual_seed(1)
     lora = LoraSlots(tiny_model, num_slots=2, max_rank=4)
     for wrapper in lora._wrappers.values():
-        wrapper.set_slot(1, torch.randn(4, wrapper.in_features), torch.randn(4, wrapper.out_features) * 0.5)
+        wrapper.set_slot(1, torch.randn(4, wrapper.in_features), torch.randn(wrapper.out_features, 4), 0.5)
     yield lora
     lora.unwrap()
 
