@@ -96,15 +96,16 @@ class BatchedLoraLinear(nn.Module):
 
     def _weights(self, slot_ids: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group's A^T (G, in, r) and scaled B^T (G, r, out), reused while the generation holds."""
-        a_src, b_src = self.lora_A.narrow(1, 0, rank), self.lora_B.narrow(1, 0, rank)  # (S+1, r, in), (S+1, r, out)
         shared = self.batch.shared_slot
         if shared is not None:  # one adapter for all LoRA rows: its slot as it is, no copy
             if not self.batch.transient:
                 self._gathered = None
-            return a_src.narrow(0, shared, 1).mT, b_src.narrow(0, shared, 1)  # (1, in, r), (1, r, out)
+            a_slot, b_slot = self.lora_A[shared : shared + 1], self.lora_B[shared : shared + 1]  # (1, R, in/out)
+            return a_slot[:, :rank].mT, b_slot[:, :rank]  # (1, in, r), (1, r, out)
         generation = self.batch.generation
         if self._gathered is not None and self._gathered[0] == generation:
-            return self._gathered[1], self._gathered[2]
+            return self._gathered[1], self._gathered[2]  # the usual decode step: nothing else to do
+        a_src, b_src = self.lora_A.narrow(1, 0, rank), self.lora_B.narrow(1, 0, rank)  # (S+1, r, in), (S+1, r, out)
         # A enters bmm as a transposed view, as fast as a copy; B must be row-major: baddbmm_ on a transposed
         # (G, out, r) view took 1.5-1.7x as long on a CPU (out 576 / 1536, r 16, G 8).
         a, b = a_src.index_select(0, slot_ids).mT, b_src.index_select(0, slot_ids)  # (G, in, r), (G, r, out)
