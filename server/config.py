@@ -12,6 +12,8 @@ Quantize = Literal["auto", "nf4", "int8", "none"]
 DeviceChoice = Literal["auto", "cuda", "cpu"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 
+LORA_GATHER_BYTES = 512 * 2**20  # --max-lora-gather-bytes' default, also LoraSlots' own
+
 
 @dataclass
 class ModelConfig:
@@ -89,6 +91,13 @@ class EngineConfig:
         metadata={"help": "device bytes for adapters: the LoRA slot stacks (with the all-zero slot 0) plus resident "
                          "prompts and prefixes"},
     )
+    max_lora_gather_bytes: int = field(
+        default=LORA_GATHER_BYTES,
+        metadata={"help": "device bytes of per-row LoRA weights a decode step keeps gathered for the next one (reused "
+                  "while the running batch is unchanged, so the gather runs once per change, not per step); a batch "
+                  "needing more gathers them at every step. Device memory beside --max-device-adapter-bytes; 0 "
+                  "keeps none"},
+    )
     max_host_adapter_bytes: int = field(
         default=4 * 2**30, metadata={"help": "host-memory LRU of loaded adapters, in bytes"}
     )
@@ -118,6 +127,8 @@ class EngineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
+        if self.max_lora_gather_bytes < 0:
+            raise ValueError("--max-lora-gather-bytes must be >= 0")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("--default-max-new-tokens must not exceed --max-new-tokens-limit")
 

@@ -62,4 +62,6 @@ def _lora_slots(model: Any, config: EngineConfig, dtype: torch.dtype) -> LoraSlo
                     config.max_device_adapter_bytes, config.max_lora_rank, 2 * per_slot)
     log.info("LoRA: %d device slots of rank %d (%.1f MiB each, %.1f MiB with slot 0)", slots, config.max_lora_rank,
              per_slot / 2**20, per_slot * (slots + 1) / 2**20)
-    return LoraSlots(model, num_slots=slots, max_rank=config.max_lora_rank, dtype=dtype)
+    return LoraSlots(
+        model, num_slots=slots, max_rank=config.max_lora_rank, dtype=dtype, gather_bytes=config.max_lora_gather_bytes
+    )

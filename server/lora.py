@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from quiver.adapters.base_spec import EMBEDDING_LEAF_NAMES
+from quiver.server.config import LORA_GATHER_BYTES
 
 # PEFT's LoRA keys: "base_model.model.<module path>.lora_A.weight" (".lora_A.default.weight" also occurs).
-# Most bytes of gathered per-row LoRA weights kept between decode steps (see LoraBatch.reuse).
-REUSE_BYTES = 512 * 2**20
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.default)?\.weight$")
 
 
@@ -162,12 +161,15 @@ class LoraSlots:
         max_rank: int,
         dtype: torch.dtype | None = None,
         target_leaf_names: Collection[str] | None = None,
+        gather_bytes: int = LORA_GATHER_BYTES,
     ) -> None:
+        """`gather_bytes`: most bytes of gathered per-row weights kept between decode steps (LoraBatch.reuse)."""
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots ({num_slots}) and max_rank ({max_rank}) must be at least 1")
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.gather_bytes = gather_bytes
         self.dtype = dtype if dtype is not None else _compute_dtype(model)
         self.batch = LoraBatch()
         self._device = next(model.parameters()).device
@@ -249,7 +251,11 @@ class LoraSlots:
         _, self.batch.generation, self.batch.slot_ids = selection
         self.batch.rows, self.batch.rank, self.batch.shared_slot = rows, rank, groups[0] if shared else None
         # Keeping the gathered copies costs G slots' worth of memory at this rank; bound it.
-        self.batch.reuse = not transient and len(groups) * self.slot_bytes * rank <= REUSE_BYTES * self.max_rank
+        self.batch.reuse = not transient and self.gathered_bytes(len(groups), rank) <= self.gather_bytes
+
+    def gathered_bytes(self, groups: int, rank: int) -> int:
+        """Device bytes of every wrapper's weights gathered for `groups` groups at `rank`."""
+        return groups * self.slot_bytes * rank // self.max_rank
 
     def unwrap(self) -> None:
         """Put the original base layers back; this LoraSlots is unusable afterwards."""

@@ -83,14 +83,18 @@ def _stack_bytes(model: nn.Module) -> int:
 @pytest.mark.parametrize("fit", [2, 3])
 def test_lora_slots_and_slot_zero_fit_the_device_budget(tiny_model: Any, fit: int):
     per_slot = slot_bytes(tiny_model, 8, torch.float32)
-    config = EngineConfig(max_lora_rank=8, max_lora_slots=16, max_device_adapter_bytes=fit * per_slot + per_slot // 2)
+    config = EngineConfig(max_lora_rank=8, max_lora_slots=16, max_device_adapter_bytes=fit * per_slot + per_slot // 2,
+                          max_lora_gather_bytes=fit * per_slot)
     held = HeldModel(tiny_model, config, torch.float32)
     try:
         assert held.lora.slot_bytes == per_slot  # computed without allocating a slot
+        assert held.lora.gather_bytes == config.max_lora_gather_bytes
         assert held.lora.num_slots == fit - 1  # slot 0 is in the stacks too
         assert _stack_bytes(tiny_model) == held.lora.stack_bytes <= config.max_device_adapter_bytes
     finally:
         held.release()
+    with pytest.raises(ValueError, match="--max-lora-gather-bytes"):
+        EngineConfig(max_lora_gather_bytes=-1)
 
 
 def test_a_model_without_linear_layers_is_refused_clearly():

@@ -189,6 +189,26 @@ def test_decode_weights_are_gathered_once_and_survive_a_transient_prefill(
     assert wrapper._gathered is not None and wrapper._gathered[1] is not gathered[0]
 
 
+def test_decode_keeps_gathered_weights_only_within_gather_bytes(
+    base_dir: Path, adapters: dict[str, Adapter], ids: torch.Tensor,
+    base_logits: torch.Tensor, peft_logits: dict[str, torch.Tensor],
+):
+    model = load_base(base_dir)
+    slots, row_slots, row_ranks = _slots_with_all(model, adapters)
+    assert slots.batch.slot_ids is not None
+    need = slots.gathered_bytes(len(slots.batch.slot_ids), max(row_ranks))
+    wrappers = list(slots._wrappers.values())
+    # Rising limits: a step under a lower limit would find copies kept under a higher one (same selection).
+    for limit, kept in ((0, False), (need - 1, False), (need, True)):
+        slots.gather_bytes = limit
+        slots.set_batch(row_slots, row_ranks)
+        _assert_rows(_logits(model, ids), row_slots, list(peft_logits.values()), base_logits, ATOL)
+        held = [w._gathered for w in wrappers if w._gathered is not None]
+        assert len(held) == (len(wrappers) if kept else 0), f"limit {limit}"
+    held_bytes = sum(a.nbytes + b.nbytes for w in wrappers if w._gathered for _, a, b in [w._gathered])
+    assert held_bytes == need  # the count the limit is checked against is what the wrappers keep
+
+
 def test_one_shared_adapter_uses_its_slot_in_place(
     base_dir: Path, adapters: dict[str, Adapter], ids: torch.Tensor,
     base_logits: torch.Tensor, peft_logits: dict[str, torch.Tensor],
