@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from quiver.server.adapter_tiers import DeviceAdapter, DeviceAdapters, HostAdapterCache
+from quiver.server.adapter_tiers import DeviceAdapters, HostAdapterCache
 from quiver.server.batch import DecodeBatch
 from quiver.server.cache_budget import CacheBudget
 from quiver.server.chunked_prefill import ChunkedPrefill
@@ -28,39 +27,22 @@ from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import claim_for_this_thread
 from quiver.server.decode_step import decode_step_for
 from quiver.server.detokenizer import TextStream
-from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
-from quiver.server.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
+from quiver.server.errors import ResourceExhausted, Unavailable
+from quiver.server.generation_events import RequestHandle, Sink
 from quiver.server.held_model import HeldModel
-from quiver.server.logprobs import TokenLogprob, token_logprobs
+from quiver.server.logprobs import token_logprobs
 from quiver.server.prefill import Prefilled, PrefillRow, oldest_group, prefill, prefill_length
 from quiver.server.request_builder import GenerationRequest, virtual_tokens
 from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler
+from quiver.server.sequence import RequestState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class _Sequence:
-    """Engine-thread state of one request."""
-
-    request: GenerationRequest
-    sink: Sink
-    handle: RequestHandle
-    sampler: RowSampler
-    text: TextStream
-    seen: torch.Tensor  # (prompt_len + max_new_tokens,) token ids; the first `n_seen` are valid
-    n_seen: int
-    peak: int  # most cache positions the row can take: prompt + its adapter's virtual tokens + max_new_tokens
-    adapter: DeviceAdapter | None = None
-    logits: torch.Tensor | None = None  # (V,) next-token logits
-    n_generated: int = 0
-    done: bool = field(default=False)
-
-
-def _no_lora(seq: _Sequence) -> bool:
+def _no_lora(seq: RequestState) -> bool:
     """Sort key that puts sequences using a LoRA first (see LoraBatch.rows)."""
-    return seq.adapter is None or seq.adapter.lora_slot == 0
+    return not seq.uses_lora
 
 
 class Engine:
@@ -88,11 +70,11 @@ class Engine:
         except BaseException:
             self.host_adapters.close()
             raise
-        self._scheduler: Scheduler[_Sequence] = Scheduler(self.host_adapters, self.device_adapters)
-        self._inbox: queue.Queue[_Sequence] = queue.Queue()
-        self._running: list[_Sequence] = []
-        self._ready: list[_Sequence] = []  # admitted (adapter pinned), waiting for their prefill group
-        self._chunked: tuple[_Sequence, ChunkedPrefill] | None = None  # a long prompt, prefilled a chunk per step
+        self._scheduler: Scheduler[RequestState] = Scheduler(self.host_adapters, self.device_adapters)
+        self._inbox: queue.Queue[RequestState] = queue.Queue()
+        self._running: list[RequestState] = []
+        self._ready: list[RequestState] = []  # admitted (adapter pinned), waiting for their prefill group
+        self._chunked: tuple[RequestState, ChunkedPrefill] | None = None  # a long prompt, prefilled a chunk per step
         self._chunk_turn = False  # while chunking: whether the next step's prefill is the chunk's, not a group's
         step = decode_step_for(self._model, plain=config.plain_decode_step)
         self._batch = DecodeBatch(self._device, config.cache_block_tokens, step)
@@ -112,7 +94,7 @@ class Engine:
             self._thread.join()
         self._take_inbox()  # a submit that raced the thread's last look still gets its answer
         for waiting in self._scheduler.take_all():
-            self._fail(waiting.item, Unavailable("the server is shutting down"))
+            waiting.item.fail(Unavailable("the server is shutting down"))
         self.host_adapters.close()
         self._held.release()
 
@@ -127,7 +109,7 @@ class Engine:
         what admission holds against `max_cache_bytes`."""
         return self._cache_budget.batch_bytes(row.peak for row in self._batch_rows())
 
-    def _batch_rows(self) -> list[_Sequence]:
+    def _batch_rows(self) -> list[RequestState]:
         """Every row the batch holds or has promised a place: running, admitted, and the one being chunked."""
         chunked = self._chunked  # read once: another thread may ask (cache_reserved_bytes)
         return [*self._running, *self._ready, *([chunked[0]] if chunked is not None else [])]
@@ -151,7 +133,7 @@ class Engine:
         handle = RequestHandle()
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
         seen = torch.cat([prompt, torch.zeros(request.max_new_tokens, dtype=torch.long)])
-        sequence = _Sequence(
+        sequence = RequestState(
             request, sink, handle, RowSampler(request.sampling), TextStream(self._tokenizer, request.stop_sequences),
             seen, len(request.prompt_ids), peak,
         )
@@ -186,7 +168,7 @@ class Engine:
             self._chunked = None
         self._take_inbox()
         for waiting in self._scheduler.take_all():
-            self._fail(waiting.item, Unavailable("the server is shutting down"))
+            waiting.item.fail(Unavailable("the server is shutting down"))
 
     def _take_inbox(self) -> None:
         while True:
@@ -209,13 +191,13 @@ class Engine:
         room = self._config.max_running - len(self._running) - len(self._ready) - (self._chunked is not None)
         for entry in self._scheduler.admit(room, self._fits_cache):
             if entry.error is not None:
-                self._fail(entry.item, entry.error)
+                entry.item.fail(entry.error)
                 continue
             entry.item.adapter = entry.device
             self._ready.append(entry.item)
         self._prefill_next()
 
-    def _fits_cache(self, seq: _Sequence, admitted: list[_Sequence]) -> bool:
+    def _fits_cache(self, seq: RequestState, admitted: list[RequestState]) -> bool:
         """Whether the batch still fits the cache budget at its worst case with `seq` and `admitted` in it."""
         return self._cache_budget.fits(row.peak for row in [*self._batch_rows(), *admitted, seq])
 
@@ -240,7 +222,7 @@ class Engine:
         else:
             self._prefill(group)
 
-    def _take_group(self, *, fitting: bool) -> list[_Sequence] | None:
+    def _take_group(self, *, fitting: bool) -> list[RequestState] | None:
         """Remove from the ready list the prefill group holding its oldest request (`oldest_group`)."""
         lengths = [prefill_length(len(seq.request.prompt_ids), seq.adapter) for seq in self._ready]
         group = oldest_group(lengths, self._config.max_prefill_tokens, fitting=fitting)
@@ -250,7 +232,7 @@ class Engine:
         self._ready = [seq for i, seq in enumerate(self._ready) if i not in group]
         return sorted(chosen, key=_no_lora)
 
-    def _start_chunks(self, seq: _Sequence, budget: int) -> None:
+    def _start_chunks(self, seq: RequestState, budget: int) -> None:
         try:
             self._chunked = (seq, ChunkedPrefill(self._row(seq), budget))
         except Exception as e:
@@ -260,7 +242,7 @@ class Engine:
         self._chunk_turn = False
         self._advance_chunk()
 
-    def _row(self, seq: _Sequence) -> PrefillRow:
+    def _row(self, seq: RequestState) -> PrefillRow:
         return PrefillRow(torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self._device), seq.adapter)
 
     def _advance_chunk(self) -> None:
@@ -282,7 +264,7 @@ class Engine:
             self._chunked = None
             self._join([seq], out)
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
+    def _prefill(self, seqs: list[RequestState]) -> None:
         """Prefill `seqs` in one forward and add them to the running batch; never raises."""
         try:
             out = prefill(self._model, self.lora, [self._row(seq) for seq in seqs])
@@ -297,7 +279,7 @@ class Engine:
             return
         self._join(seqs, out)
 
-    def _join(self, seqs: list[_Sequence], out: Prefilled) -> None:
+    def _join(self, seqs: list[RequestState], out: Prefilled) -> None:
         """Add prefilled `seqs` to the running batch; never raises."""
         for seq, logits in zip(seqs, out.logits, strict=True):
             seq.logits = logits
@@ -312,7 +294,7 @@ class Engine:
             log.exception("joining the running batch failed")
             self._finish_all(self._running, e)
 
-    def _set_lora(self, rows: list[_Sequence]) -> None:
+    def _set_lora(self, rows: list[RequestState]) -> None:
         slots = [s.adapter.lora_slot if s.adapter else 0 for s in rows]
         ranks = [s.adapter.rank if s.adapter else 0 for s in rows]
         self.lora.set_batch(slots, ranks)
@@ -337,7 +319,7 @@ class Engine:
         tokens = sample_next(logits, [s.sampler for s in batch], [s.seen[: s.n_seen] for s in batch])
         details = token_logprobs(logits, tokens, [s.request.logprobs for s in batch])
         keep = [i for i, (seq, token, detail) in enumerate(zip(batch, tokens.tolist(), details, strict=True))
-                if self._emit(seq, token, detail)]
+                if seq.emit(token, detail, self._eos)]
         for i, seq in enumerate(batch):
             if i not in keep:
                 self._retire(seq)
@@ -350,48 +332,14 @@ class Engine:
         for seq, row in zip(self._running, next_logits, strict=True):
             seq.logits = row
 
-    def _emit(self, seq: _Sequence, token: int, detail: TokenLogprob | None) -> bool:
-        """Record `token` and send its event; returns whether the sequence goes on."""
-        seq.seen[seq.n_seen] = token
-        seq.n_seen += 1
-        seq.n_generated += 1
-        finish: FinishReason | None = None
-        if token in self._eos:
-            finish, text = FinishReason.EOS_TOKEN, ""
-        else:
-            text = seq.text.push(token)
-            if seq.text.stopped:
-                finish = FinishReason.STOP_SEQUENCE
-            elif seq.n_generated >= seq.request.max_new_tokens:
-                finish = FinishReason.LENGTH
-        if finish is not None and finish is not FinishReason.STOP_SEQUENCE:
-            text += seq.text.finish()
-        event = GenerationEvent(text, (token,), len(seq.request.prompt_ids), seq.n_generated, finish,
-                                logprobs=(detail,) if detail is not None else ())
-        return self._send(seq, event) and finish is None
-
-    def _retire(self, seq: _Sequence) -> None:
+    def _retire(self, seq: RequestState) -> None:
         if seq.adapter is not None and not seq.done:
             self.device_adapters.release(seq.adapter)
         seq.done = True
 
-    def _send(self, seq: _Sequence, event: GenerationEvent) -> bool:
-        try:
-            seq.sink(event)
-        except Exception:  # the receiver is gone (its event loop closed): drop the sequence
-            log.warning("dropping a sequence whose receiver is gone", exc_info=True)
-            seq.handle.cancel()
-            return False
-        return True
-
-    def _fail(self, seq: _Sequence, error: BaseException) -> None:
-        if not isinstance(error, QuiverError):
-            error = RuntimeError(f"generation failed: {error}")
-        self._send(seq, GenerationEvent("", (), len(seq.request.prompt_ids), seq.n_generated, error=error))
-
-    def _finish_all(self, seqs: list[_Sequence], error: BaseException) -> None:
+    def _finish_all(self, seqs: list[RequestState], error: BaseException) -> None:
         for seq in seqs:
-            self._fail(seq, error)
+            seq.fail(error)
             self._retire(seq)
         if seqs is self._running:
             self._running = []

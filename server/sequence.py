@@ -1,0 +1,76 @@
+"""One request as the engine thread holds it: its tokens so far, sampler, text stream and the events it sends."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from quiver.server.adapter_tiers import DeviceAdapter
+from quiver.server.detokenizer import TextStream
+from quiver.server.errors import QuiverError
+from quiver.server.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
+from quiver.server.logprobs import TokenLogprob
+from quiver.server.request_builder import GenerationRequest
+from quiver.server.sampling import RowSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Engine-thread state of one request."""
+
+    request: GenerationRequest
+    sink: Sink
+    handle: RequestHandle
+    sampler: RowSampler
+    text: TextStream
+    seen: torch.Tensor  # (prompt_len + max_new_tokens,) token ids; the first `n_seen` are valid
+    n_seen: int
+    peak: int  # most cache positions the row can take: prompt + its adapter's virtual tokens + max_new_tokens
+    arrival: int = 0  # submission order: preemption takes the newest rows first
+    adapter: DeviceAdapter | None = None
+    logits: torch.Tensor | None = None  # (V,) next-token logits
+    n_generated: int = 0
+    done: bool = field(default=False)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.adapter is not None and self.adapter.lora_slot != 0
+
+    def emit(self, token: int, detail: TokenLogprob | None, eos: frozenset[int]) -> bool:
+        """Record `token` and send its event; returns whether the sequence goes on."""
+        self.seen[self.n_seen] = token
+        self.n_seen += 1
+        self.n_generated += 1
+        finish: FinishReason | None = None
+        if token in eos:
+            finish, text = FinishReason.EOS_TOKEN, ""
+        else:
+            text = self.text.push(token)
+            if self.text.stopped:
+                finish = FinishReason.STOP_SEQUENCE
+            elif self.n_generated >= self.request.max_new_tokens:
+                finish = FinishReason.LENGTH
+        if finish is not None and finish is not FinishReason.STOP_SEQUENCE:
+            text += self.text.finish()
+        event = GenerationEvent(text, (token,), len(self.request.prompt_ids), self.n_generated, finish,
+                                logprobs=(detail,) if detail is not None else ())
+        return self.send(event) and finish is None
+
+    def send(self, event: GenerationEvent) -> bool:
+        """Hand `event` to the sink; False (and the request cancelled) when its receiver is gone."""
+        try:
+            self.sink(event)
+        except Exception:  # the receiver is gone (its event loop closed): drop the sequence
+            log.warning("dropping a sequence whose receiver is gone", exc_info=True)
+            self.handle.cancel()
+            return False
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        if not isinstance(error, QuiverError):
+            error = RuntimeError(f"generation failed: {error}")
+        self.send(GenerationEvent("", (), len(self.request.prompt_ids), self.n_generated, error=error))
