@@ -82,10 +82,14 @@ class RunningServer:
 
 
 async def _update_gauges(engine: Engine, metrics: ServerMetrics) -> None:
+    reported_preemptions = 0
     while True:
         metrics.running.set(engine.num_running)
         metrics.waiting.set(engine.num_waiting)
         metrics.cache_reserved.set(engine.cache_reserved_bytes)
+        preemptions = engine.preemptions  # a count the engine thread raises: export what it gained since
+        metrics.preemptions.inc(preemptions - reported_preemptions)
+        reported_preemptions = preemptions
         await asyncio.sleep(_GAUGE_PERIOD_S)
 
 

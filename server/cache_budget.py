@@ -6,8 +6,13 @@ virtual tokens of its adapter (soft prompt or prefix), plus its `max_new_tokens`
 every row at that worst case, it never outgrows the budget, whatever the rows generate. Admission adds a
 request only while that holds (in arrival order: the oldest request that does not fit holds back the later
 ones, so a long request is not starved by short ones), and a request that could not fit even alone is
-refused when it arrives. vLLM bounds the same memory with paged blocks and preempts rows when it runs out;
-this batch has no pages to preempt, so it reserves for the worst case instead.
+refused when it arrives.
+
+With `--preempt`, admission counts each row at its length now instead (plus the spare block), as vLLM admits
+into its paged cache, so far more rows may run when most stop well before `max_new_tokens`. A decode step
+whose batch would outgrow the budget first takes out the newest rows (`to_preempt`): their cache is dropped,
+and they resume before any new request starts, by prefilling their prompt and the tokens they have generated
+(vLLM's recompute preemption; this batch has no pages to swap out).
 
 The budget bounds the batch's own cache. Transient copies come on top of it for a moment: a prefill group's
 cache (padded to the group's longest prompt, at most `--max-prefill-tokens` wide) before it joins, and the
@@ -16,7 +21,7 @@ old entries while a join or a growth copies them into new buffers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +49,15 @@ class CacheBudget:
 
     def fits(self, peaks: Iterable[int]) -> bool:
         return self.batch_bytes(peaks) <= self.max_bytes
+
+    def to_preempt(self, lengths: Sequence[int], arrivals: Sequence[int]) -> list[int]:
+        """Rows to take out, newest (highest arrival) first, until the others fit at `lengths`; never every row.
+
+        A lone row always fits: each request's peak was checked against the budget when it arrived."""
+        kept = sorted(range(len(lengths)), key=lambda i: arrivals[i])  # oldest first
+        while len(kept) > 1 and not self.fits(lengths[i] for i in kept):
+            kept.pop()
+        return sorted(set(range(len(lengths))) - set(kept))
 
     def check_alone(self, peak: int) -> None:
         """Refuse a request that would not fit even as the batch's only row."""

@@ -79,6 +79,14 @@ class EngineConfig:
                   "fits with every row at its longest (prompt + adapter virtual tokens + max_new_tokens); one that "
                   "cannot fit even alone is refused with RESOURCE_EXHAUSTED (server/cache_budget.py)"},
     )
+    preempt: bool = field(
+        default=False,
+        metadata={"help": "admit requests while the batch fits --max-cache-bytes at its current length (plus one "
+                  "cache block) instead of with every row at its longest; when the cache would outgrow the budget, "
+                  "the newest sequences are preempted: their cache is dropped, their adapter stays pinned, and they "
+                  "resume before any new request starts, recomputing prompt and generated tokens in one prefill "
+                  "(vLLM's recompute preemption)"},
+    )
     max_lora_rank: int = field(
         default=64,
         metadata={"help": "rank of the preallocated LoRA slots; registration refuses higher ranks"},

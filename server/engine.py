@@ -12,6 +12,7 @@ prefixes) or none; the weights never change between requests.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -38,6 +39,10 @@ from quiver.server.scheduler import Scheduler
 from quiver.server.sequence import RequestState
 
 log = logging.getLogger(__name__)
+
+
+def _prefill_length(seq: RequestState) -> int:
+    return prefill_length(seq.n_seen, seq.adapter)
 
 
 def _no_lora(seq: RequestState) -> bool:
@@ -74,6 +79,9 @@ class Engine:
         self._inbox: queue.Queue[RequestState] = queue.Queue()
         self._running: list[RequestState] = []
         self._ready: list[RequestState] = []  # admitted (adapter pinned), waiting for their prefill group
+        self._preempted: list[RequestState] = []  # taken out to free cache (`preempt`), oldest first
+        self._arrivals = itertools.count()
+        self.preemptions = 0  # rows taken out so far
         self._chunked: tuple[RequestState, ChunkedPrefill] | None = None  # a long prompt, prefilled a chunk per step
         self._chunk_turn = False  # while chunking: whether the next step's prefill is the chunk's, not a group's
         step = decode_step_for(self._model, plain=config.plain_decode_step)
@@ -105,9 +113,18 @@ class Engine:
 
     @property
     def cache_reserved_bytes(self) -> int:
-        """Key/value cache bytes the batch may reach with its rows (running, admitted, chunked) at their longest:
-        what admission holds against `max_cache_bytes`."""
-        return self._cache_budget.batch_bytes(row.peak for row in self._batch_rows())
+        """Key/value cache bytes admission holds against `max_cache_bytes` for the batch's rows (running, admitted,
+        chunked): at their longest, or with `preempt` at their length now."""
+        return self._cache_budget.batch_bytes(self._cache_lengths([]))
+
+    def _cache_lengths(self, extra: list[RequestState]) -> list[int]:
+        """What admission counts for each row of the batch and for `extra` rows about to join it: its peak, or
+        with `preempt` its length now (a row not yet running: after its prefill)."""
+        rows = [*self._batch_rows(), *extra]
+        if not self._config.preempt:
+            return [row.peak for row in rows]
+        running = self._batch.lengths  # the running rows' (the first ones), in their order
+        return [*running, *(_prefill_length(row) for row in rows[len(running):])]
 
     def _batch_rows(self) -> list[RequestState]:
         """Every row the batch holds or has promised a place: running, admitted, and the one being chunked."""
@@ -120,7 +137,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._inbox.qsize() + len(self._scheduler)  # admitted ones (`_ready`) hold a batch place
+        # Admitted ones (`_ready`) hold a batch place; preempted ones wait to resume.
+        return self._inbox.qsize() + len(self._scheduler) + len(self._preempted)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue `request`; `sink` is called from the engine thread with every event."""
@@ -135,7 +153,7 @@ class Engine:
         seen = torch.cat([prompt, torch.zeros(request.max_new_tokens, dtype=torch.long)])
         sequence = RequestState(
             request, sink, handle, RowSampler(request.sampling), TextStream(self._tokenizer, request.stop_sequences),
-            seen, len(request.prompt_ids), peak,
+            seen, len(request.prompt_ids), peak, next(self._arrivals),
         )
         self._inbox.put(sequence)
         self._wake.set()
@@ -152,7 +170,7 @@ class Engine:
                 if not self._running:
                     if not self._ready and self._chunked is None:
                         # Nothing to do: sleep until a request arrives (or a cold adapter may have loaded).
-                        self._wake.wait(timeout=0.005 if len(self._scheduler) else None)
+                        self._wake.wait(timeout=0.005 if len(self._scheduler) or self._preempted else None)
                         self._wake.clear()
                     continue
                 try:
@@ -161,8 +179,9 @@ class Engine:
                     log.exception("engine step failed")
                     self._finish_all(self._running, e)
         self._finish_all(self._running, Unavailable("the server is shutting down"))
-        self._finish_all(self._ready, Unavailable("the server is shutting down"))
-        self._ready = []
+        for waiting_rows in (self._ready, self._preempted):
+            self._finish_all(waiting_rows, Unavailable("the server is shutting down"))
+        self._ready, self._preempted = [], []
         if self._chunked is not None:
             self._finish_all([self._chunked[0]], Unavailable("the server is shutting down"))
             self._chunked = None
@@ -184,12 +203,17 @@ class Engine:
         for gone in self._scheduler.drop(lambda s: s.handle.cancelled):
             if gone.device is not None:
                 self.device_adapters.release(gone.device)
-        for seq in self._ready:
+        for seq in [*self._ready, *self._preempted]:
             if seq.handle.cancelled:
                 self._retire(seq)
         self._ready = [seq for seq in self._ready if not seq.done]
+        self._preempted = [seq for seq in self._preempted if not seq.done]
         room = self._config.max_running - len(self._running) - len(self._ready) - (self._chunked is not None)
-        for entry in self._scheduler.admit(room, self._fits_cache):
+        while self._preempted and room > 0 and self._fits_cache(self._preempted[0], []):
+            self._ready.append(self._preempted.pop(0))  # oldest first; its adapter is still pinned
+            room -= 1
+        # While preempted rows wait, nothing new starts (they would starve); failed adapters still answer.
+        for entry in self._scheduler.admit(0 if self._preempted else room, self._fits_cache):
             if entry.error is not None:
                 entry.item.fail(entry.error)
                 continue
@@ -199,7 +223,7 @@ class Engine:
 
     def _fits_cache(self, seq: RequestState, admitted: list[RequestState]) -> bool:
         """Whether the batch still fits the cache budget at its worst case with `seq` and `admitted` in it."""
-        return self._cache_budget.fits(row.peak for row in [*self._batch_rows(), *admitted, seq])
+        return self._cache_budget.fits(self._cache_lengths([*admitted, seq]))
 
     def _prefill_next(self) -> None:
         """This step's one prefill: a group of ready requests, or the next chunk of a long prompt. While a long
@@ -217,14 +241,14 @@ class Engine:
         if group is None:
             return
         budget = self._config.max_prefill_tokens
-        if len(group) == 1 and prefill_length(len(group[0].request.prompt_ids), group[0].adapter) > budget:
+        if len(group) == 1 and _prefill_length(group[0]) > budget:
             self._start_chunks(group[0], budget)
         else:
             self._prefill(group)
 
     def _take_group(self, *, fitting: bool) -> list[RequestState] | None:
         """Remove from the ready list the prefill group holding its oldest request (`oldest_group`)."""
-        lengths = [prefill_length(len(seq.request.prompt_ids), seq.adapter) for seq in self._ready]
+        lengths = [_prefill_length(seq) for seq in self._ready]
         group = oldest_group(lengths, self._config.max_prefill_tokens, fitting=fitting)
         if group is None:
             return None
@@ -243,7 +267,8 @@ class Engine:
         self._advance_chunk()
 
     def _row(self, seq: RequestState) -> PrefillRow:
-        return PrefillRow(torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self._device), seq.adapter)
+        # The prompt, and for a preempted row the tokens it generated before (their cache was dropped).
+        return PrefillRow(seq.seen[: seq.n_seen].to(self._device, copy=True), seq.adapter)
 
     def _advance_chunk(self) -> None:
         """Feed the long prompt its next chunk; after the last, it joins the running batch. Never raises."""
@@ -323,6 +348,8 @@ class Engine:
         for i, seq in enumerate(batch):
             if i not in keep:
                 self._retire(seq)
+        if self._config.preempt:
+            keep = self._preempt(batch, keep)
         self._running = [batch[i] for i in keep]
         self._batch.keep(keep)
         if not self._running:
@@ -331,6 +358,20 @@ class Engine:
         next_logits = self._batch.forward(self._model, tokens[keep].to(self._device))  # (B', V)
         for seq, row in zip(self._running, next_logits, strict=True):
             seq.logits = row
+
+    def _preempt(self, batch: list[RequestState], keep: list[int]) -> list[int]:
+        """Of the rows `keep` of `batch`, take out the newest until the rest fit the cache budget after this
+        step's forward; returns the rows that stay. The others drop their cache and wait to resume."""
+        lengths = [self._batch.lengths[i] + 1 for i in keep]
+        out = self._cache_budget.to_preempt(lengths, [batch[i].arrival for i in keep])
+        if not out:
+            return keep
+        for j in out:
+            batch[keep[j]].logits = None
+        self._preempted = sorted([*self._preempted, *(batch[keep[j]] for j in out)], key=lambda s: s.arrival)
+        self.preemptions += len(out)
+        log.info("preempted %d sequences to stay within --max-cache-bytes", len(out))
+        return [i for j, i in enumerate(keep) if j not in out]
 
     def _retire(self, seq: RequestState) -> None:
         if seq.adapter is not None and not seq.done:

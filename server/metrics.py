@@ -129,7 +129,14 @@ class ServerMetrics:
         self.waiting = Gauge("quiver_waiting_requests", "Requests waiting to start", registry=self.registry)
         self.cache_reserved = Gauge(
             "quiver_cache_reserved_bytes",
-            "Key/value cache bytes the batch may reach with every row at its longest (admission's count)",
+            "Key/value cache bytes admission counts for the batch: every row at its longest, or with --preempt at "
+            "its length now",
+            registry=self.registry,
+        )
+        self.preemptions = Counter(
+            "quiver_preemptions",
+            "Sequences taken out of the batch to keep its key/value cache within --max-cache-bytes (--preempt); "
+            "each resumes by recomputing its tokens",
             registry=self.registry,
         )
         self.cache_budget = Gauge(

@@ -1,5 +1,6 @@
-"""The key/value cache budget: its byte count, refusal of a request that cannot fit, and admission that holds
-requests back (in arrival order) while the batch would outgrow it."""
+"""The key/value cache budget: its byte count, refusal of a request that cannot fit, admission that holds
+requests back (in arrival order) while the batch would outgrow it, and with `preempt` admission at the rows'
+lengths now, with the newest rows preempted (and later resumed by recomputing) when the batch outgrows it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from quiver.adapters.metadata import AdapterMetadata
 from quiver.adapters.store import StoredAdapter
@@ -20,7 +21,7 @@ from quiver.server.config import EngineConfig
 from quiver.server.engine import Engine
 from quiver.server.errors import ResourceExhausted
 
-from .test_engine import Collector, request
+from .test_engine import Collector, reference_greedy, request
 
 BLOCK = EngineConfig().cache_block_tokens
 
@@ -44,8 +45,19 @@ def test_a_batch_counts_every_row_at_the_longest_peak():
         budget.check_alone(97)
 
 
-def _engine(model: Any, tokenizer: Any, max_cache_bytes: int) -> Iterator[Engine]:
-    eng = Engine(model, tokenizer, frozenset({tokenizer.eos_token_id}), EngineConfig(max_cache_bytes=max_cache_bytes))
+def test_preemption_takes_the_newest_rows_and_never_all():
+    budget = CacheBudget(max_bytes=1_000, position_bytes=10, block=4)  # one row of 96, two of 46, three of 29
+    assert budget.to_preempt([20, 20, 20], [5, 3, 9]) == []
+    assert budget.to_preempt([30, 30, 30], [5, 3, 9]) == [2]  # arrival 9 is the newest
+    assert budget.to_preempt([30, 30, 30], [9, 3, 5]) == [0]
+    assert budget.to_preempt([50, 50, 50], [1, 2, 3]) == [1, 2]
+    assert budget.to_preempt([500, 500], [1, 2]) == [1]  # the oldest stays, even over the budget
+    assert budget.to_preempt([], []) == []
+
+
+def _engine(model: Any, tokenizer: Any, max_cache_bytes: int, preempt: bool = False) -> Iterator[Engine]:
+    config = EngineConfig(max_cache_bytes=max_cache_bytes, preempt=preempt)
+    eng = Engine(model, tokenizer, frozenset({tokenizer.eos_token_id}), config)
     eng.start()
     yield eng
     eng.stop()
@@ -135,3 +147,59 @@ def test_the_engine_reports_what_its_rows_reserve(tiny_model: Any, smol_tokenize
         while engine.cache_reserved_bytes and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.cache_reserved_bytes == 0
+
+
+@pytest.mark.real_model
+def test_with_preemption_rows_start_at_once_and_the_newest_yields_then_resumes(default_checkpoint: Path):
+    """On the real model, whose greedy text changes token by token (the tiny one repeats a token), so a resumed
+    row that recomputed the wrong context would show."""
+    model = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(default_checkpoint)
+    prompts = ["Once upon a time, in a small village by the sea,", "The history of the printing press",
+               "Here is a recipe for bread:"]
+    requests = [request(tokenizer, p, max_new_tokens=40) for p in prompts]
+    with torch.inference_mode():
+        expected = [reference_greedy(model, r, tokenizer.eos_token_id) for r in requests]
+    assert all(len(e) == 40 for e in expected)  # no early end: every row grows to its peak
+    peak = max(len(r.prompt_ids) for r in requests) + 40
+    budget = _bytes(model, [peak] * 2)  # two rows at their longest; three fit only while short
+    assert _bytes(model, [len(r.prompt_ids) + 1 for r in requests]) <= budget < _bytes(model, [peak] * 3)
+    config = EngineConfig(max_cache_bytes=budget, preempt=True)
+    engine = Engine(model, tokenizer, frozenset({tokenizer.eos_token_id}), config)
+    engine.start()
+    try:
+        sinks = [Collector() for _ in requests]
+        for req, sink in zip(requests, sinks, strict=True):
+            engine.submit(req, sink)
+        firsts = [sink.events.get(timeout=60) for sink in sinks]
+        results = [sink.wait() for sink in sinks]
+        preemptions = engine.preemptions
+    finally:
+        engine.stop()
+    assert max(order for order, _ in firsts) < min(order for order, _ in results)  # all three started at once
+    assert preemptions >= 1
+    for (_, first), (_, events), want in zip(firsts, results, expected, strict=True):
+        assert [t for e in [first, *events] for t in e.token_ids] == want
+        assert [e.completion_tokens for e in [first, *events]] == list(range(1, 41))  # each token sent once
+    assert results[2][0] == max(order for order, _ in results)  # the newest was preempted and finished last
+
+
+def test_a_preempted_request_can_be_cancelled(tiny_model: Any, smol_tokenizer: Any):
+    peak = _peak(smol_tokenizer, 80)
+    for engine in _engine(tiny_model, smol_tokenizer, _bytes(tiny_model, [peak]), preempt=True):
+        first, second = Collector(), Collector()
+        engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=80), first)
+        handle = engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=80), second)
+        deadline = time.monotonic() + 60
+        while not engine.preemptions and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.preemptions == 1 and engine.num_waiting == 1  # the second waits to resume
+        handle.cancel()
+        first.wait()
+        while engine.num_waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.num_waiting == 0 and engine.num_running == 0
+    received = []
+    while not second.events.empty():
+        received.append(second.events.get()[1])
+    assert received and all(e.finish_reason is None and e.error is None for e in received)  # stopped, silently

@@ -289,3 +289,4 @@ def test_metrics_time_and_count_tokens(stub: Any, server: ServerThread):
             assert (name, (("tier", tier),)) in after
     assert after[("quiver_cache_budget_bytes", ())] == server.running.engine._config.max_cache_bytes
     assert ("quiver_cache_reserved_bytes", ()) in after
+    assert after[("quiver_preemptions_total", ())] == 0  # the default admission reserves, so never preempts
