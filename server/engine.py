@@ -124,7 +124,8 @@ class Engine:
         if not self._config.preempt:
             return [row.peak for row in rows]
         running = self._batch.lengths  # the running rows' (the first ones), in their order
-        return [*running, *(_prefill_length(row) for row in rows[len(running):])]
+        # The others' cache after their prefill: their tokens and their adapter's soft prompt or prefix.
+        return [*running, *(row.n_seen + virtual_tokens(row.request.adapter) for row in rows[len(running):])]
 
     def _batch_rows(self) -> list[RequestState]:
         """Every row the batch holds or has promised a place: running, admitted, and the one being chunked."""
