@@ -4,10 +4,10 @@ Iteration-level scheduling as in Orca (Yu et al., OSDI 2022): at every step the 
 requests, prefills one group of them (bounded by a token budget, oldest first, so a burst of arrivals stalls
 the running sequences by one prefill per step, as TGI's `max_batch_prefill_tokens`; only a failed group's
 rows are retried at once, one by one) or one chunk of a prompt longer than the budget, samples one token
-for every running sequence, retires finished or cancelled ones at once and runs one batched forward for the
-rest. Rows of one
-batch may use different adapters of different kinds (S-LoRA-style multi-LoRA slots, soft prompts, key/value
-prefixes) or none; the weights never change between requests.
+for every running sequence, retires finished or cancelled ones at once (with `preempt`, takes out the newest
+ones while the key/value cache would outgrow its budget; they resume first, by recomputing) and runs one
+batched forward for the rest. Rows of one batch may use different adapters of different kinds (S-LoRA-style
+multi-LoRA slots, soft prompts, key/value prefixes) or none; the weights never change between requests.
 """
 
 from __future__ import annotations
