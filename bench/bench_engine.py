@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench import peft_scenarios, quiver_scenarios
+from bench import peft_scenarios, preempt_scenario, quiver_scenarios
 from bench.context import BenchOptions, Context, ScenarioResult
 from bench.workload import MODEL_CONFIGS, cache_dir, environment, load_bench_model
 
@@ -43,8 +43,10 @@ SCENARIOS: dict[str, Scenario] = {
     "e": quiver_scenarios.scenario_e,
     "f": quiver_scenarios.scenario_f,
     "g": quiver_scenarios.scenario_g,
+    "h": preempt_scenario.scenario_h,
 }
-QUICK = BenchOptions(n=4, rounds=1, max_new_tokens=8, f_adapters=40, f_requests=16, f_slots=4, g_loads=5, ttft_loads=2)
+QUICK = BenchOptions(n=4, rounds=1, max_new_tokens=8, f_adapters=40, f_requests=16, f_slots=4, g_loads=5, ttft_loads=2,
+                     h_requests=6, h_max_new_tokens=128, h_worst_case_rows=2)
 REPEATED = "abcde"  # throughput scenarios run once per round; f and g (with their own repetitions) once
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 Rounds = list[dict[str, ScenarioResult]]
@@ -144,6 +146,8 @@ def _doc(name: str) -> str:
         "f_adapters": "registered adapters in f", "f_requests": "requests in f",
         "f_slots": "device LoRA slots in f", "f_max_running": "batch limit in f",
         "g_loads": "cold loads timed in g", "ttft_loads": "adapters whose TTFT g measures",
+        "h_requests": "chat requests in h", "h_max_new_tokens": "new tokens each request of h allows",
+        "h_worst_case_rows": "rows at their worst case h's cache budget holds",
     }
     return docs[name]
 

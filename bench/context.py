@@ -40,6 +40,12 @@ class BenchOptions:
     """Distinct cold adapters loaded in scenario g."""
     ttft_loads: int = 5
     """Adapters whose cold and warm time-to-first-token scenario g measures."""
+    h_requests: int = 16
+    """Chat requests of scenario h (answers end at end-of-sequence, well before h_max_new_tokens)."""
+    h_max_new_tokens: int = 512
+    """New tokens each request of scenario h allows."""
+    h_worst_case_rows: int = 4
+    """Rows at their worst case (prompt + h_max_new_tokens) the key/value cache budget of scenario h holds."""
 
 
 @dataclass
