@@ -41,6 +41,11 @@ from quiver.server.sequence import RequestState
 log = logging.getLogger(__name__)
 
 
+def _joined_length(seq: RequestState) -> int:
+    """A row's cache once prefilled: its tokens and its adapter's soft prompt or prefix."""
+    return seq.n_seen + virtual_tokens(seq.request.adapter)
+
+
 def _prefill_length(seq: RequestState) -> int:
     return prefill_length(seq.n_seen, seq.adapter)
 
@@ -119,13 +124,12 @@ class Engine:
 
     def _cache_lengths(self, extra: list[RequestState]) -> list[int]:
         """What admission counts for each row of the batch and for `extra` rows about to join it: its peak, or
-        with `preempt` its length now (a row not yet running: after its prefill)."""
+        with `preempt` its length after the next decode step (as `_preempt` counts it)."""
         rows = [*self._batch_rows(), *extra]
         if not self._config.preempt:
             return [row.peak for row in rows]
         running = self._batch.lengths  # the running rows' (the first ones), in their order
-        # The others' cache after their prefill: their tokens and their adapter's soft prompt or prefix.
-        return [*running, *(row.n_seen + virtual_tokens(row.request.adapter) for row in rows[len(running):])]
+        return [*(n + 1 for n in running), *(_joined_length(row) + 1 for row in rows[len(running):])]
 
     def _batch_rows(self) -> list[RequestState]:
         """Every row the batch holds or has promised a place: running, admitted, and the one being chunked."""
@@ -145,7 +149,7 @@ class Engine:
         """Queue `request`; `sink` is called from the engine thread with every event."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
-        if self.num_waiting >= self._config.max_queued:
+        if self._inbox.qsize() + len(self._scheduler) >= self._config.max_queued:  # preempted ones had started
             raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
         peak = len(request.prompt_ids) + virtual_tokens(request.adapter) + request.max_new_tokens
         self._cache_budget.check_alone(peak)
@@ -210,9 +214,11 @@ class Engine:
         self._ready = [seq for seq in self._ready if not seq.done]
         self._preempted = [seq for seq in self._preempted if not seq.done]
         room = self._config.max_running - len(self._running) - len(self._ready) - (self._chunked is not None)
-        while self._preempted and room > 0 and self._fits_cache(self._preempted[0], []):
-            self._ready.append(self._preempted.pop(0))  # oldest first; its adapter is still pinned
-            room -= 1
+        resumed: list[RequestState] = []
+        while self._preempted and len(resumed) < room and self._fits_cache(self._preempted[0], resumed):
+            resumed.append(self._preempted.pop(0))  # oldest first; its adapter is still pinned
+        self._ready = [*resumed, *self._ready]  # prefilled ahead of rows admitted later
+        room -= len(resumed)
         # While preempted rows wait, nothing new starts (they would starve); failed adapters still answer.
         for entry in self._scheduler.admit(0 if self._preempted else room, self._fits_cache):
             if entry.error is not None:
@@ -361,18 +367,24 @@ class Engine:
             seq.logits = row
 
     def _preempt(self, batch: list[RequestState], keep: list[int]) -> list[int]:
-        """Of the rows `keep` of `batch`, take out the newest until the rest fit the cache budget after this
-        step's forward; returns the rows that stay. The others drop their cache and wait to resume."""
-        lengths = [self._batch.lengths[i] + 1 for i in keep]
-        out = self._cache_budget.to_preempt(lengths, [batch[i].arrival for i in keep])
+        """Of the rows `keep` of `batch` and the admitted rows not yet prefilled, take out the newest until the
+        rest fit the cache budget after this step's forward; returns the rows of `batch` that stay. The others
+        drop their cache (admitted ones have none yet) and wait to resume. The row being chunked counts but stays:
+        its partial prefill would be lost."""
+        chunked = [self._chunked[0]] if self._chunked is not None else []
+        rows = [*(batch[i] for i in keep), *self._ready, *chunked]
+        lengths = [*(self._batch.lengths[i] + 1 for i in keep), *(_joined_length(r) + 1 for r in rows[len(keep):])]
+        arrivals = [-1 if row in chunked else row.arrival for row in rows]
+        out = {rows[j] for j in self._cache_budget.to_preempt(lengths, arrivals)}
         if not out:
             return keep
-        for j in out:
-            batch[keep[j]].logits = None
-        self._preempted = sorted([*self._preempted, *(batch[keep[j]] for j in out)], key=lambda s: s.arrival)
+        for seq in out:
+            seq.logits = None
+        self._ready = [seq for seq in self._ready if seq not in out]
+        self._preempted = sorted([*self._preempted, *out], key=lambda s: s.arrival)
         self.preemptions += len(out)
         log.info("preempted %d sequences to stay within --max-cache-bytes", len(out))
-        return [i for j, i in enumerate(keep) if j not in out]
+        return [i for i in keep if batch[i] not in out]
 
     def _retire(self, seq: RequestState) -> None:
         if seq.adapter is not None and not seq.done:

@@ -203,3 +203,61 @@ def test_a_preempted_request_can_be_cancelled(tiny_model: Any, smol_tokenizer: A
     while not second.events.empty():
         received.append(second.events.get()[1])
     assert received and all(e.finish_reason is None and e.error is None for e in received)  # stopped, silently
+
+
+def test_with_preemption_rows_waiting_for_their_prefill_count_too(tiny_model: Any, smol_tokenizer: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """Short rows admitted together are prefilled one group per step while a long row grows. The engine is
+    stepped by hand here (no thread), so the budget can be set to what fits exactly when they arrive: every join
+    and every decode step must stay within it, and every request still gets each token exactly once."""
+    from quiver.server.batch import DecodeBatch
+
+    block = 4
+    config = EngineConfig(preempt=True, cache_block_tokens=block, max_prefill_tokens=8)
+    engine = Engine(tiny_model, smol_tokenizer, frozenset(), config)  # no end of sequence: rows run to the limit
+    measured: list[int] = []
+    add, forward = DecodeBatch.add, DecodeBatch.forward
+
+    def checked_add(self: DecodeBatch, *args: Any) -> None:
+        add(self, *args)
+        measured.append(engine._cache_budget.batch_bytes(self.lengths))
+
+    def checked_forward(self: DecodeBatch, *args: Any) -> Any:
+        measured.append(engine._cache_budget.batch_bytes([n + 1 for n in self.lengths]))
+        return forward(self, *args)
+
+    def step() -> None:
+        engine._take_inbox()
+        engine._admit()
+        if engine._running:
+            engine._step()
+
+    monkeypatch.setattr(DecodeBatch, "add", checked_add)
+    monkeypatch.setattr(DecodeBatch, "forward", checked_forward)
+    long_request = request(smol_tokenizer, " ".join(str(i) for i in range(1, 40)), max_new_tokens=60)
+    shorts = [request(smol_tokenizer, PROMPT, max_new_tokens=20) for _ in range(4)]
+    sinks = [Collector() for _ in range(5)]
+    try:
+        with torch.inference_mode():
+            engine.submit(long_request, sinks[0])
+            while not engine._running:
+                step()  # the long prompt, chunk by chunk
+            step()
+            # From now on the budget holds the long row and the four short ones at its length after one more token.
+            engine._cache_budget = dataclasses.replace(
+                engine._cache_budget, max_bytes=engine._cache_budget.batch_bytes([engine._batch.lengths[0] + 1] * 5)
+            )
+            measured.clear()
+            for req, sink in zip(shorts, sinks[1:], strict=True):
+                engine.submit(req, sink)
+            while engine._running or engine._ready or engine._preempted or len(engine._scheduler):
+                step()
+    finally:
+        engine.stop()
+    assert engine.preemptions >= 1
+    assert measured and max(measured) <= engine._cache_budget.max_bytes
+    for req, sink in zip([long_request, *shorts], sinks, strict=True):
+        events = []
+        while not sink.events.empty():
+            events.append(sink.events.get()[1])
+        assert [e.completion_tokens for e in events] == list(range(1, req.max_new_tokens + 1))
