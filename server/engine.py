@@ -119,7 +119,7 @@ class Engine:
     @property
     def cache_reserved_bytes(self) -> int:
         """Key/value cache bytes admission holds against `max_cache_bytes` for the batch's rows (running, admitted,
-        chunked): at their longest, or with `preempt` at their length now."""
+        chunked): at their longest, or with `preempt` after their next token."""
         return self._cache_budget.batch_bytes(self._cache_lengths([]))
 
     def _cache_lengths(self, extra: list[RequestState]) -> list[int]:
@@ -229,7 +229,7 @@ class Engine:
         self._prefill_next()
 
     def _fits_cache(self, seq: RequestState, admitted: list[RequestState]) -> bool:
-        """Whether the batch still fits the cache budget at its worst case with `seq` and `admitted` in it."""
+        """Whether the batch still fits the cache budget, as `_cache_lengths` counts it, with `seq` and `admitted`."""
         return self._cache_budget.fits(self._cache_lengths([*admitted, seq]))
 
     def _prefill_next(self) -> None:
