@@ -14,7 +14,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from quiver.server.sampling import RowSampler, SamplingParams, _top_k, _top_p, sample_next
+from quiver.server.sampling import RowSampler, SamplingParams, _top_k, _top_p, sample_next, warp
 
 V = 97
 
@@ -106,7 +106,7 @@ def test_top_k_mask_matches_transformers(top_k: int) -> None:
     scores = _logits(1, seed=7)
     scores[0, [10, 11, 12]] = scores.max() + 1  # a tie at the top-k edge keeps all tied tokens
     expected = TopKLogitsWarper(top_k)(None, scores.clone())  # type: ignore[arg-type]
-    assert torch.equal(_top_k(scores, SamplingParams(temperature=1.0, top_k=top_k)), expected)
+    assert torch.equal(_top_k(scores, [SamplingParams(temperature=1.0, top_k=top_k)]), expected)
 
 
 @pytest.mark.parametrize("top_p", [0.01, 0.3, 0.7, 0.95, 0.999])
@@ -114,7 +114,7 @@ def test_top_p_mask_matches_transformers(top_p: float) -> None:
     for seed in range(5):
         scores = _logits(1, seed=seed)
         expected = TopPLogitsWarper(top_p)(None, scores.clone())  # type: ignore[arg-type]
-        assert torch.equal(_top_p(scores, SamplingParams(temperature=1.0, top_p=top_p)), expected)
+        assert torch.equal(_top_p(scores, [SamplingParams(temperature=1.0, top_p=top_p)]), expected)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,38 @@ def test_warpers_match_transformers_in_generate_order(params: SamplingParams) ->
     for seed in range(5):
         scores = _logits(1, seed=seed)
         expected = _hf_apply(params, _NO_IDS, scores)
-        assert torch.equal(RowSampler(params).warp(scores), expected)
+        assert torch.equal(warp(scores, [params]), expected)
+
+
+def test_warpers_of_a_batch_equal_each_row_alone() -> None:
+    """One warp over rows with different knobs (some off) gives each row what `generate` gives it alone."""
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.6, top_k=3),
+        SamplingParams(temperature=1.0, top_p=0.7),
+        SamplingParams(temperature=2.0, top_k=V, top_p=0.95),
+        SamplingParams(temperature=1.5, top_k=40, top_p=0.3),
+        SamplingParams(temperature=1.0, top_k=1),
+    ]
+    for seed in range(5):
+        scores = _logits(len(params), seed=seed)
+        scores[1, [4, 5]] = scores[1].max() + 1  # a tie at row 1's top-k edge
+        expected = torch.cat([_hf_apply(p, _NO_IDS, scores[i : i + 1]) for i, p in enumerate(params)])
+        assert torch.equal(warp(scores, params), expected)
+
+
+def test_repetition_penalties_of_a_batch_equal_each_row_alone() -> None:
+    """Rows with different penalties and histories (repeated ids, empty) in one batch."""
+    penalties = [1.3, 1.0, 0.7, 2.0, 1.1]
+    seen = [torch.tensor([3, 3, 9, 50]), torch.tensor([3, 9]), torch.tensor([1, 2, 3, 4, 5, 6, 7, 1]),
+            torch.tensor([], dtype=torch.long), torch.arange(V)]
+    logits = _logits(len(penalties), seed=15)
+    expected = torch.cat([
+        _hf_apply(SamplingParams(repetition_penalty=p), seen[i][None], logits[i : i + 1])
+        for i, p in enumerate(penalties)
+    ]).argmax(dim=-1)
+    samplers = [RowSampler(SamplingParams(repetition_penalty=p)) for p in penalties]
+    assert torch.equal(sample_next(logits, samplers, seen), expected)
 
 
 _MIXED = [
@@ -142,22 +173,26 @@ _MIXED = [
     SamplingParams(repetition_penalty=1.4),  # a greedy row in the same batch
     SamplingParams(temperature=0.5, repetition_penalty=0.8, seed=2**64 - 1),
 ]
+_SAMPLED = [p for p in _MIXED if not p.greedy]
 
 
-def test_sampling_matches_generate_sampling_step() -> None:
-    """Each row draws what `generate`'s `_sample` step draws under `torch.manual_seed(seed)`."""
+@pytest.mark.parametrize("rows_per_draw", [1, 2, 64])  # a row at a time (a CPU) ... all at once (a GPU)
+@pytest.mark.parametrize("batch", [_MIXED, _SAMPLED], ids=["with-greedy-rows", "all-sampled"])
+def test_sampling_matches_generate_sampling_step(batch: list[SamplingParams], rows_per_draw: int) -> None:
+    """Each row draws what `generate`'s `_sample` step draws under `torch.manual_seed(seed)`, however many rows
+    are drawn together."""
     steps = 30
-    step_logits = [_logits(len(_MIXED), seed=100 + t) for t in range(steps)]
-    seen = _seen(len(_MIXED), seed=8)
-    samplers = [RowSampler(p) for p in _MIXED]
+    step_logits = [_logits(len(batch), seed=100 + t) for t in range(steps)]
+    seen = _seen(len(batch), seed=8)
+    samplers = [RowSampler(p) for p in batch]
     ours = []
     for t in range(steps):
-        tokens = sample_next(step_logits[t], samplers, seen)
+        tokens = sample_next(step_logits[t], samplers, seen, rows_per_draw=rows_per_draw)
         ours.append(tokens)
         seen = [torch.cat([s, tok[None]]) for s, tok in zip(seen, tokens, strict=True)]
     ours_by_row = torch.stack(ours, dim=1)  # (B, steps)
-    for i, params in enumerate(_MIXED):
-        ids = _seen(len(_MIXED), seed=8)[i][None]  # (1, S)
+    for i, params in enumerate(batch):
+        ids = _seen(len(batch), seed=8)[i][None]  # (1, S)
         if params.seed is not None:
             torch.manual_seed(params.seed)
         for t in range(steps):
@@ -170,13 +205,15 @@ def test_sampling_matches_generate_sampling_step() -> None:
             ids = torch.cat([ids, token[None]], dim=1)
 
 
-def _draw(params: SamplingParams, logits: torch.Tensor, others: int, steps: int = 20) -> list[int]:
+def _draw(
+    params: SamplingParams, logits: torch.Tensor, others: int, steps: int = 20, rows_per_draw: int | None = None
+) -> list[int]:
     """Row 0's tokens over `steps` steps, in a batch with `others` unrelated sampled rows."""
     samplers = [RowSampler(params)] + [RowSampler(SamplingParams(temperature=1.0)) for _ in range(others)]
     out: list[int] = []
     for _ in range(steps):
         batch = torch.cat([logits, _logits(others, seed=len(out))]) if others else logits
-        out.append(int(sample_next(batch, samplers, _seen(others + 1, seed=9))[0]))
+        out.append(int(sample_next(batch, samplers, _seen(others + 1, seed=9), rows_per_draw=rows_per_draw)[0]))
     return out
 
 
@@ -186,6 +223,7 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch() -> None:
     alone = _draw(params, logits, others=0)
     assert alone == _draw(params, logits, others=0)
     assert alone == _draw(params, logits, others=5)
+    assert alone == _draw(params, logits, others=5, rows_per_draw=6)  # drawn together, as on a GPU
     assert len(set(alone)) > 1
     assert alone != _draw(SamplingParams(temperature=1.5, seed=4321), logits, others=0)
 
