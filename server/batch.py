@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from quiver.server.decode_step import DecodeStep, transformers_step
 from quiver.server.kv_cache import growing, set_entries
+from quiver.server.uploads import upload
 
 
 def cache_layers(cache: DynamicCache) -> list[Any]:
@@ -41,6 +42,7 @@ class DecodeBatch:
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, L): 1 = real entry, 0 = padding
         self.lengths: list[int] = []  # valid entries per row = the next position id
+        self._positions: torch.Tensor | None = None  # (B, 1) `lengths` on the device; None: upload again
 
     @property
     def size(self) -> int:
@@ -48,6 +50,7 @@ class DecodeBatch:
 
     def add(self, cache: DynamicCache, mask: torch.Tensor, lengths: Sequence[int]) -> None:
         """Append prefilled rows: their cache (B', H_kv, W', D) and mask (B', W'), valid entries right-aligned."""
+        self._positions = None
         if self.cache is None:
             self.cache, self.mask, self.lengths = growing(cache, self._block), mask, list(lengths)
             return
@@ -64,6 +67,8 @@ class DecodeBatch:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in that order), then drop padding columns no row needs any more."""
+        if list(rows) != list(range(self.size)):
+            self._positions = None
         if not rows:
             self.cache, self.lengths = None, []
             self.mask = self.mask[:0, :0]
@@ -72,17 +77,22 @@ class DecodeBatch:
         trim = self.mask.shape[1] - max(self.lengths[i] for i in rows)
         if not trim and list(rows) == list(range(self.size)):
             return  # the usual decode step: nobody left, so no copy of the cache
-        index = torch.tensor(rows, dtype=torch.long, device=self._device)
+        index = upload(rows, torch.long, self._device)  # (B',)
         for layer in cache_layers(self.cache):
             set_entries(layer, layer.keys[index, :, trim:], layer.values[index, :, trim:])  # (B', H, L', D)
         self.mask = self.mask[index, trim:]
         self.lengths = [self.lengths[i] for i in rows]
 
     def forward(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """Decode one token per row: `tokens` (B,) -> next-token logits (B, V)."""
-        positions = torch.tensor(self.lengths, dtype=torch.long, device=self._device)[:, None]  # (B, 1)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)  # (B, L + 1)
+        """Decode one token per row: `tokens` (B,) -> next-token logits (B, V). Nothing is read back from the
+        device: positions are uploaded when rows join or leave and advanced there, and whether any row has
+        padding is known from `lengths` (each row's valid entries are its last `lengths[i]` columns)."""
         assert self.cache is not None
-        logits = self._step(model, tokens[:, None], positions, self.mask, self.cache)  # (B, V)
+        padded = min(self.lengths) < self.mask.shape[1]
+        if self._positions is None:
+            self._positions = upload(self.lengths, torch.long, self._device)[:, None]  # (B, 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)  # (B, L + 1)
+        logits = self._step(model, tokens[:, None], self._positions, self.mask if padded else None, self.cache)
+        self._positions = self._positions + 1  # (B, 1)
         self.lengths = [n + 1 for n in self.lengths]
-        return logits.float()
+        return logits.float()  # (B, V)

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-# (model, tokens (B, 1), positions (B, 1), mask (B, L) with 1 = real entry, cache) -> next-token logits (B, V)
-DecodeStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
+# (model, tokens (B, 1), positions (B, 1), mask (B, L) with 1 = real entry or None when no row has padding,
+#  cache) -> next-token logits (B, V)
+DecodeStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None, DynamicCache], torch.Tensor]
 
 
 def transformers_step(
-    model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache
 ) -> torch.Tensor:
     """The model's own forward: works for every architecture."""
     out = model(
@@ -44,7 +45,7 @@ def transformers_step(
 
 
 def llama_step(
-    model: Any, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    model: Any, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache
 ) -> torch.Tensor:
     """Llama's decoder (also Mistral's and Qwen2's without sliding windows): pre-norm attention and MLP blocks."""
     inner = model.model
@@ -52,7 +53,7 @@ def llama_step(
     cos, sin = inner.rotary_emb(h, positions)  # (B, 1, D) each
     rope = (cos[:, None], sin[:, None])  # (B, 1, 1, D): broadcast over heads
     bias: torch.Tensor | None = None  # no padding: no mask, as transformers then gives sdpa none
-    if not bool(mask.all()):
+    if mask is not None:
         bias = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(mask == 0, float("-inf"))
         bias = bias[:, None, None, :]  # (B, 1, 1, L): 0 = attend, -inf = padding
     for i, layer in enumerate(inner.layers):

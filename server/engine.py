@@ -37,6 +37,7 @@ from quiver.server.request_builder import GenerationRequest, virtual_tokens
 from quiver.server.sampling import RowSampler, sample_next
 from quiver.server.scheduler import Scheduler
 from quiver.server.sequence import RequestState
+from quiver.server.uploads import select_rows
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ class Engine:
         if not self._running:
             return
         self._set_lora(self._running)
-        next_logits = self._batch.forward(self._model, tokens[keep].to(self._device))  # (B', V)
+        next_logits = self._batch.forward(self._model, select_rows(tokens, keep).to(self._device))  # (B', V)
         for seq, row in zip(self._running, next_logits, strict=True):
             seq.logits = row
 

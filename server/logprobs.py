@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quiver.server.uploads import select_rows
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -34,9 +36,8 @@ def token_logprobs(
     out: list[TokenLogprob | None] = [None] * len(requested)
     if not rows:
         return out
-    index = torch.tensor(rows, device=logits.device)
-    logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # (R, V)
-    chosen = logprobs.gather(1, tokens.to(logits.device).index_select(0, index)[:, None])[:, 0].tolist()  # (R,)
+    logprobs = torch.log_softmax(select_rows(logits, rows).float(), dim=-1)  # (R, V)
+    chosen = logprobs.gather(1, select_rows(tokens.to(logits.device), rows)[:, None])[:, 0].tolist()  # (R,)
     k = min(max(requested[i] or 0 for i in rows), logprobs.shape[-1])
     top_values, top_ids = logprobs.topk(k, dim=-1)  # (R, k)
     ids, values, drawn = top_ids.tolist(), top_values.tolist(), tokens.tolist()  # one device sync each

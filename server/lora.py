@@ -32,6 +32,7 @@ from torch import nn
 
 from quiver.adapters.base_spec import EMBEDDING_LEAF_NAMES
 from quiver.server.config import LORA_GATHER_BYTES
+from quiver.server.uploads import upload
 
 # PEFT's LoRA keys: "base_model.model.<module path>.lora_A.weight" (".lora_A.default.weight" also occurs).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.default)?\.weight$")
@@ -243,7 +244,7 @@ class LoraSlots:
         key = (groups, rows, rank)
         if transient or self._selection is None or self._selection[0] != key:
             self._generations += 1
-            selection = (key, self._generations, torch.tensor(groups, dtype=torch.long, device=self._device))
+            selection = (key, self._generations, upload(groups, torch.long, self._device))
             if not transient:
                 self._selection = selection
         else:

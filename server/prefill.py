@@ -26,6 +26,7 @@ from quiver.server.adapter_tiers import DeviceAdapter
 from quiver.server.batch import cache_layers
 from quiver.server.decode_step import sdpa_full_attention
 from quiver.server.lora import LoraSlots
+from quiver.server.uploads import upload
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefille
         ids[i, t - prompt[i]:] = row.ids
         mask[i, pmax - past[i]: pmax] = 1
         mask[i, pmax + t - new[i]:] = 1
-    first = torch.tensor([p - (t - n) for p, n in zip(past, new, strict=True)], device=device)[:, None]  # (B, 1)
+    first = upload([p - (t - n) for p, n in zip(past, new, strict=True)], torch.long, device)[:, None]  # (B, 1)
     positions = (torch.arange(t, device=device)[None] + first).clamp(min=0)  # (B, T); padding clamped to 0
     padded = any(n < t for n in new) or any(p < pmax for p in past)
     inputs = _inputs(model, ids, parts, prompt, new)
