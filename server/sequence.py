@@ -9,7 +9,7 @@ import torch
 
 from quiver.server.adapter_tiers import DeviceAdapter
 from quiver.server.detokenizer import TextStream
-from quiver.server.errors import QuiverError
+from quiver.server.errors import QuiverError, ResourceExhausted
 from quiver.server.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
 from quiver.server.logprobs import TokenLogprob
 from quiver.server.request_builder import GenerationRequest
@@ -71,6 +71,8 @@ class RequestState:
         return True
 
     def fail(self, error: BaseException) -> None:
-        if not isinstance(error, QuiverError):
+        if isinstance(error, torch.OutOfMemoryError | MemoryError):  # a capacity limit, not a bug: the client may retry
+            error = ResourceExhausted(f"the server ran out of memory for this batch: {error}")
+        elif not isinstance(error, QuiverError):
             error = RuntimeError(f"generation failed: {error}")
         self.send(GenerationEvent("", (), len(self.request.prompt_ids), self.n_generated, error=error))

@@ -205,6 +205,22 @@ def test_a_failed_prefill_or_join_fails_its_requests_and_the_engine_goes_on(
     assert tokens_of(run(engine, request(smol_tokenizer, PROMPTS[1], max_new_tokens=4)))  # still serving
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"), MemoryError()], ids=["device", "host"])
+def test_running_out_of_memory_fails_the_batch_as_resource_exhausted(
+    engine: Engine, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, error: BaseException
+):
+    from quiver.server.batch import DecodeBatch
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(DecodeBatch, "forward", boom)
+    events = run(engine, request(smol_tokenizer, PROMPTS[0], max_new_tokens=4))
+    assert isinstance(events[-1].error, ResourceExhausted) and "out of memory" in str(events[-1].error)
+    monkeypatch.undo()
+    assert tokens_of(run(engine, request(smol_tokenizer, PROMPTS[1], max_new_tokens=4)))  # still serving
+
+
 def _unstarted(tiny_model: Any, smol_tokenizer: Any, **config: Any) -> Engine:
     """An engine whose thread has not started: requests submitted now are all admitted at its first step."""
     return Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(**config))
