@@ -350,7 +350,7 @@ class Engine:
             return
         logits = torch.stack([s.logits for s in batch if s.logits is not None])  # (B, V)
         tokens = sample_next(logits, [s.sampler for s in batch], [s.seen[: s.n_seen] for s in batch])
-        details = token_logprobs(logits, tokens, [s.request.logprobs for s in batch])
+        details = token_logprobs(logits, tokens.clamp(min=0), [s.request.logprobs for s in batch])
         keep = [i for i, (seq, token, detail) in enumerate(zip(batch, tokens.tolist(), details, strict=True))
                 if seq.emit(token, detail, self._eos)]
         for i, seq in enumerate(batch):

@@ -69,9 +69,11 @@ def sample_next(
 
     `logits` `(B, V)` are the next-token logits, `samplers[i]` row i's sampler and `seen[i]` the 1-D long
     tensor of the ids row i already holds (prompt and generated). `rows_per_draw`: how many sampled rows are
-    warped and drawn together; None picks for the device. Returns `(B,)` long token ids on `logits.device`.
+    warped and drawn together; None picks for the device. Returns `(B,)` long token ids on `logits.device`;
+    a row whose logits hold a NaN gets -1, never a token picked from them.
     """
     scores = logits.float()  # (B, V); `generate` processes float32 logits too
+    broken = scores.isnan().any(dim=-1)  # (B,)
     scores = _penalise_repetitions(scores, [s.params.repetition_penalty for s in samplers], seen)  # (B, V)
     tokens = scores.argmax(dim=-1)  # (B,) the greedy rows' answer; sampled rows are overwritten below
     sampled = [i for i, sampler in enumerate(samplers) if not sampler.params.greedy]
@@ -81,7 +83,7 @@ def sample_next(
         rows_per_draw = len(sampled) if scores.device.type == "cuda" else 1
     for start in range(0, len(sampled), rows_per_draw):
         _draw(tokens, scores, sampled[start : start + rows_per_draw], samplers)
-    return tokens
+    return tokens.masked_fill_(broken, -1)  # (B,)
 
 
 def _draw(tokens: Tensor, scores: Tensor, rows: Sequence[int], samplers: Sequence[RowSampler]) -> None:

@@ -41,7 +41,11 @@ class RequestState:
         return self.adapter is not None and self.adapter.lora_slot != 0
 
     def emit(self, token: int, detail: TokenLogprob | None, eos: frozenset[int]) -> bool:
-        """Record `token` and send its event; returns whether the sequence goes on."""
+        """Record `token` and send its event; returns whether the sequence goes on. A negative token (logits
+        with a NaN: `sample_next`) fails the request instead."""
+        if token < 0:
+            self.fail(RuntimeError("the model's next-token logits for this request hold NaN"))
+            return False
         self.seen[self.n_seen] = token
         self.n_seen += 1
         self.n_generated += 1

@@ -226,6 +226,44 @@ def _unstarted(tiny_model: Any, smol_tokenizer: Any, **config: Any) -> Engine:
     return Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(**config))
 
 
+def test_a_row_whose_logits_turn_nan_fails_alone(tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch):
+    """Fail closed: no token is picked from NaN logits; the request fails and its batch-mates go on unchanged."""
+    from quiver.server.batch import DecodeBatch
+
+    greedy, sampled = request(smol_tokenizer, PROMPTS[0], max_new_tokens=6), request(
+        smol_tokenizer, PROMPTS[1], max_new_tokens=6, temperature=0.9, seed=3)
+    eng = _unstarted(tiny_model, smol_tokenizer)
+    eng.start()
+    try:
+        solo = [tokens_of(run(eng, r)) for r in (greedy, sampled)]
+    finally:
+        eng.stop()
+    forward, calls = DecodeBatch.forward, []
+
+    def poisoned(self: DecodeBatch, model: Any, tokens: torch.Tensor) -> torch.Tensor:
+        logits = forward(self, model, tokens)
+        calls.append(logits.shape[0])
+        if len(calls) == 2:
+            logits[0, 5] = float("nan")
+        return logits
+
+    monkeypatch.setattr(DecodeBatch, "forward", poisoned)
+    eng = _unstarted(tiny_model, smol_tokenizer)
+    sinks = [Collector(), Collector()]
+    for r, sink in zip((greedy, sampled), sinks, strict=True):
+        eng.submit(r, sink)
+    eng.start()
+    try:
+        results = [sink.wait()[1] for sink in sinks]
+    finally:
+        eng.stop()
+    failed = [i for i, events in enumerate(results) if events[-1].error is not None]
+    assert len(failed) == 1 and calls[:2] == [2, 2], (failed, calls)
+    bad, good = failed[0], 1 - failed[0]
+    assert "NaN" in str(results[bad][-1].error) and len(tokens_of(results[bad])) == 2
+    assert tokens_of(results[good]) == solo[good]
+
+
 def test_a_burst_of_arrivals_prefills_one_group_per_decode_step(
     tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ):

@@ -95,6 +95,18 @@ def test_repetition_penalty_is_per_row() -> None:
     assert tokens.tolist() == [8, 7]
 
 
+@pytest.mark.parametrize("rows_per_draw", [1, 4])
+def test_rows_with_nan_logits_get_no_token(rows_per_draw: int) -> None:
+    logits = _logits(4, seed=16)
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.8, seed=1),
+              SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=2)]
+    clean = sample_next(logits, [RowSampler(p) for p in params], _seen(4, seed=17), rows_per_draw=rows_per_draw)
+    poisoned = logits.clone()
+    poisoned[1, 3] = poisoned[2, 50] = float("nan")
+    tokens = sample_next(poisoned, [RowSampler(p) for p in params], _seen(4, seed=17), rows_per_draw=rows_per_draw)
+    assert tokens.tolist() == [clean[0], -1, -1, clean[3]]
+
+
 def test_bfloat16_logits_are_processed_in_float32() -> None:
     logits = _logits(3, seed=5).bfloat16()
     tokens = sample_next(logits, [RowSampler(SamplingParams()) for _ in range(3)], _seen(3, seed=6))
