@@ -122,7 +122,7 @@ def _penalise_repetitions(scores: Tensor, penalties: Sequence[float], seen: Sequ
     index = upload(torch.stack([owner, ids]), torch.long, scores.device)  # (2, S)
     factor = upload(torch.tensor([penalties[i] for i in rows]).repeat_interleave(counts), scores.dtype, scores.device)
     picked = scores[index[0], index[1]]  # (S,)
-    picked = torch.where(picked < 0, picked * factor, picked / factor)
+    picked = torch.where(picked < 0, picked * factor, _divide(picked, factor))
     # Out of place: the caller's logits stay untouched. A repeated id writes the same value each time.
     return scores.index_put((index[0], index[1]), picked)  # (B, V)
 
@@ -136,7 +136,7 @@ def _temperature(scores: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     if all(p.temperature == 1.0 for p in params):
         return scores
     temperature = upload([p.temperature for p in params], scores.dtype, scores.device)  # (R,)
-    return scores / temperature[:, None]  # rows at 1.0 are divided by exactly 1
+    return _divide(scores, temperature[:, None])  # rows at 1.0 are divided by exactly 1
 
 
 def _top_k(scores: Tensor, params: Sequence[SamplingParams]) -> Tensor:
@@ -158,11 +158,25 @@ def _top_p(scores: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     limit = upload([1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params], scores.dtype, scores.device)  # (R,)
     # Same ops as `TopPLogitsWarper`, so ties at the nucleus edge fall the same way.
     sorted_scores, order = torch.sort(scores, descending=False)  # (R, V) ascending
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # (R, V)
+    cumulative = _cumsum_rows(sorted_scores.softmax(dim=-1))  # (R, V)
     drop_sorted = cumulative <= limit[:, None]  # (R, V)
     drop_sorted[..., -1:] = False  # the most likely token always stays
     drop = drop_sorted.scatter(1, order, drop_sorted)  # (R, V) back in vocabulary order
     return scores.masked_fill(drop, float("-inf"))
+
+
+def _divide(x: Tensor, divisor: Tensor) -> Tensor:
+    """`x / divisor` rounded as transformers' `x / python_float` is on x's device, so draws stay `generate`'s:
+    CUDA multiplies by the float32 reciprocal of a host scalar (`div_true_kernel_cuda`), a CPU divides."""
+    return x * divisor.reciprocal() if x.is_cuda else x / divisor
+
+
+def _cumsum_rows(p: Tensor) -> Tensor:
+    """Each row's cumulative sum `(R, V)`, summed in the order `generate` sums its one row: on CUDA a single row
+    takes another scan kernel than many rows do, which adds in another order."""
+    if not p.is_cuda or p.shape[0] == 1:
+        return p.cumsum(dim=-1)
+    return torch.stack([row.cumsum(dim=-1) for row in p])
 
 
 # The order `generate` applies them in with do_sample=True.

@@ -15,11 +15,12 @@ import torch
 
 
 def upload(
-    values: Sequence[int] | Sequence[float] | torch.Tensor, dtype: torch.dtype, device: torch.device
+    values: Sequence[int] | Sequence[float] | torch.Tensor, dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
     """Host `values` (a list, or a tensor in host memory) as a tensor of `dtype` on `device`, queued on its
     current stream."""
     host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

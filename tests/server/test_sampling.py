@@ -16,6 +16,8 @@ from transformers import (
 
 from quiver.server.sampling import RowSampler, SamplingParams, _top_k, _top_p, sample_next, warp
 
+from .devices import DEVICES
+
 V = 97
 
 
@@ -188,23 +190,24 @@ _MIXED = [
 _SAMPLED = [p for p in _MIXED if not p.greedy]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows_per_draw", [1, 2, 64])  # a row at a time (a CPU) ... all at once (a GPU)
 @pytest.mark.parametrize("batch", [_MIXED, _SAMPLED], ids=["with-greedy-rows", "all-sampled"])
-def test_sampling_matches_generate_sampling_step(batch: list[SamplingParams], rows_per_draw: int) -> None:
+def test_sampling_matches_generate_sampling_step(batch: list[SamplingParams], rows_per_draw: int, device: str) -> None:
     """Each row draws what `generate`'s `_sample` step draws under `torch.manual_seed(seed)`, however many rows
     are drawn together."""
     steps = 30
-    step_logits = [_logits(len(batch), seed=100 + t) for t in range(steps)]
-    seen = _seen(len(batch), seed=8)
+    step_logits = [_logits(len(batch), seed=100 + t).to(device) for t in range(steps)]
+    seen = _seen(len(batch), seed=8)  # host tensors, as the engine keeps them
     samplers = [RowSampler(p) for p in batch]
     ours = []
     for t in range(steps):
         tokens = sample_next(step_logits[t], samplers, seen, rows_per_draw=rows_per_draw)
         ours.append(tokens)
-        seen = [torch.cat([s, tok[None]]) for s, tok in zip(seen, tokens, strict=True)]
+        seen = [torch.cat([s, tok[None].cpu()]) for s, tok in zip(seen, tokens, strict=True)]
     ours_by_row = torch.stack(ours, dim=1)  # (B, steps)
     for i, params in enumerate(batch):
-        ids = _seen(len(batch), seed=8)[i][None]  # (1, S)
+        ids = _seen(len(batch), seed=8)[i][None].to(device)  # (1, S)
         if params.seed is not None:
             torch.manual_seed(params.seed)
         for t in range(steps):
