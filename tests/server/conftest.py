@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from quiver.server.config import EngineConfig
+from quiver.server.engine import Engine
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +47,15 @@ def tiny_model(smol_tokenizer: Any) -> LlamaForCausalLM:
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20)
     return model.eval()
+
+
+@pytest.fixture
+def engine(tiny_model: Any, smol_tokenizer: Any) -> Iterator[Engine]:
+    """A running engine over the tiny model, ending sequences at the tokenizer's end-of-sequence token."""
+    eng = Engine(tiny_model, smol_tokenizer, frozenset({smol_tokenizer.eos_token_id}), EngineConfig(max_queued=8))
+    eng.start()
+    yield eng
+    eng.stop()
 
 
 def _free_port() -> int:

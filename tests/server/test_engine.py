@@ -5,7 +5,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,14 +42,6 @@ class Collector:
             out.append(event)
             if event.finish_reason is not None or event.error is not None:
                 return order, out
-
-
-@pytest.fixture
-def engine(tiny_model: Any, smol_tokenizer: Any) -> Iterator[Engine]:
-    eng = Engine(tiny_model, smol_tokenizer, frozenset({smol_tokenizer.eos_token_id}), EngineConfig(max_queued=8))
-    eng.start()
-    yield eng
-    eng.stop()
 
 
 def request(tokenizer: Any, prompt: str, max_new_tokens: int = 16, **sampling: Any) -> GenerationRequest:
@@ -184,84 +175,9 @@ def test_the_engine_thread_claims_its_torch_threads_and_later_threads_get_one(ti
         EngineConfig(threads=-1)
 
 
-@pytest.mark.parametrize("failing", ["prefill", "join"])
-def test_a_failed_prefill_or_join_fails_its_requests_and_the_engine_goes_on(
-    engine: Engine, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, failing: str
-):
-    from quiver.server import engine as engine_module
-    from quiver.server.batch import DecodeBatch
-
-    def boom(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("simulated failure")
-
-    if failing == "prefill":
-        monkeypatch.setattr(engine_module, "prefill", boom)
-    else:
-        monkeypatch.setattr(DecodeBatch, "add", boom)
-    events = run(engine, request(smol_tokenizer, PROMPTS[0], max_new_tokens=4))
-    assert isinstance(events[-1].error, RuntimeError) and "simulated failure" in str(events[-1].error)
-    assert engine.num_running == 0
-    monkeypatch.undo()
-    assert tokens_of(run(engine, request(smol_tokenizer, PROMPTS[1], max_new_tokens=4)))  # still serving
-
-
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"), MemoryError()], ids=["device", "host"])
-def test_running_out_of_memory_fails_the_batch_as_resource_exhausted(
-    engine: Engine, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, error: BaseException
-):
-    from quiver.server.batch import DecodeBatch
-
-    def boom(*args: Any, **kwargs: Any) -> Any:
-        raise error
-
-    monkeypatch.setattr(DecodeBatch, "forward", boom)
-    events = run(engine, request(smol_tokenizer, PROMPTS[0], max_new_tokens=4))
-    assert isinstance(events[-1].error, ResourceExhausted) and "out of memory" in str(events[-1].error)
-    monkeypatch.undo()
-    assert tokens_of(run(engine, request(smol_tokenizer, PROMPTS[1], max_new_tokens=4)))  # still serving
-
-
 def _unstarted(tiny_model: Any, smol_tokenizer: Any, **config: Any) -> Engine:
     """An engine whose thread has not started: requests submitted now are all admitted at its first step."""
     return Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(**config))
-
-
-def test_a_row_whose_logits_turn_nan_fails_alone(tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch):
-    """Fail closed: no token is picked from NaN logits; the request fails and its batch-mates go on unchanged."""
-    from quiver.server.batch import DecodeBatch
-
-    greedy, sampled = request(smol_tokenizer, PROMPTS[0], max_new_tokens=6), request(
-        smol_tokenizer, PROMPTS[1], max_new_tokens=6, temperature=0.9, seed=3)
-    eng = _unstarted(tiny_model, smol_tokenizer)
-    eng.start()
-    try:
-        solo = [tokens_of(run(eng, r)) for r in (greedy, sampled)]
-    finally:
-        eng.stop()
-    forward, calls = DecodeBatch.forward, []
-
-    def poisoned(self: DecodeBatch, model: Any, tokens: torch.Tensor) -> torch.Tensor:
-        logits = forward(self, model, tokens)
-        calls.append(logits.shape[0])
-        if len(calls) == 2:
-            logits[0, 5] = float("nan")
-        return logits
-
-    monkeypatch.setattr(DecodeBatch, "forward", poisoned)
-    eng = _unstarted(tiny_model, smol_tokenizer)
-    sinks = [Collector(), Collector()]
-    for r, sink in zip((greedy, sampled), sinks, strict=True):
-        eng.submit(r, sink)
-    eng.start()
-    try:
-        results = [sink.wait()[1] for sink in sinks]
-    finally:
-        eng.stop()
-    failed = [i for i, events in enumerate(results) if events[-1].error is not None]
-    assert len(failed) == 1 and calls[:2] == [2, 2], (failed, calls)
-    bad, good = failed[0], 1 - failed[0]
-    assert "NaN" in str(results[bad][-1].error) and len(tokens_of(results[bad])) == 2
-    assert tokens_of(results[good]) == solo[good]
 
 
 def test_a_burst_of_arrivals_prefills_one_group_per_decode_step(
@@ -285,38 +201,6 @@ def test_a_burst_of_arrivals_prefills_one_group_per_decode_step(
     # Groups go oldest first: with equal lengths, requests finish in the order they were submitted.
     finished = [order for order, _ in results]
     assert finished == sorted(finished)
-
-
-def test_a_prefill_group_with_a_bad_row_fails_only_that_row(
-    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
-):
-    from quiver.server import engine as engine_module
-
-    real_prefill = engine_module.prefill
-    poison = request(smol_tokenizer, PROMPTS[2], max_new_tokens=3)
-    sizes: list[int] = []
-
-    def failing_on_poison(model: Any, lora: Any, rows: Any) -> Any:
-        sizes.append(len(rows))
-        if any(tuple(row.ids.tolist()) == poison.prompt_ids for row in rows):
-            raise RuntimeError("simulated bad row")
-        return real_prefill(model, lora, rows)
-
-    monkeypatch.setattr(engine_module, "prefill", failing_on_poison)
-    eng = _unstarted(tiny_model, smol_tokenizer)
-    good, bad = [Collector() for _ in range(3)], Collector()
-    for prompt, sink in zip(PROMPTS[:2] + PROMPTS[3:], good, strict=True):
-        eng.submit(request(smol_tokenizer, prompt, max_new_tokens=3), sink)
-    eng.submit(poison, bad)
-    eng.start()
-    try:
-        finals = [sink.wait()[1][-1] for sink in good]
-        failed = bad.wait()[1][-1]
-    finally:
-        eng.stop()
-    assert sizes[0] == 4  # all four were prefilled together first
-    assert all(event.finish_reason is FinishReason.LENGTH and event.completion_tokens == 3 for event in finals)
-    assert isinstance(failed.error, RuntimeError) and "simulated bad row" in str(failed.error)
 
 
 def _record_forwards(monkeypatch: pytest.MonkeyPatch, group: str, chunk: str) -> list[str]:
@@ -448,20 +332,3 @@ def test_requests_waiting_only_for_their_prefill_are_not_queued(tiny_model: Any,
     assert seen[0] == 0
 
 
-def test_a_failure_setting_up_chunks_fails_only_that_request(
-    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
-):
-    from quiver.server import engine as engine_module
-
-    def boom(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("simulated chunk setup failure")
-
-    monkeypatch.setattr(engine_module, "ChunkedPrefill", boom)
-    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
-    eng.start()
-    try:
-        events = run(eng, request(smol_tokenizer, " ".join(PROMPTS), max_new_tokens=3))
-        assert isinstance(events[-1].error, RuntimeError) and "chunk setup" in str(events[-1].error)
-        assert tokens_of(run(eng, request(smol_tokenizer, PROMPTS[0], max_new_tokens=3)))  # still serving
-    finally:
-        eng.stop()
