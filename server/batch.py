@@ -67,7 +67,8 @@ class DecodeBatch:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in that order), then drop padding columns no row needs any more."""
-        if list(rows) != list(range(self.size)):
+        unchanged = list(rows) == list(range(self.size))
+        if not unchanged:
             self._positions = None
         if not rows:
             self.cache, self.lengths = None, []
@@ -75,7 +76,7 @@ class DecodeBatch:
             return
         assert self.cache is not None
         trim = self.mask.shape[1] - max(self.lengths[i] for i in rows)
-        if not trim and list(rows) == list(range(self.size)):
+        if not trim and unchanged:
             return  # the usual decode step: nobody left, so no copy of the cache
         index = upload(rows, torch.long, self._device)  # (B',)
         for layer in cache_layers(self.cache):
