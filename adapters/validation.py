@@ -4,7 +4,7 @@ Checks run in a fixed order, each stage raising before the next runs, and every 
 problems at once:
   1. files      adapter_config.json and adapter_model.safetensors present; no pickle-based weights anywhere
                 (never opened)                                                        -> InvalidArgument
-  2. size       all files together within `max_adapter_bytes`                         -> ResourceExhausted
+  2. size       all files together within `max_adapter_bytes`                         -> TooLarge (RESOURCE_EXHAUSTED)
   3. config     adapter_config.json parsed into a spec (peft_config.py)     -> InvalidArgument / FailedPrecondition
   4. tensors    safetensors framing, float dtypes, finite values (safetensors_check)  -> InvalidArgument
   5. fit        every tensor fits the base: LoRA A (r, in) / B (out, r) on a Linear of the base, ranks equal to
@@ -35,7 +35,7 @@ from quiver.adapters.peft_config import (
 )
 from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY, prefix_layout_problems, prefix_to_kv
 from quiver.adapters.safetensors_check import capped_reasons, foreign_weight_files, load_checked_safetensors
-from quiver.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from quiver.server.errors import FailedPrecondition, InvalidArgument, TooLarge
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
@@ -149,7 +149,7 @@ def _check_size(adapter_dir: Path, limits: ValidationLimits) -> int:
     # Every file counts, not only the weights: the limit bounds what an upload may make the server hold.
     size = sum(path.lstat().st_size for path in adapter_dir.rglob("*") if path.is_file())
     if size > limits.max_adapter_bytes:
-        raise ResourceExhausted(
+        raise TooLarge(
             "adapter too large",
             reasons=[f"the adapter's files are {size} bytes, over max_adapter_bytes {limits.max_adapter_bytes}"],
         )

@@ -13,9 +13,10 @@ import grpc
 
 from quiver.adapters.metadata import AdapterMetadata
 from quiver.adapters.names import parse_ref
-from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
+from quiver.adapters.registry import RegistrationOptions
 from quiver.adapters.store import RegisterMode
-from quiver.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from quiver.server.adapter_catalog import AdapterCatalog
+from quiver.server.errors import InvalidArgument, TooLarge
 from quiver.v1 import adapters_pb2 as pb
 from quiver.v1 import adapters_pb2_grpc as pb_grpc
 
@@ -76,7 +77,7 @@ class _Upload:
             self._open(name)
         self._total += len(chunk.data)
         if self._total > self._max_bytes:
-            raise ResourceExhausted(f"upload exceeds {self._max_bytes} bytes (--max-adapter-bytes)")
+            raise TooLarge(f"upload exceeds {self._max_bytes} bytes (--max-adapter-bytes)")
         assert self._current is not None
         self._current[1].write(chunk.data)
 
@@ -98,11 +99,10 @@ class _Upload:
 
 
 class AdapterService(pb_grpc.AdapterServiceServicer):
-    """Implements quiver.v1.AdapterService over one registry."""
+    """Implements quiver.v1.AdapterService over the adapter catalog."""
 
-    def __init__(self, registry: AdapterRegistry, import_roots: tuple[Path, ...], max_upload_bytes: int) -> None:
-        self._registry = registry
-        self._import_roots = tuple(root.resolve() for root in import_roots)
+    def __init__(self, catalog: AdapterCatalog, max_upload_bytes: int) -> None:
+        self._catalog = catalog
         self._max_upload_bytes = max_upload_bytes
 
     async def RegisterAdapter(
@@ -110,7 +110,7 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
     ) -> pb.RegisterAdapterResponse:
         with tempfile.TemporaryDirectory(prefix="quiver-upload-") as tmp:
             options = await self._receive(request_iterator, Path(tmp))
-            stored = await asyncio.to_thread(self._registry.register, Path(tmp), options)
+            stored = await asyncio.to_thread(self._catalog.register, Path(tmp), options)
         return pb.RegisterAdapterResponse(adapter=adapter_info(stored.metadata))
 
     async def _receive(
@@ -141,46 +141,25 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         self, request: pb.ImportAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.ImportAdapterResponse:
         options = registration_options(request.options, "options")
-        directory = self._importable(request.path)
-        stored = await asyncio.to_thread(self._registry.register, directory, options)
+        stored = await asyncio.to_thread(self._catalog.import_path, request.path, options)
         return pb.ImportAdapterResponse(adapter=adapter_info(stored.metadata))
-
-    def _importable(self, raw: str) -> Path:
-        if not self._import_roots:
-            raise FailedPrecondition("importing from server paths is disabled: the server has no --import-roots")
-        path = Path(raw)
-        if not path.is_absolute() or "\x00" in raw:
-            raise InvalidArgument("path", "must be an absolute path")
-        resolved = path.resolve()
-        if not any(resolved.is_relative_to(root) for root in self._import_roots):
-            raise InvalidArgument("path", "is not under any of the server's import roots")
-        if not resolved.is_dir():
-            raise InvalidArgument("path", "is not a directory")
-        for child in resolved.iterdir():
-            if child.is_symlink() and not child.resolve().is_relative_to(resolved):
-                raise InvalidArgument("path", f"{child.name} links outside the adapter directory")
-        return resolved
 
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
         page, token = await asyncio.to_thread(
-            self._registry.store.list, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
+            self._catalog.page, request.page_size or DEFAULT_PAGE_SIZE, request.page_token
         )
         return pb.ListAdaptersResponse(adapters=[adapter_info(s.metadata) for s in page], next_page_token=token)
 
     async def GetAdapter(
         self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAdapterResponse:
-        ref = parse_ref(request.adapter)
-        stored = await asyncio.to_thread(self._registry.store.get, ref)
-        versions = await asyncio.to_thread(self._registry.store.versions, ref.name)
-        return pb.GetAdapterResponse(
-            adapter=adapter_info(stored.metadata), versions=[v.metadata.version for v in versions]
-        )
+        stored, versions = await asyncio.to_thread(self._catalog.get, request.adapter)
+        return pb.GetAdapterResponse(adapter=adapter_info(stored.metadata), versions=versions)
 
     async def DeleteAdapter(
         self, request: pb.DeleteAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAdapterResponse:
-        deleted = await asyncio.to_thread(self._registry.store.delete, parse_ref(request.adapter))
+        deleted = await asyncio.to_thread(self._catalog.delete, request.adapter)
         return pb.DeleteAdapterResponse(deleted=[adapter_info(s.metadata) for s in deleted])

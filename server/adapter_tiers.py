@@ -213,6 +213,10 @@ class DeviceAdapters:
     def resident(self) -> int:
         return len(self._entries)
 
+    def residents(self) -> list[tuple[AdapterKey, str]]:
+        """Every resident adapter's key and kind, most recently used first (engine thread)."""
+        return [(key, entry.kind) for key, entry in reversed(self._entries.items())]
+
     @property
     def nbytes(self) -> int:
         """Device bytes holding resident adapters: occupied LoRA slots plus prompt and prefix tensors."""

@@ -21,16 +21,23 @@ from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import AdapterRegistry
 from quiver.adapters.store import LocalAdapterStore, StoredAdapter, default_store_dir
 from quiver.adapters.validation import ValidationLimits
+from quiver.server.access import AccessPolicy
+from quiver.server.adapter_catalog import AdapterCatalog
 from quiver.server.adapter_service import AdapterService
-from quiver.server.auth import AdminTokenInterceptor
+from quiver.server.auth import AuthInterceptor
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 from quiver.server.cpu_threads import reserve_for_engine
 from quiver.server.engine import Engine
 from quiver.server.errors import FailedPrecondition
+from quiver.server.generation import Generator
+from quiver.server.http.app import HttpContext, build_app
+from quiver.server.http.gate import ServingState
+from quiver.server.http.server import HttpServer
 from quiver.server.interceptors import StatusInterceptor
 from quiver.server.metrics import ServerMetrics
 from quiver.server.model_loader import LoadedModel, load_base_model
 from quiver.server.request_builder import RequestBuilder, RequestLimits
+from quiver.server.router_metrics import RouterMetricsCollector
 from quiver.server.service import GenerationService
 from quiver.v1 import adapters_pb2, adapters_pb2_grpc
 from quiver.v1 import generation_pb2 as pb
@@ -41,8 +48,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ADAPTER_SERVICE_NAME = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
 SERVICE_NAMES = (SERVICE_NAME, ADAPTER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-# Engine load is sampled for the gauges this often.
-_GAUGE_PERIOD_S = 1.0
+API_KEY_ENV = "QUIVER_API_KEY"
+ADMIN_TOKEN_ENV = "QUIVER_ADMIN_TOKEN"
 
 
 def model_info(loaded: LoadedModel, engine_config: EngineConfig, engine_bytes: int = 0) -> pb.ModelInfoResponse:
@@ -64,7 +71,7 @@ def model_info(loaded: LoadedModel, engine_config: EngineConfig, engine_bytes: i
 
 @dataclass
 class RunningServer:
-    """A started server; `port` and `metrics_port` are the bound ports (useful when 0 was asked)."""
+    """A started server; `port`, `http_port` and `metrics_port` are the bound ports (useful when 0 was asked)."""
 
     server: grpc.aio.Server
     engine: Engine
@@ -72,25 +79,18 @@ class RunningServer:
     metrics: ServerMetrics
     port: int
     metrics_port: int | None
-    _gauges: asyncio.Task[None]
+    http: HttpServer | None
+    base_id: str
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def stop(self, grace: float | None) -> None:
+        """Drain: health NOT_SERVING, new calls refused (UNAVAILABLE / 503), those in flight get `grace` seconds."""
         await self.health.enter_graceful_shutdown()
-        self._gauges.cancel()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http else []))
         await asyncio.to_thread(self.engine.stop)
-
-
-async def _update_gauges(engine: Engine, metrics: ServerMetrics) -> None:
-    reported_preemptions = 0
-    while True:
-        metrics.running.set(engine.num_running)
-        metrics.waiting.set(engine.num_waiting)
-        metrics.cache_reserved.set(engine.cache_reserved_bytes)
-        preemptions = engine.preemptions  # a count the engine thread raises: export what it gained since
-        metrics.preemptions.inc(preemptions - reported_preemptions)
-        reported_preemptions = preemptions
-        await asyncio.sleep(_GAUGE_PERIOD_S)
 
 
 def build_registry(loaded: LoadedModel, config: AdapterConfig, engine_config: EngineConfig) -> AdapterRegistry:
@@ -104,14 +104,20 @@ def build_registry(loaded: LoadedModel, config: AdapterConfig, engine_config: En
     return registry
 
 
-def _interceptors(metrics: ServerMetrics, config: AdapterConfig) -> list[grpc.aio.ServerInterceptor]:
-    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
-    token = config.admin_token or os.environ.get("QUIVER_ADMIN_TOKEN")
-    if token:
-        interceptors.append(AdminTokenInterceptor(token))
-    else:
-        log.warning("adapter registration and deletion are unprotected (no --admin-token)")
-    return interceptors
+def access_policy(config: ServerConfig, adapter_config: AdapterConfig) -> AccessPolicy:
+    """The server's secrets, from flags or else the environment."""
+    policy = AccessPolicy(
+        api_key=config.api_key or os.environ.get(API_KEY_ENV) or None,
+        admin_token=adapter_config.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
+    )
+    if policy.admin_token is None and policy.api_key is None:
+        log.warning("adapter registration and deletion are unprotected (no --admin-token or --api-key)")
+    return policy
+
+
+def served_model_name(config: ServerConfig, loaded: LoadedModel) -> str:
+    """The base model's id in the HTTP API: --served-model-name, else the model's name without `.gguf`."""
+    return config.served_model_name or loaded.info.name.removesuffix(".gguf")
 
 
 def _resolver(registry: AdapterRegistry, fingerprint: str) -> Callable[[str], StoredAdapter]:
@@ -129,55 +135,103 @@ def _resolver(registry: AdapterRegistry, fingerprint: str) -> Callable[[str], St
     return resolve
 
 
-def _add_services(
-    server: grpc.aio.Server, loaded: LoadedModel, engine: Engine, engine_config: EngineConfig,
-    registry: AdapterRegistry, adapter_config: AdapterConfig, metrics: ServerMetrics,
-) -> None:
+@dataclass(frozen=True)
+class _Core:
+    """The domain services both fronts translate onto."""
+
+    generator: Generator
+    catalog: AdapterCatalog
+    policy: AccessPolicy
+    base_id: str
+
+
+def _core(loaded: LoadedModel, engine: Engine, engine_config: EngineConfig, config: ServerConfig,
+          adapter_config: AdapterConfig, metrics: ServerMetrics) -> _Core:
     limits = RequestLimits(
         context_length=loaded.info.context_length,
         max_new_tokens_limit=engine_config.max_new_tokens_limit,
         default_max_new_tokens=engine_config.default_max_new_tokens,
     )
+    registry = build_registry(loaded, adapter_config, engine_config)
     builder = RequestBuilder(loaded.tokenizer, limits, _resolver(registry, loaded.info.fingerprint))
-    service = GenerationService(engine, builder, model_info(loaded, engine_config, engine.packed_weight_bytes), metrics)
-    pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+    base_id = served_model_name(config, loaded)
     import_roots = tuple(Path(root) for root in adapter_config.import_roots)
+    catalog = AdapterCatalog(registry, import_roots, reserved=frozenset({base_id}))
+    if taken := catalog.taken_reserved():
+        raise FailedPrecondition(f"the store holds an adapter named {taken[0]!r}, the served model's id: "
+                                 "set another --served-model-name")
+    return _Core(Generator(engine, builder, metrics), catalog, access_policy(config, adapter_config), base_id)
+
+
+def _grpc_server(core: _Core, loaded: LoadedModel, engine: Engine, engine_config: EngineConfig,
+                 config: ServerConfig, adapter_config: AdapterConfig, metrics: ServerMetrics
+                 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+    server = grpc.aio.server(interceptors=[StatusInterceptor(metrics), AuthInterceptor(core.policy)])
+    info = model_info(loaded, engine_config, engine.packed_weight_bytes)
+    pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(core.generator, info), server)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
-        AdapterService(registry, import_roots, adapter_config.max_adapter_bytes), server
+        AdapterService(core.catalog, adapter_config.max_adapter_bytes), server
     )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if config.reflection:
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
+    return server, health
+
+
+def _watch(metrics: ServerMetrics, engine: Engine, engine_config: EngineConfig, config: ServerConfig,
+           base_id: str) -> None:
+    metrics.watch_tiers(engine.host_adapters, engine.device_adapters)
+    metrics.watch_engine(engine, engine_config.max_cache_bytes)
+    metrics.registry.register(RouterMetricsCollector(
+        engine, base_id, engine_config.max_lora_slots, engine_config.max_cache_bytes,
+        config.metrics_max_resident_adapters,
+    ))
+
+
+async def _start_http(core: _Core, loaded: LoadedModel, config: ServerConfig, metrics: ServerMetrics
+                      ) -> HttpServer | None:
+    if not config.http_port:
+        return None
+    state = ServingState()
+    app = build_app(HttpContext(
+        core.generator, core.catalog, core.policy, metrics, state, core.base_id, loaded.info.fingerprint,
+        loaded.info.context_length, config.max_request_bytes,
+    ))
+    return await HttpServer.start(app, config.host, config.http_port, state)
 
 
 async def start_server(
     loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig, adapter_config: AdapterConfig
 ) -> RunningServer:
-    """Start the engine and a grpc.aio server around an already loaded model."""
+    """Start the engine, the gRPC server and the HTTP front around an already loaded model."""
     metrics = ServerMetrics()
-    metrics.cache_budget.set(engine_config.max_cache_bytes)
-    registry = build_registry(loaded, adapter_config, engine_config)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, engine_config)
-    server = grpc.aio.server(interceptors=_interceptors(metrics, adapter_config))
+    server: grpc.aio.Server | None = None
+    http: HttpServer | None = None
     try:
-        _add_services(server, loaded, engine, engine_config, registry, adapter_config, metrics)
-        metrics.watch_tiers(engine.host_adapters, engine.device_adapters)
-        health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        if config.reflection:
-            reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
+        core = _core(loaded, engine, engine_config, config, adapter_config, metrics)
+        server, health = _grpc_server(core, loaded, engine, engine_config, config, adapter_config, metrics)
+        _watch(metrics, engine, engine_config, config, core.base_id)
         port = server.add_insecure_port(f"{config.host}:{config.port}")
         if port == 0:
             raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
         engine.start()
         await server.start()
+        http = await _start_http(core, loaded, config, metrics)
         metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
     except BaseException:
-        await server.stop(None)  # a no-op before it started
+        if http is not None:
+            await http.stop(0)
+        if server is not None:
+            await server.stop(None)  # a no-op before it started
         engine.stop()  # gives the model back
         raise
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    gauges = asyncio.create_task(_update_gauges(engine, metrics))
-    log.info("serving %s on %s:%d (metrics port %s)", loaded.info.name, config.host, port, metrics_port)
-    return RunningServer(server, engine, health, metrics, port, metrics_port, gauges)
+    log.info("serving %s on %s:%d (HTTP port %s, metrics port %s)", core.base_id, config.host, port,
+             http.port if http else None, metrics_port)
+    return RunningServer(server, engine, health, metrics, port, metrics_port, http, core.base_id)
 
 
 async def _serve_until_signal(
@@ -189,7 +243,8 @@ async def _serve_until_signal(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    print(f"quiver: serving {loaded.info.name} on {config.host}:{running.port}", flush=True)
+    http = f", HTTP on {config.host}:{running.http_port}" if running.http_port else ""
+    print(f"quiver: serving {running.base_id} on {config.host}:{running.port} (gRPC){http}", flush=True)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", config.grace_seconds)
     await running.stop(config.grace_seconds)

@@ -1,23 +1,26 @@
-"""Bearer-token protection of the admin RPCs (adapter registration and deletion).
+"""gRPC side of the access policy (server/access.py): each method's level, checked before its handler runs.
 
-Compared in constant time; a missing or wrong token answers UNAUTHENTICATED before the handler runs, so an
-unauthenticated upload is refused without reading its stream.
+A missing or wrong token answers UNAUTHENTICATED before the handler runs, so an unauthenticated upload is refused
+without reading its stream.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-# Full gRPC method names that need the token.
+from quiver.server.access import Access, AccessPolicy, bearer_token
+from quiver.server.errors import Unauthenticated
+
+# Full gRPC method names that change adapters; every other method of Quiver's own services is INFERENCE.
 ADMIN_METHODS = frozenset({
     "/quiver.v1.AdapterService/RegisterAdapter",
     "/quiver.v1.AdapterService/ImportAdapter",
     "/quiver.v1.AdapterService/DeleteAdapter",
 })
+_QUIVER_PREFIX = "/quiver.v1."
 
 _REFUSERS: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -27,18 +30,25 @@ _REFUSERS: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
+def method_access(method: str) -> Access:
+    """The level a full gRPC method name needs: health and reflection are open."""
+    if method in ADMIN_METHODS:
+        return Access.ADMIN
+    return Access.INFERENCE if method.startswith(_QUIVER_PREFIX) else Access.OPEN
+
+
 def _bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
     for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value.removeprefix("Bearer ")
+        if key == "authorization" and isinstance(value, str):
+            return bearer_token(value)
     return None
 
 
-class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on ADMIN_METHODS."""
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Applies the access policy to every call, from its `authorization: Bearer <token>` metadata."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
+    def __init__(self, policy: AccessPolicy) -> None:
+        self._policy = policy
 
     async def intercept_service(
         self,
@@ -46,12 +56,14 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method not in ADMIN_METHODS:
+        if handler is None:
             return handler
-        given = _bearer(details.invocation_metadata)  # type: ignore[arg-type]
-        if given is not None and hmac.compare_digest(given.encode(), self._token):
+        try:
+            self._policy.check(method_access(details.method), _bearer(details.invocation_metadata))  # type: ignore[arg-type]
+        except Unauthenticated as e:
+            message = e.message
+        else:
             return handler
-        message = "missing admin token" if given is None else "wrong admin token"
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from quiver.server.errors import ResourceExhausted
+from quiver.server.errors import TooLarge
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class CacheBudget:
         """Refuse a request that would not fit even as the batch's only row."""
         if not self.fits([peak]):
             need = self.batch_bytes([peak])
-            raise ResourceExhausted(
+            raise TooLarge(
                 f"the request may grow to {peak} positions, {need / 2**20:.1f} MiB of key/value cache; the server "
                 f"allows {self.max_bytes / 2**20:.1f} MiB (--max-cache-bytes): shorten the input or max_new_tokens"
             )

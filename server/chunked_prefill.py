@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from quiver.server.kv_cache import growing
+from quiver.server.logprobs import TokenLogprob
 from quiver.server.lora import LoraSlots
 from quiver.server.prefill import Prefilled, PrefillRow, extend, prefill, prefill_length
 
@@ -26,13 +27,15 @@ class ChunkedPrefill:
         self._budget = budget  # positions computed per chunk (the first also computes the soft prompt's)
         self._fed = 0  # prompt tokens in the cache so far
         self._done: Prefilled | None = None
+        self._scores: list[TokenLogprob | None] = []  # prompt log-probabilities of the chunks so far
 
     def advance(self, model: Any, lora: LoraSlots) -> Prefilled | None:
-        """Feed the next chunk; returns the prefilled row after the last chunk, None before."""
-        ids, adapter = self._row.ids, self._row.adapter
+        """Feed the next chunk; returns the prefilled row after the last chunk, None before. A row that asked for
+        its prompt's log-probabilities gets them for the whole prompt, gathered over the chunks."""
+        ids, adapter, want = self._row.ids, self._row.adapter, self._row.prompt_logprobs
         if self._done is None:
             first = max(1, self._budget - prefill_length(0, adapter))  # a soft prompt shares the first chunk
-            done = prefill(model, lora, [PrefillRow(ids[:first], adapter)])
+            done = prefill(model, lora, [PrefillRow(ids[:first], adapter, want)])
             self._fed = min(first, ids.numel())
             # The next chunk's update makes room for itself plus this block: exactly the rest of the prompt, so
             # no later chunk copies the cache (as torch.cat would) and none reserves more than the prompt needs.
@@ -40,6 +43,10 @@ class ChunkedPrefill:
             self._done = replace(done, cache=growing(done.cache, max(1, rest - self._budget)))
         else:
             chunk = ids[self._fed : self._fed + self._budget]
-            self._done = extend(model, lora, self._done, adapter, chunk)
+            self._done = extend(model, lora, self._done, PrefillRow(chunk, adapter, want))
             self._fed += chunk.numel()
-        return self._done if self._fed >= ids.numel() else None
+        if self._done.prompt_logprobs is not None:
+            self._scores.extend(self._done.prompt_logprobs[0] or ())
+        if self._fed < ids.numel():
+            return None
+        return replace(self._done, prompt_logprobs=[tuple(self._scores)]) if want is not None else self._done

@@ -176,10 +176,33 @@ class AdapterConfig:
 class ServerConfig:
     """Network side of the server."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address the gRPC server binds"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address the gRPC, HTTP and metrics servers bind"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
     metrics_port: int = field(
         default=9400, metadata={"help": "Prometheus metrics HTTP port (0 disables the endpoint)"}
+    )
+    http_port: int = field(
+        default=8000,
+        metadata={"help": "OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models), vLLM's "
+                  "adapter routes, /metrics and /health, on --host (0 turns HTTP off)"},
+    )
+    served_model_name: str | None = field(
+        default=None,
+        metadata={"help": "the base model's id in the HTTP API's `model` field and /v1/models (default: the model's "
+                  "name, without .gguf); no adapter may take it"},
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "key every inference call needs, as `Authorization: Bearer KEY` over HTTP and "
+                  "`authorization` metadata over gRPC (default: $QUIVER_API_KEY; unset = open)"},
+    )
+    max_request_bytes: int = field(
+        default=4 * 2**20, metadata={"help": "largest HTTP request body, in bytes (larger ones get 413)"}
+    )
+    metrics_max_resident_adapters: int = field(
+        default=64,
+        metadata={"help": "most adapters the quiver_adapter_resident gauge lists by name (the most recently used), "
+                  "so the series count stays bounded"},
     )
     reflection: bool = field(default=True, metadata={"help": "serve gRPC server reflection"})
     grace_seconds: float = field(
@@ -191,3 +214,13 @@ class ServerConfig:
             raise ValueError("--port must be in [0, 65535]")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError("--metrics-port must be in [0, 65535]")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError("--http-port must be in [0, 65535]")
+        for name in ("served_model_name", "api_key"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"--{name.replace('_', '-')} must not be empty")
+        if self.max_request_bytes < 1:
+            raise ValueError("--max-request-bytes must be >= 1")
+        if self.metrics_max_resident_adapters < 0:
+            raise ValueError("--metrics-max-resident-adapters must be >= 0")

@@ -28,6 +28,7 @@ from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import claim_for_this_thread
 from quiver.server.decode_step import decode_step_for
 from quiver.server.detokenizer import TextStream
+from quiver.server.engine_load import EngineLoad, LoadPublisher
 from quiver.server.errors import ResourceExhausted, Unavailable
 from quiver.server.generation_events import RequestHandle, Sink
 from quiver.server.held_model import HeldModel
@@ -95,6 +96,7 @@ class Engine:
         self._cache_budget = CacheBudget.of(self._model, config.max_cache_bytes, config.cache_block_tokens, dtype)
         self._wake = threading.Event()
         self._stopping = False
+        self._load = LoadPublisher()
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
 
     def start(self) -> None:
@@ -142,6 +144,16 @@ class Engine:
         return len(self._running)
 
     @property
+    def load(self) -> EngineLoad:
+        """Adapters of the batch, of waiting requests and on the device, as the engine thread last published them."""
+        return self._load.current
+
+    def _publish_load(self, *, force: bool = False) -> None:
+        waiting = [*(w.stored for w in self._scheduler), *(s.request.adapter for s in self._preempted)]
+        running = [s.request.adapter for s in self._batch_rows()]
+        self._load.publish(running, waiting, self.device_adapters.residents(), force=force)
+
+    @property
     def num_waiting(self) -> int:
         # Admitted ones (`_ready`) hold a batch place; preempted ones wait to resume.
         return self._inbox.qsize() + len(self._scheduler) + len(self._preempted)
@@ -173,8 +185,10 @@ class Engine:
             while not self._stopping:
                 self._take_inbox()
                 self._admit()
+                idle = not self._running and not self._ready and self._chunked is None
+                self._publish_load(force=idle and not len(self._scheduler))  # at once when the engine goes idle
                 if not self._running:
-                    if not self._ready and self._chunked is None:
+                    if idle:
                         # Nothing to do: sleep until a request arrives (or a cold adapter may have loaded).
                         self._wake.wait(timeout=0.005 if len(self._scheduler) or self._preempted else None)
                         self._wake.clear()
@@ -275,8 +289,10 @@ class Engine:
         self._advance_chunk()
 
     def _row(self, seq: RequestState) -> PrefillRow:
-        # The prompt, and for a preempted row the tokens it generated before (their cache was dropped).
-        return PrefillRow(seq.seen[: seq.n_seen].to(self._device, copy=True), seq.adapter)
+        # The prompt, and for a preempted row the tokens it generated before (their cache was dropped). Prompt
+        # log-probabilities are scored once, in the first prefill.
+        scored = seq.request.prompt_logprobs if seq.n_generated == 0 else None
+        return PrefillRow(seq.seen[: seq.n_seen].to(self._device, copy=True), seq.adapter, scored)
 
     def _advance_chunk(self) -> None:
         """Feed the long prompt its next chunk; after the last, it joins the running batch. Never raises."""
@@ -314,8 +330,10 @@ class Engine:
 
     def _join(self, seqs: list[RequestState], out: Prefilled) -> None:
         """Add prefilled `seqs` to the running batch; never raises."""
-        for seq, logits in zip(seqs, out.logits, strict=True):
+        for i, (seq, logits) in enumerate(zip(seqs, out.logits, strict=True)):
             seq.logits = logits
+            if out.prompt_logprobs is not None:
+                seq.prompt_logprobs = out.prompt_logprobs[i] or ()
         self._running.extend(seqs)
         try:
             self._batch.add(out.cache, out.mask, out.lengths)

@@ -6,6 +6,11 @@ status code, so no handler picks codes itself and no user mistake surfaces as IN
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
+_FIELD_HEAD = re.compile(r"[A-Za-z_]+")
+
 
 class QuiverError(Exception):
     """Base of every error a client may legitimately cause. `reasons` lists every problem found at once."""
@@ -24,6 +29,26 @@ class InvalidArgument(QuiverError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
+
+    def renamed(self, names: Mapping[str, str]) -> InvalidArgument:
+        """The same error with the field's first name translated (`messages[2].role` with {"messages":
+        "chat.messages"} -> `chat.messages[2].role`): how a front spells the core's field names its own way."""
+        head = _FIELD_HEAD.match(self.field)
+        if head is None or head.group() not in names:
+            return self
+        return InvalidArgument(names[head.group()] + self.field[head.end():], self.problem)
+
+
+class Unsupported(InvalidArgument):
+    """The request asks for a feature Quiver does not have (tools, logit bias...): refused, never ignored."""
+
+    def __init__(self, field: str, problem: str = "is not supported by Quiver") -> None:
+        super().__init__(field, problem)
+
+    def renamed(self, names: Mapping[str, str]) -> InvalidArgument:
+        renamed = super().renamed(names)
+        return renamed if renamed is self else Unsupported(renamed.field, renamed.problem)
 
 
 class NotFound(QuiverError):
@@ -39,7 +64,12 @@ class FailedPrecondition(QuiverError):
 
 
 class ResourceExhausted(QuiverError):
-    """A size or capacity limit was hit."""
+    """A capacity limit was hit that may clear later (a full queue, memory): the client may retry."""
+
+
+class TooLarge(ResourceExhausted):
+    """The request itself exceeds a fixed size limit (a body, an upload, a generation the cache can never hold):
+    retrying the same request cannot succeed. gRPC: RESOURCE_EXHAUSTED; HTTP: 413."""
 
 
 class Unavailable(QuiverError):

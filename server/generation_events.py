@@ -27,6 +27,8 @@ class GenerationEvent:
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
+    # In the first event, when the request asked: one per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 Sink = Callable[[GenerationEvent], None]

@@ -45,3 +45,25 @@ def token_logprobs(
         n = requested[i] or 0
         out[i] = TokenLogprob(drawn[i], chosen[j], tuple(zip(ids[j][:n], values[j][:n], strict=True)))
     return out
+
+
+# Positions whose log_softmax is taken at once: bounds the float32 temporaries to this many rows of the vocabulary.
+_PROMPT_CHUNK = 256
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each target token's log-probability and the `top` most likely tokens (vLLM's `prompt_logprobs`).
+
+    `logits` (N, V): row j is the model's prediction for `targets[j]` (N,), the token that followed."""
+    out: list[TokenLogprob] = []
+    k = min(top, logits.shape[-1])
+    for start in range(0, targets.numel(), _PROMPT_CHUNK):
+        rows = torch.log_softmax(logits[start : start + _PROMPT_CHUNK].float(), dim=-1)  # (C, V)
+        chunk = targets[start : start + _PROMPT_CHUNK].to(rows.device)
+        chosen = rows.gather(1, chunk[:, None])[:, 0].tolist()  # (C,)
+        values, ids = rows.topk(k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())  # (C, k)
+        for token, logprob, top_ids, top_values in zip(
+            chunk.tolist(), chosen, ids.tolist(), values.tolist(), strict=True
+        ):
+            out.append(TokenLogprob(token, logprob, tuple(zip(top_ids, top_values, strict=True))))
+    return out

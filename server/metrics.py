@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -53,6 +54,54 @@ class RequestTimer:
                 self._metrics.inter_token.labels(kind=self._kind).observe(gap / tokens)
             self._first, self._last = False, now
             self._metrics.generation_tokens.labels(kind=self._kind).inc(tokens)
+
+
+class EngineGauges(Protocol):
+    """What the engine reports of its load (server/engine.py)."""
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def cache_reserved_bytes(self) -> int: ...
+
+    @property
+    def preemptions(self) -> int: ...
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's load at scrape time."""
+
+    def __init__(self, engine: EngineGauges, cache_budget: int) -> None:
+        self._engine = engine
+        self._budget = cache_budget
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine
+        yield GaugeMetricFamily("quiver_running_sequences", "Sequences being decoded", value=engine.num_running)
+        yield GaugeMetricFamily(
+            "quiver_waiting_requests", "Requests waiting to start (queued, or preempted and waiting to resume)",
+            value=engine.num_waiting,
+        )
+        yield GaugeMetricFamily(
+            "quiver_cache_reserved_bytes",
+            "Key/value cache bytes admission counts for the batch: every row at its longest, or with --preempt at "
+            "its length now",
+            value=engine.cache_reserved_bytes,
+        )
+        yield GaugeMetricFamily(
+            "quiver_cache_budget_bytes", "Key/value cache bytes the batch may take (--max-cache-bytes)",
+            value=self._budget,
+        )
+        yield CounterMetricFamily(
+            "quiver_preemptions",
+            "Sequences taken out of the batch to keep its key/value cache within --max-cache-bytes (--preempt); "
+            "each resumes by recomputing its tokens",
+            value=engine.preemptions,
+        )
 
 
 class _TierCollector(Collector):
@@ -125,28 +174,27 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "quiver_generation_tokens", "Tokens generated, by adapter kind", ["kind"], registry=self.registry
         )
-        self.running = Gauge("quiver_running_sequences", "Sequences being decoded", registry=self.registry)
-        self.waiting = Gauge("quiver_waiting_requests", "Requests waiting to start", registry=self.registry)
-        self.cache_reserved = Gauge(
-            "quiver_cache_reserved_bytes",
-            "Key/value cache bytes admission counts for the batch: every row at its longest, or with --preempt at "
-            "its length now",
+        self.http_requests = Counter(
+            "quiver_http_requests",
+            "HTTP requests finished (OpenAI-compatible and admin routes), by route and status code",
+            ["route", "status"],
             registry=self.registry,
         )
-        self.preemptions = Counter(
-            "quiver_preemptions",
-            "Sequences taken out of the batch to keep its key/value cache within --max-cache-bytes (--preempt); "
-            "each resumes by recomputing its tokens",
-            registry=self.registry,
-        )
-        self.cache_budget = Gauge(
-            "quiver_cache_budget_bytes", "Key/value cache bytes the batch may take (--max-cache-bytes)",
+        self.http_latency = Histogram(
+            "quiver_http_request_duration_seconds",
+            "End-to-end HTTP request latency (to the last byte of a stream), by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).inc()
         self.latency.labels(method=method).observe(seconds)
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route=route, status=str(status)).inc()
+        self.http_latency.labels(route=route).observe(seconds)
 
     def timer(self, request: GenerationRequest) -> RequestTimer:
         """Start timing `request` now (call it right before submitting it)."""
@@ -155,6 +203,14 @@ class ServerMetrics:
     def watch_tiers(self, host: HostAdapterCache, device: DeviceAdapters) -> None:
         """Export the adapter tiers' hits, loads, evictions and bytes."""
         self.registry.register(_TierCollector(host, device))
+
+    def watch_engine(self, engine: EngineGauges, cache_budget: int) -> None:
+        """Export the engine's load, read at each scrape (never older than the scrape)."""
+        self.registry.register(_EngineCollector(engine, cache_budget))
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format (what /metrics serves)."""
+        return generate_latest(self.registry)
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port (useful when `port` is 0)."""

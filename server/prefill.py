@@ -25,8 +25,11 @@ from transformers import DynamicCache
 from quiver.server.adapter_tiers import DeviceAdapter
 from quiver.server.batch import cache_layers
 from quiver.server.decode_step import sdpa_full_attention
+from quiver.server.logprobs import TokenLogprob, prompt_token_logprobs
 from quiver.server.lora import LoraSlots
 from quiver.server.uploads import upload
+
+PromptLogprobs = tuple[TokenLogprob | None, ...]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class PrefillRow:
 
     ids: torch.Tensor
     adapter: DeviceAdapter | None
+    prompt_logprobs: int | None = None  # n: each prompt token's log-probability after the first, n top ones
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Prefilled:
     cache: DynamicCache  # per layer (B, H_kv, W, D), each row's valid entries right-aligned
     mask: torch.Tensor  # (B, W) long: 1 = valid entry
     lengths: list[int]  # valid entries per row = the row's next position id
+    # Per row that asked: log-probabilities of its prompt tokens, None for the first (nothing predicts it)
+    prompt_logprobs: list[PromptLogprobs | None] | None = None
 
 
 def _parts_of(adapter: DeviceAdapter | None) -> _Parts:
@@ -124,8 +130,12 @@ def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefille
     cache = _prefix_cache(parts, past, pmax, b)
     lora.set_batch([r.adapter.lora_slot if r.adapter else 0 for r in rows],
                    [r.adapter.rank if r.adapter else 0 for r in rows], transient=True)
+    scored = any(row.prompt_logprobs is not None for row in rows)
+    # Every position's logits only when a row asked for its prompt's log-probabilities: (B, T, V) is large.
     out = model(**inputs, attention_mask=_attention_mask(model, mask, t, padded), position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                past_key_values=cache, use_cache=True, logits_to_keep=0 if scored else 1)
+    scores = [_prompt_scores(out.logits[i, t - n:], row) for i, (row, n) in enumerate(zip(rows, prompt, strict=True))
+              ] if scored else None
     lengths = [p + n for p, n in zip(past, new, strict=True)]
     if any(p and n < t for p, n in zip(past, new, strict=True)):  # padding between a prefix and the prompt
         mask = _compact(cache, mask)
@@ -134,7 +144,18 @@ def prefill(model: Any, lora: LoraSlots, rows: Sequence[PrefillRow]) -> Prefille
         for layer in cache_layers(cache):
             layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
         mask = mask[:, trim:]
-    return Prefilled(out.logits[:, -1].float(), cache, mask, lengths)
+    return Prefilled(out.logits[:, -1].float(), cache, mask, lengths, scores)
+
+
+def _prompt_scores(logits: torch.Tensor, row: PrefillRow, before: torch.Tensor | None = None) -> PromptLogprobs | None:
+    """Log-probabilities of the row's prompt tokens from `logits` (T, V) at their positions; `before` (V,), the
+    logits that precede the first token (a previous chunk's last), scores that token too, else it gets None."""
+    if row.prompt_logprobs is None:
+        return None
+    scored = prompt_token_logprobs(logits[:-1], row.ids[1:], row.prompt_logprobs)  # position j predicts token j + 1
+    if before is None:
+        return (None, *scored)
+    return (*prompt_token_logprobs(before[None], row.ids[:1], row.prompt_logprobs), *scored)
 
 
 def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> torch.Tensor:
@@ -198,15 +219,18 @@ def _compact(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
     return mask.gather(1, order)
 
 
-def extend(model: Any, lora: LoraSlots, done: Prefilled, adapter: DeviceAdapter | None, ids: torch.Tensor
-           ) -> Prefilled:
-    """Feed one prefilled row (`done`, a batch of one) its next prompt tokens `ids` (T,): its cache continues
-    at the next positions, under the same adapter. Used by chunked prefill (chunked_prefill.py)."""
+def extend(model: Any, lora: LoraSlots, done: Prefilled, row: PrefillRow) -> Prefilled:
+    """Feed one prefilled row (`done`, a batch of one) its next prompt tokens `row.ids` (T,): its cache continues
+    at the next positions, under the same adapter. Used by chunked prefill (chunked_prefill.py); the scores of
+    `row.ids` (with `row.prompt_logprobs`) start from `done`'s last logits."""
+    ids, adapter = row.ids, row.adapter
     start, t = done.lengths[0], ids.numel()
     assert done.mask.shape == (1, start), "a single prefilled row has no padding"
     mask = torch.cat([done.mask, done.mask.new_ones(1, t)], dim=1)  # (1, L + T)
     positions = torch.arange(start, start + t, device=ids.device)[None]  # (1, T)
     lora.set_batch([adapter.lora_slot if adapter else 0], [adapter.rank if adapter else 0], transient=True)
+    scored = row.prompt_logprobs is not None
     out = model(input_ids=ids[None], attention_mask=mask, position_ids=positions, past_key_values=done.cache,
-                use_cache=True, logits_to_keep=1)
-    return Prefilled(out.logits[:, -1].float(), done.cache, mask, [start + t])
+                use_cache=True, logits_to_keep=0 if scored else 1)
+    scores = [_prompt_scores(out.logits[0], row, before=done.logits[0])] if scored else None
+    return Prefilled(out.logits[:, -1].float(), done.cache, mask, [start + t], scores)

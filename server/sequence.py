@@ -33,6 +33,7 @@ class RequestState:
     arrival: int = 0  # submission order: preemption takes the newest rows first
     adapter: DeviceAdapter | None = None
     logits: torch.Tensor | None = None  # (V,) next-token logits
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # from the prefill, sent with the first token
     n_generated: int = 0
     done: bool = field(default=False)
 
@@ -61,7 +62,8 @@ class RequestState:
         if finish is not None and finish is not FinishReason.STOP_SEQUENCE:
             text += self.text.finish()
         event = GenerationEvent(text, (token,), len(self.request.prompt_ids), self.n_generated, finish,
-                                logprobs=(detail,) if detail is not None else ())
+                                logprobs=(detail,) if detail is not None else (), prompt_logprobs=self.prompt_logprobs)
+        self.prompt_logprobs = ()
         return self.send(event) and finish is None
 
     def send(self, event: GenerationEvent) -> bool:

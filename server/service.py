@@ -1,17 +1,18 @@
-"""gRPC GenerationService: validates requests off the event loop, runs them on the engine, shapes replies."""
+"""gRPC GenerationService: translates proto messages to and from the core (server/generation.py)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 
-from quiver.server.engine import Engine
+from quiver.server.errors import InvalidArgument
+from quiver.server.generation import Generator
 from quiver.server.generation_events import FinishReason, GenerationEvent
-from quiver.server.metrics import RequestTimer, ServerMetrics
-from quiver.server.request_builder import GenerationRequest, RequestBuilder, WireRequest
-from quiver.server.streaming import stream_events
+from quiver.server.generation_input import ChatMessage, GenerationInput
+from quiver.server.logprobs import TokenLogprob
+from quiver.server.request_builder import GenerationRequest
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
@@ -20,38 +21,66 @@ _FINISH_REASONS: dict[FinishReason, pb.FinishReason.ValueType] = {
     FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
 }
+# The core's field names (server/generation_input.py) as the proto spells them.
+FIELD_NAMES = {
+    **{name: f"sampling.{name}" for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")},
+    "max_new_tokens": "stopping.max_new_tokens",
+    "stop_sequences": "stopping.stop_sequences",
+    "messages": "chat.messages",
+    "token_ids": "tokens.ids",
+}
+_SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+WireRequest: TypeAlias = pb.GenerateRequest | pb.GenerateStreamRequest
+
+
+def generation_input(request: WireRequest) -> GenerationInput:
+    """The core's view of a GenerateRequest or GenerateStreamRequest."""
+    kind = request.WhichOneof("input")
+    sampling, stopping = request.sampling, request.stopping
+    return GenerationInput(
+        adapter=request.adapter,
+        text=request.text if kind == "text" else None,
+        messages=tuple(ChatMessage(m.role, m.content) for m in request.chat.messages) if kind == "chat" else None,
+        token_ids=tuple(request.tokens.ids) if kind == "tokens" else None,
+        **{name: getattr(sampling, name) if sampling.HasField(name) else None for name in _SAMPLING},
+        max_new_tokens=stopping.max_new_tokens if stopping.HasField("max_new_tokens") else None,
+        stop_sequences=tuple(stopping.stop_sequences),
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
+    )
 
 
 def _usage(event: GenerationEvent) -> pb.Usage:
     return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
 
 
+def _logprob(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
 def _logprobs(event: GenerationEvent) -> list[pb.TokenLogprob]:
-    return [
-        pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
-        for lp in event.logprobs
-    ]
+    return [_logprob(lp) for lp in event.logprobs]
+
+
+def _prompt_logprobs(event: GenerationEvent) -> list[pb.TokenLogprob]:
+    """The prompt's tokens after the first (which has no log-probability), in order."""
+    return [_logprob(lp) for lp in event.prompt_logprobs if lp is not None]
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
-    """Implements quiver.v1.GenerationService over one engine."""
+    """Implements quiver.v1.GenerationService over the generation core."""
 
-    def __init__(
-        self, engine: Engine, builder: RequestBuilder, model_info: pb.ModelInfoResponse,
-        metrics: ServerMetrics | None = None,
-    ) -> None:
-        self._engine = engine
-        self._builder = builder
+    def __init__(self, generator: Generator, model_info: pb.ModelInfoResponse) -> None:
+        self._generator = generator
         self._model_info = model_info
-        self._metrics = metrics
-
-    def _timer(self, request: GenerationRequest) -> RequestTimer | None:
-        return self._metrics.timer(request) if self._metrics is not None else None
 
     async def _prepare(self, request: WireRequest) -> GenerationRequest:
-        # Tokenizing and templating take real CPU time on long prompts: keep them off the event loop.
-        return await asyncio.to_thread(self._builder.build, request)
+        try:
+            return await self._generator.prepare(generation_input(request))
+        except InvalidArgument as e:
+            raise e.renamed(FIELD_NAMES) from None
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -59,10 +88,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         prepared = await self._prepare(request)
         response = pb.GenerateResponse()
         texts = []
-        async for event in stream_events(self._engine, prepared, self._timer(prepared)):
+        async for event in self._generator.run([prepared]).events():
             texts.append(event.text)
             response.token_ids.extend(event.token_ids)
             response.logprobs.extend(_logprobs(event))
+            response.prompt_logprobs.extend(_prompt_logprobs(event))
             if event.finish_reason is not None:
                 response.finish_reason = _FINISH_REASONS[event.finish_reason]
                 response.usage.CopyFrom(_usage(event))
@@ -73,9 +103,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         prepared = await self._prepare(request)
-        async for event in stream_events(self._engine, prepared, self._timer(prepared)):
+        async for event in self._generator.run([prepared]).events():
             message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids,
-                                                logprobs=_logprobs(event))
+                                                logprobs=_logprobs(event),
+                                                prompt_logprobs=_prompt_logprobs(event))
             if event.finish_reason is not None:
                 message.finish_reason = _FINISH_REASONS[event.finish_reason]
                 message.usage.CopyFrom(_usage(event))

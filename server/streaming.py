@@ -1,38 +1,68 @@
-"""Bridges the engine thread to asyncio: a request's events as an async iterator.
+"""Bridges the engine thread to asyncio: the events of one or several submitted requests as an async iterator.
 
-Leaving the iterator early (the call was cancelled or its deadline passed) cancels the request, so the
-engine frees its sequence at the next step.
+Requests are submitted when the stream is made, so a refusal (queue full, a generation the cache can never
+hold, shutting down) raises there, before a front has sent anything. Several requests (the choices of one HTTP
+request) share one queue and arrive interleaved, tagged by their index. Leaving the iteration early (the call was
+cancelled, its deadline passed, the client went away) or `cancel()` cancels every request still running, so the
+engine frees their sequences at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from quiver.server.engine import Engine
-from quiver.server.generation_events import GenerationEvent
+from quiver.server.generation_events import GenerationEvent, RequestHandle
 from quiver.server.metrics import RequestTimer
 from quiver.server.request_builder import GenerationRequest
 
 
-async def stream_events(
-    engine: Engine, request: GenerationRequest, timer: RequestTimer | None = None
-) -> AsyncIterator[GenerationEvent]:
-    """Yield the request's events up to and including the final one; raise the engine's error if any.
+class EventStream:
+    """Submitted requests' events, `(index, event)` in arrival order, up to each one's final event."""
 
-    `timer`, if given, sees every event as it reaches this coroutine: the latency a caller sees."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-    handle = engine.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-    try:
-        while True:
-            event = await events.get()
-            if timer is not None:
-                timer.on_event(event)
-            if event.error is not None:
-                raise event.error
-            yield event
-            if event.finish_reason is not None:
-                return
-    finally:
-        handle.cancel()
+    def __init__(
+        self, engine: Engine, requests: Sequence[GenerationRequest], timers: Sequence[RequestTimer | None] = ()
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
+        self._timers = list(timers) or [None] * len(requests)
+        self._handles: list[RequestHandle] = []
+        try:
+            for i, request in enumerate(requests):
+                def sink(event: GenerationEvent, i: int = i) -> None:
+                    loop.call_soon_threadsafe(self._events.put_nowait, (i, event))
+
+                self._handles.append(engine.submit(request, sink))
+        except BaseException:
+            self.cancel()  # the ones already submitted
+            raise
+
+    def cancel(self) -> None:
+        for handle in self._handles:
+            handle.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        """Raise the first error a request reports (the others are cancelled)."""
+        running = len(self._handles)
+        try:
+            while running:
+                i, event = await self._events.get()
+                timer = self._timers[i]
+                if timer is not None:
+                    timer.on_event(event)
+                if event.error is not None:
+                    raise event.error
+                yield i, event
+                if event.finish_reason is not None:
+                    running -= 1
+        finally:
+            self.cancel()
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        """The events of a stream of one request."""
+        try:
+            async for _, event in self:
+                yield event
+        finally:
+            self.cancel()  # also when this generator is closed at its yield, before the inner one

@@ -9,7 +9,7 @@ from quiver.clients.cli.common import report_usage_error
 from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 
-HELP = "start the gRPC server (default model: SmolLM2-135M-Instruct)"
+HELP = "start the gRPC and OpenAI-compatible HTTP server (default model: SmolLM2-135M-Instruct)"
 CONFIGS = (ModelConfig, EngineConfig, ServerConfig, AdapterConfig)
 
 
@@ -27,11 +27,11 @@ def run(args: argparse.Namespace) -> int:
         return report_usage_error(e)
     # Imported here: torch and transformers take seconds to import, client commands need neither.
     from quiver.server.app import serve
-    from quiver.server.errors import ModelLoadError
+    from quiver.server.errors import QuiverError
 
     try:
         serve(model, engine, server, adapters)  # type: ignore[arg-type]
-    except ModelLoadError as e:
+    except QuiverError as e:  # the model failed to load, or the configuration does not fit the store
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

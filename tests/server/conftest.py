@@ -66,9 +66,11 @@ def _free_port() -> int:
 
 
 class ServerThread:
-    """A real Quiver gRPC server on its own event loop in a background thread."""
+    """A real Quiver server (gRPC and HTTP) on its own event loop in a background thread; `server` overrides
+    ServerConfig fields (ports default to free ones; http_port=0 turns HTTP off)."""
 
-    def __init__(self, loaded: Any, store: Path, engine_config: Any = None, adapter_config: Any = None) -> None:
+    def __init__(self, loaded: Any, store: Path, engine_config: Any = None, adapter_config: Any = None,
+                 **server: Any) -> None:
         import asyncio
 
         from quiver.server.app import start_server
@@ -77,11 +79,12 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=_free_port())
+        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": _free_port(), "http_port": _free_port(), **server})
         adapter_config = adapter_config or AdapterConfig(store=str(store))
         start = start_server(loaded, engine_config or EngineConfig(), config, adapter_config)
         self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)
         self.target = f"127.0.0.1:{self.running.port}"
+        self.http = f"http://127.0.0.1:{self.running.http_port}"
 
     def close(self) -> None:
         import asyncio

@@ -184,11 +184,12 @@ def test_chunked_prefill_equals_one_forward(tiny_model: Any, slots: LoraSlots, k
     soft = prefill_length(0, row.adapter)
     assert forwards == 1 + -(-(13 - max(1, budget - soft)) // budget)  # the first chunk shares the soft prompt
     assert out.lengths == whole.lengths and out.mask.shape == whole.mask.shape and bool(out.mask.all())
-    # Chunks change the matmul shapes, hence float32 rounding: values of this random model reach ~50.
-    torch.testing.assert_close(out.logits, whole.logits, atol=ATOL, rtol=1e-5)
+    # Chunks change the matmul shapes (one-token chunks run as GEMVs), hence float32 rounding: values of this random
+    # model reach ~50, and one-token chunks differ from the whole forward by up to 6e-5 of a value on some CPUs.
+    torch.testing.assert_close(out.logits, whole.logits, atol=ATOL, rtol=1e-4)
     for mine, theirs in zip(out.cache.layers, whole.cache.layers, strict=True):
-        torch.testing.assert_close(mine.keys, theirs.keys, atol=ATOL, rtol=1e-5)
-        torch.testing.assert_close(mine.values, theirs.values, atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(mine.values, theirs.values, atol=ATOL, rtol=1e-4)
 
 
 def test_chunks_after_the_first_write_into_one_buffer(tiny_model: Any, slots: LoraSlots):

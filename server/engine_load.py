@@ -1,0 +1,61 @@
+"""What the engine is doing, by adapter, for the metrics routers read (server/router_metrics.py).
+
+The engine thread owns the batch, the queue and the device tier, so it alone may walk them; it publishes an
+immutable `EngineLoad` at most every `PERIOD_S` (and at once when it goes idle), and scrapes on other threads
+read the latest one. Walking the queue costs O(waiting) per publication, not per decode step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from quiver.adapters.store import StoredAdapter
+from quiver.server.adapter_tiers import AdapterKey
+
+PERIOD_S = 0.1
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """An adapter version held in device memory."""
+
+    name: str
+    version: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """Adapter names (without versions, as requests name them) of the batch's rows and of waiting requests, and
+    the device tier's residents, most recently used first."""
+
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+    resident: tuple[ResidentAdapter, ...] = ()
+
+
+def _names(adapters: Iterable[StoredAdapter | None]) -> tuple[str, ...]:
+    return tuple(sorted({a.metadata.name for a in adapters if a is not None}))
+
+
+class LoadPublisher:
+    """Engine-thread side: rebuilds the snapshot when `PERIOD_S` has passed since the last one, or when forced."""
+
+    def __init__(self) -> None:
+        self.current = EngineLoad()
+        self._due = 0.0
+
+    def publish(
+        self, running: Iterable[StoredAdapter | None], waiting: Iterable[StoredAdapter | None],
+        resident: Iterable[tuple[AdapterKey, str]], *, force: bool = False,
+    ) -> None:
+        now = time.monotonic()
+        if not force and now < self._due:
+            return
+        self._due = now + PERIOD_S
+        self.current = EngineLoad(
+            _names(running), _names(waiting),
+            tuple(ResidentAdapter(key.name, key.version, kind) for key, kind in resident),
+        )

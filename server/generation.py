@@ -1,0 +1,42 @@
+"""The generation service every front calls: validate and tokenize off the event loop, run on the engine, time.
+
+gRPC (server/service.py) and HTTP (server/http/) differ only in how they translate their messages into a
+`GenerationInput` and events back into replies; what a request may ask for, how it is tokenized and how its
+tokens are timed is decided here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from quiver.server.engine import Engine
+from quiver.server.generation_input import GenerationInput
+from quiver.server.metrics import ServerMetrics
+from quiver.server.request_builder import GenerationRequest, RequestBuilder
+from quiver.server.streaming import EventStream
+
+
+class Generator:
+    """Runs `GenerationInput`s on one engine."""
+
+    def __init__(self, engine: Engine, builder: RequestBuilder, metrics: ServerMetrics | None = None) -> None:
+        self._engine = engine
+        self._builder = builder
+        self._metrics = metrics
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._builder.tokenizer
+
+    async def prepare(self, spec: GenerationInput) -> GenerationRequest:
+        """Validate and tokenize `spec`; raises the domain error of the first problem found."""
+        # Tokenizing and templating take real CPU time on long prompts: keep them off the event loop.
+        return await asyncio.to_thread(self._builder.build, spec)
+
+    def run(self, requests: Sequence[GenerationRequest]) -> EventStream:
+        """Submit `requests` now (a refusal raises here) and stream their events; leaving the stream early cancels
+        them (the engine frees their rows)."""
+        timers = [self._metrics.timer(r) if self._metrics is not None else None for r in requests]
+        return EventStream(self._engine, requests, timers)

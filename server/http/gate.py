@@ -1,0 +1,128 @@
+"""What every HTTP request passes before its route, as one pure ASGI middleware: the access policy (401), the body
+cap (413), drain (503), and its metrics (route, status, duration to the last byte of a stream).
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streams and hide disconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from quiver.server.access import Access, AccessPolicy, bearer_token
+from quiver.server.errors import QuiverError, TooLarge, Unavailable
+from quiver.server.http.errors import error_body
+from quiver.server.metrics import ServerMetrics
+
+# Path -> what it needs; a path not listed is served by the app (404) and needs nothing.
+ROUTE_ACCESS: dict[str, Access] = {
+    "/health": Access.OPEN,
+    "/metrics": Access.OPEN,
+    "/v1/models": Access.INFERENCE,
+    "/v1/completions": Access.INFERENCE,
+    "/v1/chat/completions": Access.INFERENCE,
+    "/v1/load_lora_adapter": Access.ADMIN,
+    "/v1/unload_lora_adapter": Access.ADMIN,
+}
+_MODEL_PREFIX = "/v1/models/"
+
+
+@dataclass
+class ServingState:
+    """Shared by the gate and the server's lifecycle: whether new work is refused, and how much is in flight."""
+
+    draining: bool = False
+    in_flight: int = field(default=0)
+
+
+def route_of(path: str) -> str:
+    """The route a path belongs to (one label value per route, never per model name)."""
+    if path.startswith(_MODEL_PREFIX):
+        return "/v1/models/{model}"
+    return path if path in ROUTE_ACCESS else "other"
+
+
+def _access(route: str) -> Access:
+    return Access.INFERENCE if route == "/v1/models/{model}" else ROUTE_ACCESS.get(route, Access.OPEN)
+
+
+class Gate:
+    def __init__(self, app: ASGIApp, policy: AccessPolicy, state: ServingState, metrics: ServerMetrics,
+                 max_body_bytes: int) -> None:
+        self._app = app
+        self._policy = policy
+        self._state = state
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        route = route_of(scope["path"])
+        status = 500  # unless a response starts
+        start = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self._state.in_flight += 1
+        try:
+            refusal = self._refusal(route, scope)
+            if refusal is not None:
+                await _respond(timed_send, refusal)
+            else:
+                await self._app(scope, self._capped(receive), timed_send)
+        finally:
+            self._state.in_flight -= 1
+            self._metrics.observe_http(route, status, time.perf_counter() - start)
+
+    def _refusal(self, route: str, scope: Scope) -> QuiverError | None:
+        headers = _headers(scope)
+        try:
+            if self._state.draining and route != "/metrics":
+                raise Unavailable("the server is shutting down")
+            self._policy.check(_access(route), bearer_token(headers.get("authorization")))
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self._max_body:
+                raise TooLarge(f"the request body is {length} bytes; the server accepts {self._max_body}")
+        except QuiverError as e:
+            return e
+        return None
+
+    def _capped(self, receive: Receive) -> Receive:
+        """`receive` that refuses a body growing past the cap (a chunked body has no Content-Length)."""
+        seen = 0
+
+        async def capped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self._max_body:
+                    raise TooLarge(f"the request body exceeds {self._max_body} bytes")
+            return message
+
+        return capped
+
+
+def _headers(scope: Scope) -> Mapping[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def _respond(send: Send, error: QuiverError) -> None:
+    status, body = error_body(error)
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    payload: Any = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
