@@ -105,11 +105,11 @@ def list_request(page_size: int, page_token: str) -> apb.ListAdaptersRequest:
         raise ValueError(f"page_size: {e}") from e
 
 
-def admin_metadata(metadata: Sequence[tuple[str, str]], admin_token: str | None) -> tuple[tuple[str, str], ...]:
-    """`metadata`, plus the admin bearer token when there is one."""
-    if admin_token is None:
+def admin_metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
+    """`metadata`, plus `token` (the API key or the admin token) as a bearer token when there is one."""
+    if token is None:
         return tuple(metadata)
-    return (*metadata, ("authorization", f"Bearer {admin_token}"))
+    return (*metadata, ("authorization", f"Bearer {token}"))
 
 
 def adapter_info_from_proto(info: apb.AdapterInfo) -> AdapterInfo:

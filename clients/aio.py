@@ -44,8 +44,9 @@ class AsyncQuiverClient:
     """One grpc.aio channel to a Quiver server; use `async with`, or `await close()`.
 
     Create it inside the event loop that will use it. `timeout` (seconds) is the deadline of each call
-    (of the whole stream for `generate_stream`); `metadata` is sent with every call, and `admin_token` (as
-    `authorization: Bearer <token>`) with every adapter call. Every failed call raises `QuiverRpcError`;
+    (of the whole stream for `generate_stream`); `metadata` is sent with every call, `api_key` (as
+    `authorization: Bearer <key>`) with every call of a server started with `--api-key`, and `admin_token` instead
+    of it with every adapter call. Every failed call raises `QuiverRpcError`;
     arguments the wire cannot carry raise ValueError before anything is sent.
     """
 
@@ -56,13 +57,14 @@ class AsyncQuiverClient:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         admin_token: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._adapters = apb_grpc.AdapterServiceStub(self._channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
-        self._admin_metadata = admin_metadata(metadata, admin_token)
+        self._metadata = admin_metadata(metadata, api_key)
+        self._admin_metadata = admin_metadata(metadata, admin_token or api_key)
 
     async def __aenter__(self) -> Self:
         return self

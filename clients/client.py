@@ -43,9 +43,9 @@ class QuiverClient:
     """One channel to a Quiver server; use it as a context manager, or call `close()`.
 
     `timeout` (seconds) is the deadline of each call (of the whole stream for `generate_stream`);
-    `metadata` is sent with every call, and `admin_token` (as `authorization: Bearer <token>`) with every
-    adapter call. Every failed call raises `QuiverRpcError`; arguments the wire cannot carry raise ValueError
-    before anything is sent.
+    `metadata` is sent with every call, `api_key` (as `authorization: Bearer <key>`) with every call of a server
+    started with `--api-key`, and `admin_token` instead of it with every adapter call. Every failed call raises
+    `QuiverRpcError`; arguments the wire cannot carry raise ValueError before anything is sent.
     """
 
     def __init__(
@@ -55,13 +55,14 @@ class QuiverClient:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         admin_token: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._adapters = apb_grpc.AdapterServiceStub(self._channel)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
-        self._admin_metadata = admin_metadata(metadata, admin_token)
+        self._metadata = admin_metadata(metadata, api_key)
+        self._admin_metadata = admin_metadata(metadata, admin_token or api_key)
 
     def __enter__(self) -> Self:
         return self

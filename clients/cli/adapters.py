@@ -64,8 +64,8 @@ class AdapterBackend(Protocol):
 class ServerBackend:
     """The actions as AdapterService calls; failures raise QuiverRpcError."""
 
-    def __init__(self, target: str, admin_token: str | None) -> None:
-        self._client = QuiverClient(target, admin_token=admin_token)
+    def __init__(self, target: str, admin_token: str | None, api_key: str | None = None) -> None:
+        self._client = QuiverClient(target, admin_token=admin_token, api_key=api_key)
 
     def register(
         self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None
@@ -149,7 +149,7 @@ class StoreBackend:
 def open_backend(args: argparse.Namespace) -> AdapterBackend:
     if args.store is not None:
         return StoreBackend(Path(args.store), getattr(args, "model", None))
-    return ServerBackend(args.server, args.admin_token)
+    return ServerBackend(args.server, args.admin_token, args.api_key)
 
 
 # --- output -------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from quiver.clients.types import DEFAULT_TARGET
 
 SERVER_ENV = "QUIVER_SERVER"
 """Environment variable that overrides the default `--server`."""
+API_KEY_ENV = "QUIVER_API_KEY"
+"""Environment variable of the default `--api-key` (which keeps the key out of `ps`)."""
 
 EXIT_RPC_ERROR = 1
 """Exit status of a command whose call failed."""
@@ -24,6 +26,11 @@ def add_server_argument(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(SERVER_ENV, DEFAULT_TARGET),
         metavar="HOST:PORT",
         help=f"address of the Quiver server (default: ${SERVER_ENV} or {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the key of a server started with --api-key (default: ${API_KEY_ENV})",
     )
 
 

@@ -71,7 +71,7 @@ def _write_logprobs(entries: list[TokenLogprob]) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         inputs = _inputs(args)
-        with QuiverClient(args.server) as client:
+        with QuiverClient(args.server, api_key=args.api_key) as client:
             if args.stream:
                 logprobs: list[TokenLogprob] = []
                 with closing(client.generate_stream(**inputs)) as chunks:

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with QuiverClient(args.server) as client:
+        with QuiverClient(args.server, api_key=args.api_key) as client:
             info = client.model_info()
     except QuiverRpcError as e:
         return report_rpc_error(e)

@@ -79,7 +79,8 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": _free_port(), "http_port": _free_port(), **server})
+        ports = {"port": 0, "metrics_port": _free_port(), "http_port": _free_port()}
+        config = ServerConfig(**{"host": "127.0.0.1", **ports, **server})
         adapter_config = adapter_config or AdapterConfig(store=str(store))
         start = start_server(loaded, engine_config or EngineConfig(), config, adapter_config)
         self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)

@@ -1,0 +1,67 @@
+"""Prompt log-probabilities (vLLM's `prompt_logprobs`, OpenAI's echo) from the engine: equal to one teacher-forced
+forward, whether the prompt is prefilled in a group with other rows, alone, or in chunks; sent once, with the
+first token."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from quiver.server.config import EngineConfig
+from quiver.server.engine import Engine
+from quiver.server.generation_events import GenerationEvent
+from quiver.server.logprobs import prompt_token_logprobs
+
+from .test_engine import Collector, request
+
+PROMPT = "Once upon a time, in a land far away, there lived"
+
+
+def reference(model: Any, ids: tuple[int, ...]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)  # (T, V)
+
+
+def run_all(model: Any, tokenizer: Any, requests: list[Any], **config: Any) -> list[list[GenerationEvent]]:
+    engine = Engine(model, tokenizer, frozenset(), EngineConfig(**config))
+    engine.start()
+    try:
+        sinks = [Collector() for _ in requests]
+        for req, sink in zip(requests, sinks, strict=True):
+            engine.submit(req, sink)
+        return [sink.wait()[1] for sink in sinks]
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("prefill_tokens", [1024, 5])  # one forward, or chunks of 5 tokens
+def test_prompt_logprobs_equal_a_teacher_forced_forward(tiny_model: Any, smol_tokenizer: Any, prefill_tokens: int):
+    scored = replace(request(smol_tokenizer, PROMPT, max_new_tokens=3), prompt_logprobs=3)
+    other = request(smol_tokenizer, "Short one", max_new_tokens=3)  # prefilled in the same group when it fits
+    events, plain = run_all(tiny_model, smol_tokenizer, [scored, other], max_prefill_tokens=prefill_tokens)
+    ids = scored.prompt_ids
+    expected = reference(tiny_model, ids)
+    first = events[0].prompt_logprobs
+    assert len(first) == len(ids) and first[0] is None
+    for j in range(1, len(ids)):
+        entry = first[j]
+        assert entry is not None and entry.token_id == ids[j]
+        assert entry.logprob == pytest.approx(expected[j - 1, ids[j]].item(), abs=1e-4)
+        top = torch.topk(expected[j - 1], 3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert all(not e.prompt_logprobs for e in events[1:])  # sent once
+    assert all(not e.prompt_logprobs for e in plain)  # only to the request that asked
+
+
+def test_prompt_token_logprobs_chunks_long_prompts():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(600, 50), torch.randint(0, 50, (600,))
+    out = prompt_token_logprobs(logits, targets, 2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert [e.token_id for e in out] == targets.tolist()
+    assert [e.logprob for e in out] == pytest.approx(expected.gather(1, targets[:, None])[:, 0].tolist(), abs=1e-6)
+    assert all(len(e.top) == 2 for e in out) and prompt_token_logprobs(logits, targets, 0)[5].top == ()
