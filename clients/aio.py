@@ -89,6 +89,7 @@ class AsyncQuiverClient:
         stop: Sequence[str] = (),
         seed: int | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> Generation:
         """Generates a completion of `prompt` (raw text) or `messages` (chat turns) and returns it whole.
 
@@ -108,6 +109,7 @@ class AsyncQuiverClient:
             stop=stop,
             seed=seed,
             logprobs=logprobs,
+            ignore_eos=ignore_eos,
         )
         try:
             response = await self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
@@ -129,6 +131,7 @@ class AsyncQuiverClient:
         stop: Sequence[str] = (),
         seed: int | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> AsyncGenerator[GenerationChunk, None]:
         """Like `generate`, but an async iterator of chunks; the last one carries the finish fields.
 
@@ -148,6 +151,7 @@ class AsyncQuiverClient:
             stop=stop,
             seed=seed,
             logprobs=logprobs,
+            ignore_eos=ignore_eos,
         )
         return self._stream(request)
 

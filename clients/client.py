@@ -87,6 +87,7 @@ class QuiverClient:
         stop: Sequence[str] = (),
         seed: int | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> Generation:
         """Generates a completion of `prompt` (raw text) or `messages` (chat turns) and returns it whole.
 
@@ -106,6 +107,7 @@ class QuiverClient:
             stop=stop,
             seed=seed,
             logprobs=logprobs,
+            ignore_eos=ignore_eos,
         )
         try:
             response = self._stub.Generate(request, timeout=self._timeout, metadata=self._metadata)
@@ -127,6 +129,7 @@ class QuiverClient:
         stop: Sequence[str] = (),
         seed: int | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> Generator[GenerationChunk, None, None]:
         """Like `generate`, but yields chunks as they are decoded; the last one carries the finish fields.
 
@@ -146,6 +149,7 @@ class QuiverClient:
             stop=stop,
             seed=seed,
             logprobs=logprobs,
+            ignore_eos=ignore_eos,
         )
         return self._stream(request)
 

@@ -105,6 +105,7 @@ def build_request(
     stop: Sequence[str],
     seed: int | None,
     logprobs: int | None = None,
+    ignore_eos: bool = False,
 ) -> RequestT:
     """A GenerateRequest or GenerateStreamRequest; arguments left as None stay unset on the wire.
 
@@ -132,6 +133,7 @@ def build_request(
     _set_present(request.stopping, {"max_new_tokens": max_new_tokens}, "stopping")
     if stop:
         request.stopping.stop_sequences.extend(stop)
+    request.stopping.ignore_eos = ignore_eos
     if logprobs is not None:
         if not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")

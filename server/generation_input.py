@@ -40,6 +40,8 @@ class GenerationInput:
     seed: int | None = None
     max_new_tokens: int | None = None
     stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Generate past end-of-sequence tokens up to `max_new_tokens` (vLLM's `ignore_eos`, for benchmarks)."""
     logprobs: int | None = None
     """None: no log-probabilities; n: each generated token's and the n most likely ones at its position."""
     prompt_logprobs: int | None = None

@@ -35,6 +35,7 @@ class GenerationRequest:
     adapter: StoredAdapter | None = None  # the adapter version to apply, resolved when the request arrived
     logprobs: int | None = None  # None: no log-probabilities; n: each token's and the n most likely ones
     prompt_logprobs: int | None = None  # None: none; n: each prompt token's (after the first) and n most likely
+    ignore_eos: bool = False  # end only at max_new_tokens or a stop sequence
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class RequestBuilder:
             adapter=adapter,
             logprobs=_top_count("logprobs", request.logprobs),
             prompt_logprobs=_top_count("prompt_logprobs", request.prompt_logprobs),
+            ignore_eos=request.ignore_eos,
         )
 
     def _prompt_ids(self, request: GenerationInput, template: str | None, virtual: int) -> list[int]:

@@ -51,7 +51,7 @@ class RequestState:
         self.n_seen += 1
         self.n_generated += 1
         finish: FinishReason | None = None
-        if token in eos:
+        if token in eos and not self.request.ignore_eos:
             finish, text = FinishReason.EOS_TOKEN, ""
         else:
             text = self.text.push(token)

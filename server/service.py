@@ -46,6 +46,7 @@ def generation_input(request: WireRequest) -> GenerationInput:
         **{name: getattr(sampling, name) if sampling.HasField(name) else None for name in _SAMPLING},
         max_new_tokens=stopping.max_new_tokens if stopping.HasField("max_new_tokens") else None,
         stop_sequences=tuple(stopping.stop_sequences),
+        ignore_eos=stopping.ignore_eos,
         logprobs=request.logprobs if request.HasField("logprobs") else None,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )

@@ -2,8 +2,8 @@
 
 Each model forbids fields it does not list, so a field Quiver does not know is a 400 naming it, never silently
 ignored. Fields OpenAI defines that Quiver cannot honour are listed with their neutral value and refused
-(`Unsupported`) when a request sets anything else (server/http/translate.py); `top_k` and `repetition_penalty`
-are vLLM's extensions, which the `openai` client sends through `extra_body`.
+(`Unsupported`) when a request sets anything else (server/http/translate.py); `top_k`, `repetition_penalty` and
+`ignore_eos` are vLLM's extensions, which the `openai` client sends through `extra_body`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class _Sampling(BaseModel):
     user: str | None = None  # an end-user id for the caller's own bookkeeping; it does not change the output
     top_k: int | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool = False  # vLLM's: generate to max_tokens (benchmarks)
     # Accepted only at their neutral value:
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

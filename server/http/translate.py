@@ -64,6 +64,7 @@ def _common(request: CompletionRequest | ChatCompletionRequest, base_id: str) ->
         adapter="" if request.model == base_id else request.model,
         temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         repetition_penalty=request.repetition_penalty, seed=request.seed, stop_sequences=_stops(request.stop),
+        ignore_eos=request.ignore_eos,
     )
 
 

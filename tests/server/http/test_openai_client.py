@@ -179,6 +179,14 @@ def test_vllm_sampling_extensions_pass_through_extra_body(client: openai.OpenAI,
     assert http.choices[0].text == reply.text
 
 
+def test_ignore_eos_passes_through(client: openai.OpenAI, grpc_client: QuiverClient):
+    http = client.completions.create(model="prompt", prompt=PROMPTS[2], max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    reply = grpc_client.generate(PROMPTS[2], adapter="prompt", max_new_tokens=40, ignore_eos=True)
+    assert http.usage is not None and http.usage.completion_tokens == reply.completion_tokens == 40
+    assert http.choices[0].text == reply.text
+
+
 def test_stop_sequences(client: openai.OpenAI, grpc_client: QuiverClient):
     free = grpc_client.generate(PROMPTS[0], adapter="lora", max_new_tokens=10)
     stop = free.text.split()[2]

@@ -1,6 +1,6 @@
-"""Prompt log-probabilities (vLLM's `prompt_logprobs`, OpenAI's echo) from the engine: equal to one teacher-forced
-forward, whether the prompt is prefilled in a group with other rows, alone, or in chunks; sent once, with the
-first token."""
+"""Per-request options of the engine. Prompt log-probabilities (vLLM's `prompt_logprobs`, OpenAI's echo): equal to
+one teacher-forced forward, whether the prompt is prefilled in a group with other rows, alone, or in chunks; sent
+once, with the first token. `ignore_eos`: generation goes on past end-of-sequence tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from quiver.server.config import EngineConfig
 from quiver.server.engine import Engine
-from quiver.server.generation_events import GenerationEvent
+from quiver.server.generation_events import FinishReason, GenerationEvent
 from quiver.server.logprobs import prompt_token_logprobs
 
 from .test_engine import Collector, request
@@ -25,8 +25,9 @@ def reference(model: Any, ids: tuple[int, ...]) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)  # (T, V)
 
 
-def run_all(model: Any, tokenizer: Any, requests: list[Any], **config: Any) -> list[list[GenerationEvent]]:
-    engine = Engine(model, tokenizer, frozenset(), EngineConfig(**config))
+def run_all(model: Any, tokenizer: Any, requests: list[Any], eos: frozenset[int] = frozenset(), **config: Any
+            ) -> list[list[GenerationEvent]]:
+    engine = Engine(model, tokenizer, eos, EngineConfig(**config))
     engine.start()
     try:
         sinks = [Collector() for _ in requests]
@@ -65,3 +66,15 @@ def test_prompt_token_logprobs_chunks_long_prompts():
     assert [e.token_id for e in out] == targets.tolist()
     assert [e.logprob for e in out] == pytest.approx(expected.gather(1, targets[:, None])[:, 0].tolist(), abs=1e-6)
     assert all(len(e.top) == 2 for e in out) and prompt_token_logprobs(logits, targets, 0)[5].top == ()
+
+
+def test_ignore_eos_generates_to_max_new_tokens(tiny_model: Any, smol_tokenizer: Any):
+    plain = request(smol_tokenizer, PROMPT, max_new_tokens=6)
+    [free] = run_all(tiny_model, smol_tokenizer, [plain])
+    tokens = [e.token_ids[0] for e in free]
+    eos = frozenset({tokens[2]})  # a token the greedy answer reaches ends the sequence there...
+    stopped, ignored = run_all(tiny_model, smol_tokenizer, [plain, replace(plain, ignore_eos=True)], eos=eos)
+    assert stopped[-1].finish_reason is FinishReason.EOS_TOKEN and len(stopped) == tokens.index(tokens[2]) + 1 < 6
+    # ...unless the request ignores it: the same six tokens as without an end-of-sequence set.
+    assert ignored[-1].finish_reason is FinishReason.LENGTH
+    assert [e.token_ids for e in ignored] == [e.token_ids for e in free]
