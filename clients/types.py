@@ -133,7 +133,8 @@ def build_request(
     _set_present(request.stopping, {"max_new_tokens": max_new_tokens}, "stopping")
     if stop:
         request.stopping.stop_sequences.extend(stop)
-    request.stopping.ignore_eos = ignore_eos
+    if ignore_eos:
+        request.stopping.ignore_eos = True
     if logprobs is not None:
         if not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")

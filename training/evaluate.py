@@ -283,7 +283,8 @@ def evaluate_with(client: QuiverClient, config: EvalConfig, where: str) -> EvalR
 
 @contextmanager
 def local_server(model: str | None, store: str | None) -> Iterator[str]:
-    """An in-process server over `model` and `store` (port 0, no metrics endpoint) for the duration; its target."""
+    """An in-process gRPC server over `model` and `store` (port 0, no HTTP or metrics endpoint) for the duration;
+    its target."""
     from quiver.server.app import start_server
     from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
     from quiver.server.cpu_threads import reserve_for_engine
@@ -295,7 +296,7 @@ def local_server(model: str | None, store: str | None) -> Iterator[str]:
     thread = threading.Thread(target=loop.run_forever, name="quiver-eval-server", daemon=True)
     thread.start()
     try:
-        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, reflection=False)
+        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, reflection=False)
         start = start_server(loaded, EngineConfig(), config, AdapterConfig(store=store))
         running = asyncio.run_coroutine_threadsafe(start, loop).result()
         try:

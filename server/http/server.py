@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -38,18 +39,22 @@ class HttpServer:
 
     @classmethod
     async def start(cls, app: ASGIApp, host: str, port: int, state: ServingState) -> HttpServer:
-        config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False, log_level="warning",
+        """Bind `host:port` (OSError when taken: before anything starts) and serve `app` on it."""
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.create_server((host, port), family=family)
+        # log_config=None: uvicorn's loggers propagate to the process's own logging instead of handlers of their
+        # own bound to whatever sys.stderr was at start-up.
+        config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, log_level="warning",
                                 timeout_graceful_shutdown=0)
         server = _Uvicorn(config)
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
-            if task.done():  # failed to bind, or exited at start-up (uvicorn logs why and exits)
-                with contextlib.suppress(SystemExit):
-                    task.result()
-                raise OSError(f"cannot serve HTTP on {host}:{port}")
+            if task.done():
+                sock.close()
+                task.result()
+                raise OSError(f"HTTP on {host}:{port} stopped at start-up")
             await asyncio.sleep(_POLL_S)
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        return cls(server, task, state, bound)
+        return cls(server, task, state, sock.getsockname()[1])
 
     async def stop(self, grace: float | None) -> None:
         """Refuse new requests (503), give those in flight `grace` seconds, then close."""

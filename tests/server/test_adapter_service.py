@@ -307,7 +307,8 @@ def test_tiny_temperature_decodes_greedily(server: ServerThread):
     assert list(tiny.token_ids) == list(greedy.token_ids)
 
 
-def test_a_server_that_fails_to_start_gives_the_model_back(loaded: Any, store: Path):
+@pytest.mark.parametrize("taken_port", ["metrics_port", "http_port"])
+def test_a_server_that_fails_to_start_gives_the_model_back(loaded: Any, store: Path, taken_port: str):
     import asyncio
     import socket
 
@@ -315,10 +316,13 @@ def test_a_server_that_fails_to_start_gives_the_model_back(loaded: Any, store: P
     from quiver.server.config import EngineConfig, ServerConfig
     from quiver.server.engine import Engine
 
-    with socket.socket() as taken:
+    with socket.socket() as taken, socket.socket() as free:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=taken.getsockname()[1])
+        free.bind(("127.0.0.1", 0))
+        ports = {"metrics_port": free.getsockname()[1], "http_port": free.getsockname()[1]}
+        free.close()
+        config = ServerConfig(host="127.0.0.1", port=0, **{**ports, taken_port: taken.getsockname()[1]})
         with pytest.raises(OSError):
             asyncio.run(start_server(loaded, EngineConfig(), config, adapter_config(store)))
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, EngineConfig())  # not "in use"

@@ -72,6 +72,8 @@ def test_router_gauges_follow_running_and_waiting_requests(busy: ServerThread):
     assert _wait(lambda: value(scrape(busy.http), "vllm:num_requests_running") == 1)
     threads[1].start()
     assert _wait(lambda: value(scrape(busy.http), "vllm:num_requests_waiting") == 1)
+    # The adapter names are what the engine last published (at most 0.1 s before).
+    assert _wait(lambda: scrape(busy.http)["vllm:lora_requests_info"][1][0].labels["waiting_lora_adapters"] != "")
     for families in (scrape(busy.http), scrape(f"http://127.0.0.1:{busy.running.metrics_port}")):
         assert value(families, "vllm:num_requests_running") == 1
         assert 0 < value(families, "vllm:kv_cache_usage_perc") <= 1
