@@ -19,7 +19,8 @@ from quiver.server.errors import QuiverError, TooLarge, Unavailable
 from quiver.server.http.errors import error_body
 from quiver.server.metrics import ServerMetrics
 
-# Path -> what it needs; a path not listed is served by the app (404) and needs nothing.
+# Path -> what it needs; any other path needs the API key too (fail closed: a path a router might normalize onto
+# a route, e.g. with a trailing slash, is never open).
 ROUTE_ACCESS: dict[str, Access] = {
     "/health": Access.OPEN,
     "/metrics": Access.OPEN,
@@ -48,7 +49,7 @@ def route_of(path: str) -> str:
 
 
 def _access(route: str) -> Access:
-    return Access.INFERENCE if route == "/v1/models/{model}" else ROUTE_ACCESS.get(route, Access.OPEN)
+    return ROUTE_ACCESS.get(route, Access.INFERENCE)
 
 
 class Gate:

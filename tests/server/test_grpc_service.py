@@ -290,3 +290,19 @@ def test_metrics_time_and_count_tokens(stub: Any, server: ServerThread):
     assert after[("quiver_cache_budget_bytes", ())] == server.running.engine._config.max_cache_bytes
     assert ("quiver_cache_reserved_bytes", ()) in after
     assert after[("quiver_preemptions_total", ())] == 0  # the default admission reserves, so never preempts
+
+
+def test_openai_client_on_the_real_model_equals_grpc(stub: Any, server: ServerThread):
+    """The README's example: the base model's id in `model`, the same greedy answer as over gRPC."""
+    import openai
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    grpc_reply = stub.Generate(pb.GenerateRequest(
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages]),
+        stopping=pb.StoppingCriteria(max_new_tokens=40)))
+    with openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0) as client:
+        [model] = client.models.list().data
+        reply = client.chat.completions.create(model=model.id, messages=messages, max_tokens=40)  # type: ignore[arg-type]
+    assert model.id == "SmolLM2-135M-Instruct.Q4_1"
+    assert reply.choices[0].message.content == grpc_reply.text and "Paris" in grpc_reply.text
+    assert reply.choices[0].finish_reason == "stop"
