@@ -27,10 +27,11 @@ class Access(enum.Enum):
 
 
 def bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` value; None when absent or of another scheme."""
-    if authorization is None or not authorization.startswith(BEARER):
+    """The token of an `Authorization: Bearer <token>` value (the scheme in any case, RFC 7235); None when absent
+    or of another scheme."""
+    if authorization is None or authorization[: len(BEARER)].lower() != BEARER.lower():
         return None
-    return authorization.removeprefix(BEARER)
+    return authorization[len(BEARER):]
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,32 @@ _PAGE = 500
 
 
 class AdapterCatalog:
-    """Registration, listing and deletion over one registry; `reserved` names are the served base model's id,
-    which no adapter may take (a request's `model` must name one thing)."""
+    """Registration, listing, resolution and deletion over one registry. `fingerprint` is the served base model's:
+    only adapters registered for it are listed or served (a store may be shared by servers of several bases);
+    `reserved` names are the served base model's id, which no adapter may take (a request's `model` must name one
+    thing)."""
 
-    def __init__(self, registry: AdapterRegistry, import_roots: tuple[Path, ...] = (),
+    def __init__(self, registry: AdapterRegistry, fingerprint: str, import_roots: tuple[Path, ...] = (),
                  reserved: frozenset[str] = frozenset()) -> None:
         self.registry = registry
+        self._fingerprint = fingerprint
         self._import_roots = tuple(root.resolve() for root in import_roots)
         self._reserved = reserved
+
+    def resolve(self, ref: str, field: str = "adapter") -> StoredAdapter:
+        """The adapter a request names, for serving: NotFound if there is none, FailedPrecondition if it was
+        registered for another base."""
+        stored = self.registry.store.get(parse_ref(ref, field=field))
+        if stored.metadata.base_fingerprint != self._fingerprint:
+            raise FailedPrecondition(
+                f"adapter {ref!r} was registered for base {stored.metadata.base_fingerprint}, "
+                f"not for this server's base {self._fingerprint}"
+            )
+        return stored
+
+    def servable(self) -> Iterator[StoredAdapter]:
+        """The latest version of every adapter registered for this base, by name."""
+        return (s for s in self.latest() if s.metadata.base_fingerprint == self._fingerprint)
 
     def register(self, directory: Path, options: RegistrationOptions, field: str = "options.name") -> StoredAdapter:
         """Validate the PEFT adapter in `directory` against the base and store it (the directory may be removed

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from quiver.adapters.base_spec import base_spec_from_checkpoint
-from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import AdapterRegistry
-from quiver.adapters.store import LocalAdapterStore, StoredAdapter, default_store_dir
+from quiver.adapters.store import LocalAdapterStore, default_store_dir
 from quiver.adapters.validation import ValidationLimits
 from quiver.server.access import AccessPolicy
 from quiver.server.adapter_catalog import AdapterCatalog
@@ -71,7 +69,8 @@ def model_info(loaded: LoadedModel, engine_config: EngineConfig, engine_bytes: i
 
 @dataclass
 class RunningServer:
-    """A started server; `port`, `http_port` and `metrics_port` are the bound ports (useful when 0 was asked)."""
+    """A started server; `port` and `metrics_port` are the bound ports (useful when 0 was asked), `http_port` the HTTP
+    front's (None when --http-port 0 turned it off)."""
 
     server: grpc.aio.Server
     engine: Engine
@@ -120,21 +119,6 @@ def served_model_name(config: ServerConfig, loaded: LoadedModel) -> str:
     return config.served_model_name or loaded.info.name.removesuffix(".gguf")
 
 
-def _resolver(registry: AdapterRegistry, fingerprint: str) -> Callable[[str], StoredAdapter]:
-    """Finds a requested adapter; one validated against another base (a shared store) is refused."""
-
-    def resolve(ref: str) -> StoredAdapter:
-        stored = registry.store.get(parse_ref(ref))
-        if stored.metadata.base_fingerprint != fingerprint:
-            raise FailedPrecondition(
-                f"adapter {ref!r} was registered for base {stored.metadata.base_fingerprint}, "
-                f"not for this server's base {fingerprint}"
-            )
-        return stored
-
-    return resolve
-
-
 @dataclass(frozen=True)
 class _Core:
     """The domain services both fronts translate onto."""
@@ -153,10 +137,10 @@ def _core(loaded: LoadedModel, engine: Engine, engine_config: EngineConfig, conf
         default_max_new_tokens=engine_config.default_max_new_tokens,
     )
     registry = build_registry(loaded, adapter_config, engine_config)
-    builder = RequestBuilder(loaded.tokenizer, limits, _resolver(registry, loaded.info.fingerprint))
     base_id = served_model_name(config, loaded)
     import_roots = tuple(Path(root) for root in adapter_config.import_roots)
-    catalog = AdapterCatalog(registry, import_roots, reserved=frozenset({base_id}))
+    catalog = AdapterCatalog(registry, loaded.info.fingerprint, import_roots, reserved=frozenset({base_id}))
+    builder = RequestBuilder(loaded.tokenizer, limits, catalog.resolve)
     if taken := catalog.taken_reserved():
         raise FailedPrecondition(f"the store holds an adapter named {taken[0]!r}, the served model's id: "
                                  "set another --served-model-name")

@@ -27,29 +27,19 @@ from quiver.server.chunked_prefill import ChunkedPrefill
 from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import claim_for_this_thread
 from quiver.server.decode_step import decode_step_for
-from quiver.server.detokenizer import TextStream
 from quiver.server.engine_load import EngineLoad, LoadPublisher
 from quiver.server.errors import ResourceExhausted, Unavailable
 from quiver.server.generation_events import RequestHandle, Sink
 from quiver.server.held_model import HeldModel
 from quiver.server.logprobs import token_logprobs
-from quiver.server.prefill import Prefilled, PrefillRow, oldest_group, prefill, prefill_length
+from quiver.server.prefill import Prefilled, PrefillRow, oldest_group, prefill
 from quiver.server.request_builder import GenerationRequest, virtual_tokens
-from quiver.server.sampling import RowSampler, sample_next
+from quiver.server.sampling import sample_next
 from quiver.server.scheduler import Scheduler
 from quiver.server.sequence import RequestState
 from quiver.server.uploads import select_rows
 
 log = logging.getLogger(__name__)
-
-
-def _joined_length(seq: RequestState) -> int:
-    """A row's cache once prefilled: its tokens and its adapter's soft prompt or prefix."""
-    return seq.n_seen + virtual_tokens(seq.request.adapter)
-
-
-def _prefill_length(seq: RequestState) -> int:
-    return prefill_length(seq.n_seen, seq.adapter)
 
 
 def _no_lora(seq: RequestState) -> bool:
@@ -108,9 +98,7 @@ class Engine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
-        self._take_inbox()  # a submit that raced the thread's last look still gets its answer
-        for waiting in self._scheduler.take_all():
-            waiting.item.fail(Unavailable("the server is shutting down"))
+        self._fail_all_work()  # a submit that raced the thread's last look still gets its answer
         self.host_adapters.close()
         self._held.release()
 
@@ -132,7 +120,7 @@ class Engine:
         if not self._config.preempt:
             return [row.peak for row in rows]
         running = self._batch.lengths  # the running rows' (the first ones), in their order
-        return [*(n + 1 for n in running), *(_joined_length(row) + 1 for row in rows[len(running):])]
+        return [*(n + 1 for n in running), *(row.joined_length + 1 for row in rows[len(running):])]
 
     def _batch_rows(self) -> list[RequestState]:
         """Every row the batch holds or has promised a place: running, admitted, and the one being chunked."""
@@ -149,9 +137,14 @@ class Engine:
         return self._load.current
 
     def _publish_load(self, *, force: bool = False) -> None:
-        waiting = [*(w.stored for w in self._scheduler), *(s.request.adapter for s in self._preempted)]
-        running = [s.request.adapter for s in self._batch_rows()]
-        self._load.publish(running, waiting, self.device_adapters.residents(), force=force)
+        if not self._load.due(force):
+            return
+        try:
+            waiting = [*(w.stored for w in self._scheduler), *(s.request.adapter for s in self._preempted)]
+            running = [s.request.adapter for s in self._batch_rows()]
+            self._load.publish(running, waiting, self.device_adapters.residents(), self.cache_reserved_bytes)
+        except Exception:  # a report, not the engine's work: never let it stop the loop
+            log.exception("publishing the engine's load failed")
 
     @property
     def num_waiting(self) -> int:
@@ -164,18 +157,12 @@ class Engine:
             raise Unavailable("the server is shutting down")
         if self._inbox.qsize() + len(self._scheduler) >= self._config.max_queued:  # preempted ones had started
             raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
-        peak = len(request.prompt_ids) + virtual_tokens(request.adapter) + request.max_new_tokens
-        self._cache_budget.check_alone(peak)
-        handle = RequestHandle()
-        prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
-        seen = torch.cat([prompt, torch.zeros(request.max_new_tokens, dtype=torch.long)])
-        sequence = RequestState(
-            request, sink, handle, RowSampler(request.sampling), TextStream(self._tokenizer, request.stop_sequences),
-            seen, len(request.prompt_ids), peak, next(self._arrivals),
-        )
+        self._cache_budget.check_alone(len(request.prompt_ids) + virtual_tokens(request.adapter)
+                                       + request.max_new_tokens)
+        sequence = RequestState.of(request, sink, self._tokenizer, next(self._arrivals))
         self._inbox.put(sequence)
         self._wake.set()
-        return handle
+        return sequence.handle
 
     # -- engine thread -------------------------------------------------------------------------------
 
@@ -198,16 +185,18 @@ class Engine:
                 except Exception as e:  # a model failure fails the batch, not the server
                     log.exception("engine step failed")
                     self._finish_all(self._running, e)
-        self._finish_all(self._running, Unavailable("the server is shutting down"))
-        for waiting_rows in (self._ready, self._preempted):
-            self._finish_all(waiting_rows, Unavailable("the server is shutting down"))
-        self._ready, self._preempted = [], []
-        if self._chunked is not None:
-            self._finish_all([self._chunked[0]], Unavailable("the server is shutting down"))
-            self._chunked = None
+        self._fail_all_work()
+
+    def _fail_all_work(self) -> None:
+        """At shutdown, once the loop has ended: every request the engine holds gets UNAVAILABLE."""
+        gone = Unavailable("the server is shutting down")
+        chunked = [self._chunked[0]] if self._chunked is not None else []
+        for rows in (self._running, self._ready, self._preempted, chunked):
+            self._finish_all(rows, gone)
+        self._ready, self._preempted, self._chunked = [], [], None
         self._take_inbox()
         for waiting in self._scheduler.take_all():
-            waiting.item.fail(Unavailable("the server is shutting down"))
+            waiting.item.fail(gone)
 
     def _take_inbox(self) -> None:
         while True:
@@ -263,19 +252,25 @@ class Engine:
         if group is None:
             return
         budget = self._config.max_prefill_tokens
-        if len(group) == 1 and _prefill_length(group[0]) > budget:
+        if len(group) == 1 and group[0].prefill_length > budget:
             self._start_chunks(group[0], budget)
         else:
             self._prefill(group)
 
     def _take_group(self, *, fitting: bool) -> list[RequestState] | None:
-        """Remove from the ready list the prefill group holding its oldest request (`oldest_group`)."""
-        lengths = [_prefill_length(seq) for seq in self._ready]
+        """Remove from the ready list the prefill group holding its oldest request (`oldest_group`). A row that
+        scores its prompt is prefilled alone when it is the oldest (its forward keeps every position's logits: alone,
+        they are its own, at most a prefill budget of them); until then groups form without it."""
+        candidates = [i for i, seq in enumerate(self._ready) if not seq.scores_prompt]
+        if self._ready and self._ready[0].scores_prompt:
+            candidates = [0]
+        lengths = [self._ready[i].prefill_length for i in candidates]
         group = oldest_group(lengths, self._config.max_prefill_tokens, fitting=fitting)
         if group is None:
             return None
-        chosen = [seq for i, seq in enumerate(self._ready) if i in group]
-        self._ready = [seq for i, seq in enumerate(self._ready) if i not in group]
+        taken = {candidates[j] for j in group}
+        chosen = [seq for i, seq in enumerate(self._ready) if i in taken]
+        self._ready = [seq for i, seq in enumerate(self._ready) if i not in taken]
         return sorted(chosen, key=_no_lora)
 
     def _start_chunks(self, seq: RequestState, budget: int) -> None:
@@ -289,9 +284,8 @@ class Engine:
         self._advance_chunk()
 
     def _row(self, seq: RequestState) -> PrefillRow:
-        # The prompt, and for a preempted row the tokens it generated before (their cache was dropped). Prompt
-        # log-probabilities are scored once, in the first prefill.
-        scored = seq.request.prompt_logprobs if seq.n_generated == 0 else None
+        # The prompt, and for a preempted row the tokens it generated before (their cache was dropped).
+        scored = seq.request.prompt_logprobs if seq.scores_prompt else None
         return PrefillRow(seq.seen[: seq.n_seen].to(self._device, copy=True), seq.adapter, scored)
 
     def _advance_chunk(self) -> None:
@@ -392,7 +386,7 @@ class Engine:
         its partial prefill would be lost."""
         chunked = [self._chunked[0]] if self._chunked is not None else []
         rows = [*(batch[i] for i in keep), *self._ready, *chunked]
-        lengths = [*(self._batch.lengths[i] + 1 for i in keep), *(_joined_length(r) + 1 for r in rows[len(keep):])]
+        lengths = [*(self._batch.lengths[i] + 1 for i in keep), *(r.joined_length + 1 for r in rows[len(keep):])]
         arrivals = [-1 if row in chunked else row.arrival for row in rows]
         out = {rows[j] for j in self._cache_budget.to_preempt(lengths, arrivals)}
         if not out:

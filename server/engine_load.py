@@ -34,6 +34,7 @@ class EngineLoad:
     running: tuple[str, ...] = ()
     waiting: tuple[str, ...] = ()
     resident: tuple[ResidentAdapter, ...] = ()
+    cache_reserved_bytes: int = 0  # as `Engine.cache_reserved_bytes`, read with the rows above
 
 
 def _names(adapters: Iterable[StoredAdapter | None]) -> tuple[str, ...]:
@@ -41,21 +42,26 @@ def _names(adapters: Iterable[StoredAdapter | None]) -> tuple[str, ...]:
 
 
 class LoadPublisher:
-    """Engine-thread side: rebuilds the snapshot when `PERIOD_S` has passed since the last one, or when forced."""
+    """Engine-thread side: `due` says when `PERIOD_S` has passed since the last snapshot (or it is forced), and
+    `publish` replaces it."""
 
     def __init__(self) -> None:
         self.current = EngineLoad()
         self._due = 0.0
 
-    def publish(
-        self, running: Iterable[StoredAdapter | None], waiting: Iterable[StoredAdapter | None],
-        resident: Iterable[tuple[AdapterKey, str]], *, force: bool = False,
-    ) -> None:
+    def due(self, force: bool = False) -> bool:
+        """Whether to publish now; checked before the engine walks anything."""
         now = time.monotonic()
         if not force and now < self._due:
-            return
+            return False
         self._due = now + PERIOD_S
+        return True
+
+    def publish(
+        self, running: Iterable[StoredAdapter | None], waiting: Iterable[StoredAdapter | None],
+        resident: Iterable[tuple[AdapterKey, str]], cache_reserved_bytes: int,
+    ) -> None:
         self.current = EngineLoad(
             _names(running), _names(waiting),
-            tuple(ResidentAdapter(key.name, key.version, kind) for key, kind in resident),
+            tuple(ResidentAdapter(key.name, key.version, kind) for key, kind in resident), cache_reserved_bytes,
         )

@@ -5,7 +5,7 @@ gauges and routes on the request's `model`; its default profile reads vLLM's nam
 - `vllm:num_requests_waiting`: requests waiting to start (queued, or preempted and waiting to resume);
 - `vllm:num_requests_running`: sequences in the running batch;
 - `vllm:kv_cache_usage_perc`: the key/value cache the batch holds (as admission counts it), 0-1 of
-  `--max-cache-bytes`;
+  `--max-cache-bytes`, as the engine thread last published it (at most 0.1 s before);
 - `vllm:lora_requests_info`: labels `max_lora` (LoRA slots on the device), `running_lora_adapters` and
   `waiting_lora_adapters` (comma-separated adapter names of running and waiting requests, any kind); the value is
   the sample's Unix time, by which the picker finds the newest.
@@ -36,9 +36,6 @@ class EngineView(Protocol):
     def num_waiting(self) -> int: ...
 
     @property
-    def cache_reserved_bytes(self) -> int: ...
-
-    @property
     def load(self) -> EngineLoad: ...
 
 
@@ -62,9 +59,9 @@ class RouterMetricsCollector(Collector):
             "vllm:kv_cache_usage_perc", "Key/value cache held by the running batch, as a fraction of --max-cache-bytes",
             labels=["model_name"],
         )
-        usage.add_metric(model, min(1.0, engine.cache_reserved_bytes / self._budget))
+        load = engine.load  # the cache with the rows it counted, as one snapshot of the engine thread
+        usage.add_metric(model, min(1.0, load.cache_reserved_bytes / self._budget))
         yield from (waiting, running, usage)
-        load = engine.load
         yield from self._lora_info(load)
         yield from self._resident(load)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -12,7 +13,8 @@ from quiver.server.detokenizer import TextStream
 from quiver.server.errors import QuiverError, ResourceExhausted
 from quiver.server.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
 from quiver.server.logprobs import TokenLogprob
-from quiver.server.request_builder import GenerationRequest
+from quiver.server.prefill import prefill_length
+from quiver.server.request_builder import GenerationRequest, virtual_tokens
 from quiver.server.sampling import RowSampler
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,33 @@ class RequestState:
     n_generated: int = 0
     done: bool = field(default=False)
 
+    @classmethod
+    def of(cls, request: GenerationRequest, sink: Sink, tokenizer: Any, arrival: int) -> RequestState:
+        """A submitted request's state before it runs: room for every token it may generate."""
+        prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
+        seen = torch.cat([prompt, torch.zeros(request.max_new_tokens, dtype=torch.long)])
+        peak = len(request.prompt_ids) + virtual_tokens(request.adapter) + request.max_new_tokens
+        return cls(request, sink, RequestHandle(), RowSampler(request.sampling),
+                   TextStream(tokenizer, request.stop_sequences), seen, len(request.prompt_ids), peak, arrival)
+
     @property
     def uses_lora(self) -> bool:
         return self.adapter is not None and self.adapter.lora_slot != 0
+
+    @property
+    def joined_length(self) -> int:
+        """The row's cache once prefilled: its tokens and its adapter's soft prompt or prefix."""
+        return self.n_seen + virtual_tokens(self.request.adapter)
+
+    @property
+    def prefill_length(self) -> int:
+        """Positions the row's prefill forward computes (`prefill_length`)."""
+        return prefill_length(self.n_seen, self.adapter)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the row's next prefill scores its prompt: asked for, and not yet done (a resumed row has)."""
+        return self.request.prompt_logprobs is not None and self.n_generated == 0
 
     def emit(self, token: int, detail: TokenLogprob | None, eos: frozenset[int]) -> bool:
         """Record `token` and send its event; returns whether the sequence goes on. A negative token (logits

@@ -20,14 +20,14 @@ from starlette.responses import JSONResponse, Response
 from quiver.adapters.store import StoredAdapter
 from quiver.server.access import AccessPolicy
 from quiver.server.adapter_catalog import AdapterCatalog
-from quiver.server.errors import NotFound
 from quiver.server.generation import Generator
 from quiver.server.http.admin import AdapterRoutes
 from quiver.server.http.chat import ChatCompletions
 from quiver.server.http.choices import TokenTexts
 from quiver.server.http.completions import Completions
 from quiver.server.http.errors import error_response
-from quiver.server.http.gate import Gate, ServingState
+from quiver.server.http.gate import ROUTE_ACCESS, Gate, ServingState
+from quiver.server.http.translate import adapter_of
 from quiver.server.metrics import ServerMetrics
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -43,7 +43,7 @@ class HttpContext:
     metrics: ServerMetrics
     state: ServingState
     base_id: str  # the base model's id in `model`
-    fingerprint: str  # the base model's fingerprint: adapters of other bases are not listed
+    fingerprint: str  # the base model's fingerprint (OpenAI's `system_fingerprint` is derived from it)
     context_length: int
     max_body_bytes: int
 
@@ -72,11 +72,8 @@ class _Models:
                 "root": f"{m.name}@{m.version}", "parent": self._ctx.base_id, "kind": m.kind,
                 "max_model_len": self._ctx.context_length}
 
-    def _adapters(self) -> list[StoredAdapter]:
-        return [s for s in self._ctx.catalog.latest() if s.metadata.base_fingerprint == self._ctx.fingerprint]
-
     async def list(self, request: Request) -> Response:
-        adapters = await asyncio.to_thread(self._adapters)
+        adapters = await asyncio.to_thread(lambda: list(self._ctx.catalog.servable()))
         return JSONResponse({"object": "list", "data": [self._base(), *map(self._adapter, adapters)]})
 
     async def get(self, request: Request) -> Response:
@@ -84,9 +81,7 @@ class _Models:
         if model == self._ctx.base_id:
             return JSONResponse(self._base())
         try:
-            stored, _ = await asyncio.to_thread(self._ctx.catalog.get, model, "model")
-            if stored.metadata.base_fingerprint != self._ctx.fingerprint:
-                raise NotFound(f"adapter {model!r} was registered for another base model")
+            stored = await asyncio.to_thread(self._ctx.catalog.resolve, adapter_of(model, self._ctx.base_id), "model")
         except Exception as e:
             return error_response(e, {"adapter": "model", "model": "model"})
         return JSONResponse(self._adapter(stored))
@@ -109,6 +104,9 @@ def build_app(ctx: HttpContext) -> Gate:
         ("/metrics", _metrics(ctx.metrics), ["GET"]),
         ("/health", _health(ctx.state), ["GET"]),
     ]
+    unguarded = {path for path, _, _ in routes} - ROUTE_ACCESS.keys()
+    if unguarded:  # every route's access level is declared beside the gate's table: never by omission
+        raise RuntimeError(f"routes without an access level in gate.ROUTE_ACCESS: {sorted(unguarded)}")
     for path, endpoint, methods in routes:
         app.add_route(path, endpoint, methods=methods)
     app.add_exception_handler(HTTPException, _http_exception)  # 404 / 405 in OpenAI's shape
@@ -139,4 +137,4 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     kind = "invalid_request_error"
     body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}", "type": kind, "param": None,
                       "code": "not_found" if exc.status_code == 404 else None}}
-    return JSONResponse(body, status_code=exc.status_code)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405 keeps its Allow

@@ -95,6 +95,11 @@ def completion_logprobs(
     return {"tokens": strings, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
+def joined(first: dict[str, list[Any]], then: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Two logprobs objects one after the other (an echoed prompt's, then the completion's)."""
+    return {key: [*first[key], *then[key]] for key in first}
+
+
 def scored_prompt(prompt_ids: tuple[int, ...], scored: tuple[TokenLogprob | None, ...]
                   ) -> list[tuple[int, TokenLogprob | None]]:
     """The prompt's tokens with their log-probabilities for an echo (all None when none were scored)."""

@@ -1,36 +1,44 @@
 """What every HTTP request passes before its route, as one pure ASGI middleware: the access policy (401), the body
 cap (413), drain (503), and its metrics (route, status, duration to the last byte of a stream).
 
-Pure ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streams and hide disconnects.
+The route, and so the access level, is found by the application's own router (`Route.matches`), so the gate and
+the router cannot disagree on which handler a path reaches; a path no route matches needs the API key (the router
+answers 404, or redirects a trailing slash to a route that is checked in turn). A path with control characters is
+refused outright. Pure ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streams and hide
+disconnects.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Message, Receive, Scope, Send
 
 from quiver.server.access import Access, AccessPolicy, bearer_token
-from quiver.server.errors import QuiverError, TooLarge, Unavailable
+from quiver.server.errors import InvalidArgument, QuiverError, TooLarge, Unavailable
 from quiver.server.http.errors import error_body
 from quiver.server.metrics import ServerMetrics
 
-# Path -> what it needs; any other path needs the API key too (fail closed: a path a router might normalize onto
-# a route, e.g. with a trailing slash, is never open).
+# Route path (as declared) -> what it needs; a path no route matches needs the API key (fail closed).
 ROUTE_ACCESS: dict[str, Access] = {
     "/health": Access.OPEN,
     "/metrics": Access.OPEN,
     "/v1/models": Access.INFERENCE,
+    "/v1/models/{model:path}": Access.INFERENCE,
     "/v1/completions": Access.INFERENCE,
     "/v1/chat/completions": Access.INFERENCE,
     "/v1/load_lora_adapter": Access.ADMIN,
     "/v1/unload_lora_adapter": Access.ADMIN,
 }
-_MODEL_PREFIX = "/v1/models/"
+UNMATCHED = "other"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -41,31 +49,37 @@ class ServingState:
     in_flight: int = field(default=0)
 
 
-def route_of(path: str) -> str:
-    """The route a path belongs to (one label value per route, never per model name)."""
-    if path.startswith(_MODEL_PREFIX):
-        return "/v1/models/{model}"
-    return path if path in ROUTE_ACCESS else "other"
-
-
-def _access(route: str) -> Access:
-    return ROUTE_ACCESS.get(route, Access.INFERENCE)
+def route_of(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The declared path of the route the router picks for `scope` (as Starlette's router: the first full match,
+    else the first partial one, i.e. the path with another method), or UNMATCHED."""
+    partial = UNMATCHED
+    for route in routes:
+        match, _ = route.matches(scope)
+        if isinstance(route, Route) and match is Match.FULL:
+            return route.path
+        if isinstance(route, Route) and match is Match.PARTIAL and partial == UNMATCHED:
+            partial = route.path
+    return partial
 
 
 class Gate:
-    def __init__(self, app: ASGIApp, policy: AccessPolicy, state: ServingState, metrics: ServerMetrics,
+    def __init__(self, app: Starlette, policy: AccessPolicy, state: ServingState, metrics: ServerMetrics,
                  max_body_bytes: int) -> None:
         self._app = app
+        self._routes = app.router.routes
         self._policy = policy
         self._state = state
         self._metrics = metrics
         self._max_body = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no route takes one: refused, never let past the checks
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        route = route_of(scope["path"])
+        route = route_of(self._routes, scope)
         status = 500  # unless a response starts
         start = time.perf_counter()
 
@@ -89,9 +103,11 @@ class Gate:
     def _refusal(self, route: str, scope: Scope) -> QuiverError | None:
         headers = _headers(scope)
         try:
+            if _CONTROL.search(scope["path"]):
+                raise InvalidArgument("path", "must not hold control characters")
             if self._state.draining and route != "/metrics":
                 raise Unavailable("the server is shutting down")
-            self._policy.check(_access(route), bearer_token(headers.get("authorization")))
+            self._policy.check(ROUTE_ACCESS.get(route, Access.INFERENCE), bearer_token(headers.get("authorization")))
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self._max_body:
                 raise TooLarge(f"the request body is {length} bytes; the server accepts {self._max_body}")

@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from quiver.server.errors import Cancelled, DeadlineExceeded, InvalidArgument, QuiverError
+from quiver.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from quiver.server.generation import Generator
-from quiver.server.http.errors import error_body
+from quiver.server.http.choices import ChoiceState
+from quiver.server.http.errors import error_body, error_response
+from quiver.server.http.translate import Choices
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.streaming import EventStream
 
@@ -70,6 +74,7 @@ async def until_done(request: Request, work: Awaitable[None], stream: EventStrea
         if task in done:
             return task.result()
         if watcher in done:
+            watcher.result()  # a failure of the watch itself is raised as it is
             raise Cancelled("the client went away")
         raise DeadlineExceeded("the request's X-Request-Timeout passed")
     finally:
@@ -97,18 +102,84 @@ async def _sse_events(chunks: AsyncIterator[dict[str, Any]], stream: EventStream
             yield _sse(chunk)
     except TimeoutError:
         yield _sse(error_body(DeadlineExceeded("the request's X-Request-Timeout passed"), params)[1])
-    except QuiverError as e:  # the engine failed the request after the stream began
+    except Exception as e:  # the request failed after the stream began (a bug too: error_body logs it, 500)
         yield _sse(error_body(e, params)[1])
     finally:
         stream.cancel()
     yield "data: [DONE]\n\n"
 
 
+class _EventStreamResponse(StreamingResponse):
+    """Cancels the engine's work whenever the response ends, including when the client left before the first
+    chunk (Starlette then cancels the body's task before the chunks' generator ever starts)."""
+
+    def __init__(self, content: AsyncIterator[str], stream: EventStream) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.cancel()
+
+
 def sse_response(chunks: AsyncIterator[dict[str, Any]], stream: EventStream, deadline: float | None,
                  params: Mapping[str, str]) -> StreamingResponse:
     """The chunks as Server-Sent Events ending with `data: [DONE]`; an error after the start is an error event."""
-    return StreamingResponse(_sse_events(chunks, stream, deadline, params), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return _EventStreamResponse(_sse_events(chunks, stream, deadline, params), stream)
 
 
-Handler = Callable[[Request], Awaitable[Any]]
+
+@dataclass
+class Run:
+    """One request's choices in flight: what was asked, what runs, what each choice has produced."""
+
+    body: Any  # the parsed request (CompletionRequest or ChatCompletionRequest)
+    n: int  # choices per prompt
+    prepared: list[GenerationRequest]
+    head: dict[str, Any]  # fields every object sent back starts with (id, object, created, model...)
+    states: list[ChoiceState]
+    sent: list[int]  # characters of each choice's text sent so far (a stream's text offsets)
+
+
+class ChoicesEndpoint(Protocol):
+    """What differs between the Completions and Chat Completions endpoints; `serve_choices` does the rest."""
+
+    params: Mapping[str, str]  # the core's field names as the endpoint spells them, before the body is read
+
+    def choices(self, raw: bytes) -> tuple[Any, Choices]: ...
+
+    def head(self, body: Any) -> dict[str, Any]: ...
+
+    def chunks(self, run: Run, stream: EventStream) -> AsyncIterator[dict[str, Any]]: ...
+
+    def reply(self, run: Run) -> dict[str, Any]: ...
+
+
+async def serve_choices(request: Request, generator: Generator, endpoint: ChoicesEndpoint) -> Response:
+    """Parse, validate every choice, submit them all, then stream their chunks or answer with the whole reply; any
+    failure is an OpenAI-shaped error (a bug too: logged, 500)."""
+    params = endpoint.params
+    try:
+        deadline = deadline_of(request)
+        body, choices = endpoint.choices(await request.body())
+        params = choices.params
+        prepared = await prepare_all(generator, choices.inputs)
+        stream = generator.run(prepared)
+    except Exception as e:
+        return error_response(e, params)
+    count = len(prepared)
+    run = Run(body, choices.n, prepared, endpoint.head(body), [ChoiceState(i) for i in range(count)], [0] * count)
+    if body.stream:
+        return sse_response(endpoint.chunks(run, stream), stream, deadline, params)
+    try:
+        await until_done(request, _collect(run, stream), stream, deadline)
+    except Exception as e:
+        return error_response(e, params)
+    return JSONResponse(endpoint.reply(run))
+
+
+async def _collect(run: Run, stream: EventStream) -> None:
+    async for i, event in stream:
+        run.states[i].add(event)

@@ -29,7 +29,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 class HttpServer:
-    """A started uvicorn server; `port` is the bound port (useful when 0 was asked)."""
+    """A started uvicorn server; `port` is the bound port (an ephemeral one when started on 0, as tests may)."""
 
     def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], state: ServingState, port: int) -> None:
         self._server = server

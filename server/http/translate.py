@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from quiver.server.errors import InvalidArgument, Unsupported
+from quiver.adapters.names import parse_ref
+from quiver.server.errors import InvalidArgument, NotFound, Unsupported
 from quiver.server.generation_input import ChatMessage, GenerationInput
 from quiver.server.http.schema import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 
@@ -32,6 +33,20 @@ class Choices:
     inputs: tuple[GenerationInput, ...]
     n: int  # choices per prompt
     params: Mapping[str, str]  # core field -> request field, for errors
+
+
+def adapter_of(model: str, base_id: str) -> str:
+    """The adapter reference `model` names ("" for the base model); a name no adapter can have is NotFound, as
+    OpenAI answers any unknown model."""
+    if not model:
+        raise InvalidArgument("model", "must name the base model or an adapter")
+    if model == base_id:
+        return ""
+    try:
+        parse_ref(model, field="model")
+    except InvalidArgument:
+        raise NotFound(f"model {model!r} not found: neither the base model {base_id!r} nor an adapter") from None
+    return model
 
 
 def _neutral(request: Any, allowed: Mapping[str, Any]) -> None:
@@ -58,10 +73,8 @@ def _common(request: CompletionRequest | ChatCompletionRequest, base_id: str) ->
         raise InvalidArgument("n", f"must be in [1, {MAX_CHOICES}], got {request.n}")
     if request.stream_options is not None and not request.stream:
         raise InvalidArgument("stream_options", "is only allowed with stream: true")
-    if not request.model:
-        raise InvalidArgument("model", "must name the base model or an adapter")
     return GenerationInput(
-        adapter="" if request.model == base_id else request.model,
+        adapter=adapter_of(request.model, base_id),
         temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         repetition_penalty=request.repetition_penalty, seed=request.seed, stop_sequences=_stops(request.stop),
         ignore_eos=request.ignore_eos,

@@ -28,11 +28,11 @@ def reference(model: Any, ids: tuple[int, ...]) -> torch.Tensor:
 def run_all(model: Any, tokenizer: Any, requests: list[Any], eos: frozenset[int] = frozenset(), **config: Any
             ) -> list[list[GenerationEvent]]:
     engine = Engine(model, tokenizer, eos, EngineConfig(**config))
-    engine.start()
     try:
         sinks = [Collector() for _ in requests]
         for req, sink in zip(requests, sinks, strict=True):
             engine.submit(req, sink)
+        engine.start()  # after every submission: the first step sees them all, whatever the threads' timing
         return [sink.wait()[1] for sink in sinks]
     finally:
         engine.stop()
@@ -78,3 +78,24 @@ def test_ignore_eos_generates_to_max_new_tokens(tiny_model: Any, smol_tokenizer:
     # ...unless the request ignores it: the same six tokens as without an end-of-sequence set.
     assert ignored[-1].finish_reason is FinishReason.LENGTH
     assert [e.token_ids for e in ignored] == [e.token_ids for e in free]
+
+
+def test_a_row_that_scores_its_prompt_is_prefilled_alone(tiny_model: Any, smol_tokenizer: Any,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """Its forward keeps every position's logits: alone, those are its own, not (rows x positions x vocabulary)."""
+    import quiver.server.engine as engine_module
+
+    forwards: list[list[bool]] = []
+    real_prefill = engine_module.prefill
+
+    def spy(model: Any, lora: Any, rows: Any) -> Any:
+        forwards.append([row.prompt_logprobs is not None for row in rows])
+        return real_prefill(model, lora, rows)
+
+    monkeypatch.setattr(engine_module, "prefill", spy)
+    plain = [request(smol_tokenizer, p, max_new_tokens=2) for p in ("One two", "Three four five")]
+    scored = replace(request(smol_tokenizer, PROMPT, max_new_tokens=2), prompt_logprobs=0)
+    results = run_all(tiny_model, smol_tokenizer, [plain[0], scored, plain[1]])
+    assert all(events[-1].finish_reason is not None for events in results)
+    assert [True] in forwards and all(rows == [True] or not any(rows) for rows in forwards)
+    assert any(len(rows) == 2 for rows in forwards)  # the plain ones still share a forward

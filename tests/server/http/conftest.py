@@ -3,7 +3,8 @@ and the official `openai` clients pointed at it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,13 @@ def client(server: ServerThread) -> Iterator[openai.OpenAI]:
 def grpc_client(server: ServerThread) -> Iterator[QuiverClient]:
     with QuiverClient(server.target, timeout=60) as c:
         yield c
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `predicate` becomes true within `timeout` seconds (polled every 10 ms)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False

@@ -92,6 +92,21 @@ def _admin(server: ServerThread, route: str, body: dict[str, Any], token: str = 
     return httpx.post(f"{server.http}/v1/{route}", json=body, headers={"Authorization": f"Bearer {token}"})
 
 
+def test_paths_that_routers_would_stretch_onto_a_route_are_refused(admin_server: ServerThread,
+                                                                   adapter_dirs: dict[str, Path]):
+    """`$` in a route's pattern also matches before a final newline: `/v1/load_lora_adapter%0A` reaches the admin
+    handler, so it must be judged as that route (or refused), never as an unknown path."""
+    body = {"lora_name": "sneaky", "lora_path": str(adapter_dirs["lora"])}
+    for path in ("/v1/load_lora_adapter%0A", "/v1/load_lora_adapter%0a", "/v1/completions%0D%0A"):
+        response = httpx.post(f"{admin_server.http}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert response.status_code in (400, 401), (path, response.status_code)
+    assert _admin(admin_server, "load_lora_adapter", body, token=KEY).status_code == 401
+    with QuiverClient(admin_server.target, api_key=KEY) as client, pytest.raises(QuiverRpcError):
+        client.get_adapter("sneaky")  # nothing was registered
+    lower = httpx.get(f"{admin_server.http}/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    assert lower.status_code == 200  # the scheme's case does not matter (RFC 7235)
+
+
 def test_vllm_adapter_routes(admin_server: ServerThread, adapter_dirs: dict[str, Path]):
     srv = admin_server
     load = {"lora_name": "sql", "lora_path": str(adapter_dirs["lora"])}

@@ -45,6 +45,7 @@ def test_echo_scores_the_prompt_as_peft_does(client: openai.OpenAI, loaded: Any,
         wanted.setdefault(lp.tokens[j], expected[j - 1])  # the prompt's own token is always listed
         assert lp.top_logprobs[j] == pytest.approx(wanted, abs=1e-4)
     assert lp.text_offset is not None and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    assert lp.text_offset[len(ids)] == len(PROMPT)  # the completion's first token starts where the echo ends
 
 
 def test_echo_without_logprobs_and_in_a_stream(client: openai.OpenAI):

@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 
-from .conftest import BASE_ID, start
-from .test_errors import CHAT, COMPLETION, _wait, error_of
+from .conftest import BASE_ID, start, wait_for
+from .test_errors import CHAT, COMPLETION, error_of
 
 
 def test_too_large_is_413(loaded: Any, adapter_dirs: dict[str, Path], tmp_path: Path):
@@ -56,7 +56,7 @@ def test_draining_is_503_while_running_requests_finish(loaded: Any, adapter_dirs
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
         stopping = asyncio.run_coroutine_threadsafe(srv.running.stop(30), srv.loop)
-        assert _wait(lambda: httpx.get(srv.http + "/health").status_code == 503)
+        assert wait_for(lambda: httpx.get(srv.http + "/health").status_code == 503)
         refused = httpx.post(srv.http + "/v1/chat/completions", json=CHAT)
         assert error_of(refused, 503)["code"] == "unavailable"
         rest = [line for line in lines if line]  # the running stream still ends normally

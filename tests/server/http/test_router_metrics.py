@@ -19,7 +19,7 @@ from prometheus_client.samples import Sample
 from quiver.clients.client import QuiverClient
 
 from ..conftest import ServerThread
-from .conftest import ADMIN, BASE_ID, start
+from .conftest import ADMIN, BASE_ID, start, wait_for
 
 GATEWAY = Path(__file__).resolve().parents[3] / "deploy" / "gateway"
 ROUTER_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
@@ -52,15 +52,6 @@ def _stream(url: str, model: str, tokens: int, done: list[str]) -> None:
     done.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["finish_reason"])
 
 
-def _wait(predicate: Any, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_router_gauges_follow_running_and_waiting_requests(busy: ServerThread):
     idle = scrape(busy.http)
     for name in ROUTER_GAUGES:
@@ -69,11 +60,11 @@ def test_router_gauges_follow_running_and_waiting_requests(busy: ServerThread):
     done: list[str] = []
     threads = [threading.Thread(target=_stream, args=(busy.http, model, 1500, done)) for model in ("lora", "prefix")]
     threads[0].start()
-    assert _wait(lambda: value(scrape(busy.http), "vllm:num_requests_running") == 1)
+    assert wait_for(lambda: value(scrape(busy.http), "vllm:num_requests_running") == 1)
     threads[1].start()
-    assert _wait(lambda: value(scrape(busy.http), "vllm:num_requests_waiting") == 1)
+    assert wait_for(lambda: value(scrape(busy.http), "vllm:num_requests_waiting") == 1)
     # The adapter names are what the engine last published (at most 0.1 s before).
-    assert _wait(lambda: scrape(busy.http)["vllm:lora_requests_info"][1][0].labels["waiting_lora_adapters"] != "")
+    assert wait_for(lambda: scrape(busy.http)["vllm:lora_requests_info"][1][0].labels["waiting_lora_adapters"] != "")
     for families in (scrape(busy.http), scrape(f"http://127.0.0.1:{busy.running.metrics_port}")):
         assert value(families, "vllm:num_requests_running") == 1
         assert 0 < value(families, "vllm:kv_cache_usage_perc") <= 1
