@@ -67,6 +67,19 @@ def test_grpc_needs_the_same_key(keyed: ServerThread):
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_the_cli_sends_the_key(keyed: ServerThread, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch):
+    from quiver.clients.cli import main
+
+    assert main(["generate", "--server", keyed.target, "--max-new-tokens", "2", "w1 w2"]) == 1
+    assert "UNAUTHENTICATED: missing API key" in capsys.readouterr().err
+    assert main(["generate", "--server", keyed.target, "--api-key", KEY, "--max-new-tokens", "2", "w1 w2"]) == 0
+    assert capsys.readouterr().out.strip()
+    monkeypatch.setenv("QUIVER_API_KEY", KEY)
+    assert main(["info", "--server", keyed.target]) == 0
+    assert main(["adapters", "list", "--server", keyed.target]) == 0
+
+
 def test_the_key_comes_from_the_environment(loaded: Any, adapter_dirs: dict[str, Path], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch, keyed: ServerThread):
     keyed.close()  # one engine per model at a time

@@ -63,3 +63,15 @@ def test_draining_is_503_while_running_requests_finish(loaded: Any, adapter_dirs
     assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
     stopping.result(timeout=30)
     srv.close = lambda: None  # type: ignore[method-assign]
+
+
+def test_http_port_zero_turns_http_off(loaded: Any, adapter_dirs: dict[str, Path], tmp_path: Path):
+    srv = start(loaded, tmp_path / "store", adapter_dirs, register=False, http_port=0)
+    try:
+        assert srv.running.http_port is None and srv.running.http is None
+        from quiver.clients.client import QuiverClient
+
+        with QuiverClient(srv.target) as client:  # gRPC serves as ever
+            assert client.generate("w1 w2", max_new_tokens=2).completion_tokens == 2
+    finally:
+        srv.close()
