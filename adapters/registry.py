@@ -22,7 +22,7 @@ from quiver.adapters.metadata import (
     utc_now,
     validate_prompt_template,
 )
-from quiver.adapters.store import AdapterStore, LocalAdapterStore, RegisterMode, StoredAdapter, default_store_dir
+from quiver.adapters.store import AdapterStore, RegisterMode, StoredAdapter
 from quiver.adapters.validation import ValidatedAdapter, ValidationLimits, validate_adapter
 from quiver.server.errors import InvalidArgument
 
@@ -118,10 +118,12 @@ class AdapterRegistry:
         )
 
 
-def open_registry(store_dir: Path | None, model: str | None, limits: ValidationLimits | None = None) -> AdapterRegistry:
-    """A registry over a store directory for the given base model, without loading the model's weights."""
+def open_registry(store: str | None, model: str | None, limits: ValidationLimits | None = None) -> AdapterRegistry:
+    """A registry over a store (a directory or s3://bucket/prefix) for the given base model, without loading the
+    model's weights."""
+    from quiver.adapters.stores import StoreOptions, open_store
     from quiver.server.model_source import default_cache_dir, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(model, default_cache_dir())
-    store = LocalAdapterStore(store_dir or default_store_dir())
-    return AdapterRegistry(store, base_spec_from_checkpoint(checkpoint), limits or ValidationLimits())
+    return AdapterRegistry(open_store(StoreOptions(store)), base_spec_from_checkpoint(checkpoint),
+                           limits or ValidationLimits())

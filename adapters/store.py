@@ -27,8 +27,8 @@ import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -68,7 +68,19 @@ class StoredAdapter:
     metadata: AdapterMetadata
     """The version's quiver_adapter.json."""
     path: Path
-    """Directory holding the version's files; gone once the version is deleted."""
+    """Directory holding the version's files (a remote store's: where its local cache keeps them, which may not be
+    there yet: read through `opened()`); gone once the version is deleted."""
+    fetch: Callable[[], AbstractContextManager[Path]] | None = field(default=None, compare=False, repr=False)
+    """A remote store's way to bring the files into `path` and keep them there while open; None when local."""
+
+    @contextmanager
+    def opened(self) -> Iterator[Path]:
+        """The directory holding the version's files, present (and, from a remote store, checksummed) while open."""
+        if self.fetch is None:
+            yield self.path
+            return
+        with self.fetch() as path:
+            yield path
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ class _ModeRule:
 
 
 # Every mode stores the new version as latest+1 (1 for a new name).
-_MODE_RULES: dict[str, _ModeRule] = {
+MODE_RULES: dict[str, _ModeRule] = {
     "create": _ModeRule(refuse_existing=True, drop_older=False),
     "new_version": _ModeRule(refuse_existing=False, drop_older=False),
     "replace": _ModeRule(refuse_existing=False, drop_older=True),
@@ -90,7 +102,8 @@ _MODE_RULES: dict[str, _ModeRule] = {
 
 
 class AdapterStore(Protocol):
-    """Where adapter versions live; LocalAdapterStore is the file system backend."""
+    """Where adapter versions live: LocalAdapterStore (a directory), S3AdapterStore (S3-compatible object storage,
+    adapters/s3_store.py); `open_store` (adapters/stores.py) picks one from the --store location."""
 
     def put(
         self,
@@ -142,10 +155,10 @@ class LocalAdapterStore:
         copying, so a source changed after validation is refused with FailedPrecondition).
         """
         validate_name(name, "name")
-        rule = _MODE_RULES.get(mode)
+        rule = MODE_RULES.get(mode)
         if rule is None:
-            raise InvalidArgument("mode", f"must be one of {', '.join(_MODE_RULES)}, got {mode!r}")
-        sources = _check_files(files)
+            raise InvalidArgument("mode", f"must be one of {', '.join(MODE_RULES)}, got {mode!r}")
+        sources = check_files(files)
         with self._locked():
             name_dir = safe_child(self.root, name, field="name")
             existing = self._version_dirs(name_dir)
@@ -345,7 +358,7 @@ def _is_valid(check: Callable[[str], object], text: str) -> bool:
     return True
 
 
-def _check_files(files: Mapping[str, Path]) -> dict[str, Path]:
+def check_files(files: Mapping[str, Path]) -> dict[str, Path]:
     """Validated {destination file name: source path}, in sorted order; raises InvalidArgument("files", ...)."""
     if len(files) > MAX_FILES:
         raise InvalidArgument("files", f"at most {MAX_FILES} files per adapter, got {len(files)}")

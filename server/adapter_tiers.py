@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -77,22 +78,23 @@ class HostAdapter:
     nbytes: int
 
 
-def _load_lora(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    tensors = load_file(str(stored.path / WEIGHTS_FILE))
-    spec = read_peft_config(stored.path).spec
+def _load_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    spec = read_peft_config(path).spec
     assert isinstance(spec, LoraSpec), "validated at registration"
     return tensors, {module: spec.scaling_for(module) for module in lora_pairs(tensors)}
 
 
-def _load_prompt(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    return {"prompt": load_file(str(stored.path / WEIGHTS_FILE))[PROMPT_KEY]}, {}
+def _load_prompt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    return {"prompt": load_file(str(path / WEIGHTS_FILE))[PROMPT_KEY]}, {}
 
 
-def _load_prefix(stored: StoredAdapter) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    return {"prefix": load_file(str(stored.path / PREFIX_FILE))[PREFIX_KEY]}, {}
+def _load_prefix(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    return {"prefix": load_file(str(path / PREFIX_FILE))[PREFIX_KEY]}, {}
 
 
-_LOADERS: dict[str, Callable[[StoredAdapter], tuple[dict[str, torch.Tensor], dict[str, float]]]] = {
+# Kind -> how to read its tensors from a version's directory.
+_LOADERS: dict[str, Callable[[Path], tuple[dict[str, torch.Tensor], dict[str, float]]]] = {
     "lora": _load_lora,
     "prompt_tuning": _load_prompt,
     "prefix_tuning": _load_prefix,
@@ -102,7 +104,8 @@ _LOADERS: dict[str, Callable[[StoredAdapter], tuple[dict[str, torch.Tensor], dic
 def load_host_adapter(stored: StoredAdapter) -> HostAdapter:
     """Read a stored adapter's tensors (safetensors only) into host memory."""
     kind = stored.metadata.kind
-    tensors, scalings = _LOADERS[kind](stored)
+    with stored.opened() as path:  # a remote store's files are fetched (and checksummed) into its local cache here
+        tensors, scalings = _LOADERS[kind](path)
     return HostAdapter(
         key=AdapterKey.of(stored),
         kind=kind,

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.registry import AdapterRegistry
-from quiver.adapters.store import LocalAdapterStore, default_store_dir
+from quiver.adapters.stores import StoreOptions, open_store
 from quiver.adapters.validation import ValidationLimits
 from quiver.server.access import AccessPolicy
 from quiver.server.adapter_catalog import AdapterCatalog
@@ -93,14 +93,13 @@ class RunningServer:
 
 
 def build_registry(loaded: LoadedModel, config: AdapterConfig, engine_config: EngineConfig) -> AdapterRegistry:
-    store_dir = Path(config.store) if config.store else default_store_dir()
     # Registration refuses what the engine's LoRA slots could not hold: fail at the door, not per request.
     max_rank = min(config.max_rank, engine_config.max_lora_rank)
     limits = ValidationLimits(max_rank=max_rank, max_adapter_bytes=config.max_adapter_bytes)
     base = base_spec_from_checkpoint(loaded.checkpoint_dir)
-    registry = AdapterRegistry(LocalAdapterStore(store_dir), base, limits)
-    log.info("adapter store: %s", store_dir)
-    return registry
+    store = open_store(StoreOptions(config.store, config.s3_endpoint_url, config.store_cache_dir,
+                                    config.store_cache_bytes))
+    return AdapterRegistry(store, base, limits)
 
 
 def access_policy(config: ServerConfig, adapter_config: AdapterConfig) -> AccessPolicy:

@@ -147,7 +147,22 @@ class AdapterConfig:
 
     store: str | None = field(
         default=None,
-        metadata={"help": "adapter store directory (default: $QUIVER_STORE_DIR or ~/.local/share/quiver/adapters)"},
+        metadata={"help": "adapter store: a directory, or s3://bucket/prefix shared by every replica (default: "
+                  "$QUIVER_STORE_DIR or ~/.local/share/quiver/adapters)"},
+    )
+    s3_endpoint_url: str | None = field(
+        default=None,
+        metadata={"help": "S3-compatible endpoint of an s3:// store (default: boto3's, from $AWS_ENDPOINT_URL; "
+                  "credentials come from the standard AWS chain)"},
+    )
+    store_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "local read-through cache of an s3:// store's adapters (default: under $QUIVER_CACHE_DIR or "
+                  "~/.cache/quiver)"},
+    )
+    store_cache_bytes: int = field(
+        default=8 * 2**30,
+        metadata={"help": "bytes the local cache of an s3:// store may hold; least recently used versions are evicted"},
     )
     max_rank: int = field(default=256, metadata={"help": "largest LoRA rank accepted at registration"})
     max_adapter_bytes: int = field(
@@ -168,6 +183,10 @@ class AdapterConfig:
             raise ValueError("--max-rank must be >= 1")
         if self.max_adapter_bytes < 1:
             raise ValueError("--max-adapter-bytes must be >= 1")
+        if self.store_cache_bytes < 1:
+            raise ValueError("--store-cache-bytes must be >= 1")
+        if self.store is not None and "://" in self.store and not self.store.startswith("s3://"):
+            raise ValueError(f"--store must be a directory or s3://bucket/prefix, got {self.store!r}")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("--admin-token must not be empty")
 

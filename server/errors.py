@@ -80,6 +80,10 @@ class DeadlineExceeded(QuiverError):
     """The request's deadline passed before it finished."""
 
 
+class DataLoss(QuiverError):
+    """Stored data is corrupt (an adapter file fails its checksum): that adapter fails, the server goes on."""
+
+
 class Unauthenticated(QuiverError):
     """Missing or wrong credentials."""
 

@@ -29,6 +29,7 @@ STATUS_CODES: dict[type[errors.QuiverError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
 }

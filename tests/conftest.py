@@ -8,6 +8,7 @@ cores) happens once per machine, not once per test session.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,24 @@ def default_cache_dir(pytestconfig: pytest.Config) -> Path:
 def default_checkpoint(default_cache_dir: Path) -> Path:
     """The default SmolLM2-135M-Instruct converted to a safetensors checkpoint (converted at most once)."""
     return resolve_checkpoint(None, default_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on loopback for the whole session, with test credentials in the environment."""
+    from .s3_server import moto_server, restore, set_credentials
+
+    before = set_credentials()
+    try:
+        with moto_server() as endpoint:
+            yield endpoint
+    finally:
+        restore(before)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    from .s3_server import new_bucket
+
+    return new_bucket(s3_endpoint)

@@ -102,8 +102,8 @@ class StoreBackend:
     `register` loads its config, and nothing loads its weights.
     """
 
-    def __init__(self, store_dir: Path, model: str | None) -> None:
-        self._store_dir = store_dir
+    def __init__(self, store: str, model: str | None) -> None:
+        self._store_location = store
         self._model = model
 
     def register(
@@ -111,7 +111,7 @@ class StoreBackend:
     ) -> AdapterInfo:
         from quiver.adapters.registry import RegistrationOptions, open_registry
 
-        registry = open_registry(self._store_dir, self._model)
+        registry = open_registry(self._store_location, self._model)
         options = RegistrationOptions(name=name, mode=mode, description=description, prompt_template=prompt_template)
         return info_from_metadata(registry.register(directory, options).metadata)
 
@@ -141,14 +141,14 @@ class StoreBackend:
         pass
 
     def _store(self) -> AdapterStore:
-        from quiver.adapters.store import LocalAdapterStore
+        from quiver.adapters.stores import StoreOptions, open_store
 
-        return LocalAdapterStore(self._store_dir)
+        return open_store(StoreOptions(self._store_location))
 
 
 def open_backend(args: argparse.Namespace) -> AdapterBackend:
     if args.store is not None:
-        return StoreBackend(Path(args.store), getattr(args, "model", None))
+        return StoreBackend(args.store, getattr(args, "model", None))
     return ServerBackend(args.server, args.admin_token, args.api_key)
 
 
@@ -235,7 +235,8 @@ Action = Callable[[AdapterBackend, argparse.Namespace], None]
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     add_server_argument(where)  # type: ignore[arg-type]  # A group takes add_argument like a parser.
-    where.add_argument("--store", metavar="DIR", help="work offline on this adapter store directory, without a server")
+    where.add_argument("--store", metavar="DIR|s3://BUCKET/PREFIX",
+                       help="work offline on this adapter store (a directory or S3 location), without a server")
     parser.add_argument(
         "--admin-token",
         default=os.environ.get(ADMIN_TOKEN_ENV),

@@ -68,7 +68,7 @@ def main() -> None:
 
     started = time.monotonic()
     train_file = _subset(args.data_dir / "train.jsonl", args.work / "train-subset.jsonl", args.train_rows)
-    registry = open_registry(args.work / "store", None)
+    registry = open_registry(str(args.work / "store"), None)
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "adapters": {}}
     for name in args.methods.split(","):
         entry = _train(name, args, train_file)

@@ -2,7 +2,8 @@
 
 The same exception classes gRPC maps to status codes (server/interceptors.py) map to HTTP statuses here, so a
 rule fails the same way on both fronts: 400 invalid argument, 401 credentials, 404 unknown model or adapter, 409
-name taken, 413 too large, 429 queue full or out of memory, 503 shutting down, 504 deadline; 500 only for bugs.
+name taken, 413 too large, 429 queue full or out of memory, 503 shutting down, 504 deadline; 500 for corrupt
+stored data (`data_loss`) and for bugs.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _ERRORS: dict[type[errors.QuiverError], HttpError] = {
     errors.Cancelled: HttpError(499, "invalid_request_error", "cancelled"),
     errors.Unavailable: HttpError(503, "server_error", "unavailable"),
     errors.DeadlineExceeded: HttpError(504, "server_error", "deadline_exceeded"),
+    errors.DataLoss: HttpError(500, "server_error", "data_loss"),
     errors.ModelLoadError: HttpError(400, "invalid_request_error", "failed_precondition"),
 }
 _INTERNAL = HttpError(500, "server_error", "internal_error")
