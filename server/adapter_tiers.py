@@ -133,6 +133,11 @@ class HostAdapterCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    def holds(self, stored: StoredAdapter) -> bool:
+        """Whether `stored` is in host memory now (counts as neither hit nor miss)."""
+        with self._lock:
+            return AdapterKey.of(stored) in self._entries
+
     def fetch(self, stored: StoredAdapter) -> Future[HostAdapter]:
         """A future of the host adapter: already done when cached, else loading in the background."""
         key = AdapterKey.of(stored)

@@ -5,28 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from quiver.adapters.base_spec import base_spec_from_checkpoint
-from quiver.adapters.registry import AdapterRegistry
-from quiver.adapters.stores import StoreOptions, open_store
-from quiver.adapters.validation import ValidationLimits
 from quiver.server.access import AccessPolicy
 from quiver.server.adapter_catalog import AdapterCatalog
 from quiver.server.adapter_service import AdapterService
 from quiver.server.auth import AuthInterceptor
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
+from quiver.server.core import access_policy, adapter_catalog, request_builder, served_model_name
 from quiver.server.cpu_threads import reserve_for_engine
 from quiver.server.engine import Engine
-from quiver.server.errors import FailedPrecondition
 from quiver.server.generation import Generator
 from quiver.server.http.app import HttpContext, build_app
 from quiver.server.http.gate import ServingState
@@ -34,7 +28,6 @@ from quiver.server.http.server import HttpServer
 from quiver.server.interceptors import StatusInterceptor
 from quiver.server.metrics import ServerMetrics
 from quiver.server.model_loader import LoadedModel, load_base_model
-from quiver.server.request_builder import RequestBuilder, RequestLimits
 from quiver.server.router_metrics import RouterMetricsCollector
 from quiver.server.service import GenerationService
 from quiver.v1 import adapters_pb2, adapters_pb2_grpc
@@ -46,8 +39,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ADAPTER_SERVICE_NAME = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
 SERVICE_NAMES = (SERVICE_NAME, ADAPTER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-API_KEY_ENV = "QUIVER_API_KEY"
-ADMIN_TOKEN_ENV = "QUIVER_ADMIN_TOKEN"
 
 
 def model_info(loaded: LoadedModel, engine_config: EngineConfig, engine_bytes: int = 0) -> pb.ModelInfoResponse:
@@ -92,32 +83,6 @@ class RunningServer:
         await asyncio.to_thread(self.engine.stop)
 
 
-def build_registry(loaded: LoadedModel, config: AdapterConfig, engine_config: EngineConfig) -> AdapterRegistry:
-    # Registration refuses what the engine's LoRA slots could not hold: fail at the door, not per request.
-    max_rank = min(config.max_rank, engine_config.max_lora_rank)
-    limits = ValidationLimits(max_rank=max_rank, max_adapter_bytes=config.max_adapter_bytes)
-    base = base_spec_from_checkpoint(loaded.checkpoint_dir)
-    store = open_store(StoreOptions(config.store, config.s3_endpoint_url, config.store_cache_dir,
-                                    config.store_cache_bytes))
-    return AdapterRegistry(store, base, limits)
-
-
-def access_policy(config: ServerConfig, adapter_config: AdapterConfig) -> AccessPolicy:
-    """The server's secrets, from flags or else the environment."""
-    policy = AccessPolicy(
-        api_key=config.api_key or os.environ.get(API_KEY_ENV) or None,
-        admin_token=adapter_config.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
-    )
-    if policy.admin_token is None and policy.api_key is None:
-        log.warning("adapter registration and deletion are unprotected (no --admin-token or --api-key)")
-    return policy
-
-
-def served_model_name(config: ServerConfig, loaded: LoadedModel) -> str:
-    """The base model's id in the HTTP API: --served-model-name, else the model's name without `.gguf`."""
-    return config.served_model_name or loaded.info.name.removesuffix(".gguf")
-
-
 @dataclass(frozen=True)
 class _Core:
     """The domain services both fronts translate onto."""
@@ -130,20 +95,11 @@ class _Core:
 
 def _core(loaded: LoadedModel, engine: Engine, engine_config: EngineConfig, config: ServerConfig,
           adapter_config: AdapterConfig, metrics: ServerMetrics) -> _Core:
-    limits = RequestLimits(
-        context_length=loaded.info.context_length,
-        max_new_tokens_limit=engine_config.max_new_tokens_limit,
-        default_max_new_tokens=engine_config.default_max_new_tokens,
-    )
-    registry = build_registry(loaded, adapter_config, engine_config)
-    base_id = served_model_name(config, loaded)
-    import_roots = tuple(Path(root) for root in adapter_config.import_roots)
-    catalog = AdapterCatalog(registry, loaded.info.fingerprint, import_roots, reserved=frozenset({base_id}))
-    builder = RequestBuilder(loaded.tokenizer, limits, catalog.resolve)
-    if taken := catalog.taken_reserved():
-        raise FailedPrecondition(f"the store holds an adapter named {taken[0]!r}, the served model's id: "
-                                 "set another --served-model-name")
-    return _Core(Generator(engine, builder, metrics), catalog, access_policy(config, adapter_config), base_id)
+    base_id = served_model_name(config.served_model_name, loaded.view)
+    catalog = adapter_catalog(loaded.view, adapter_config, engine_config, base_id)
+    builder = request_builder(loaded.view, engine_config, catalog)
+    policy = access_policy(config.api_key, adapter_config)
+    return _Core(Generator(engine, builder, metrics), catalog, policy, base_id)
 
 
 def _grpc_server(core: _Core, loaded: LoadedModel, engine: Engine, engine_config: EngineConfig,

@@ -103,6 +103,10 @@ class Engine:
         self._held.release()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def packed_weight_bytes(self) -> int:
         """Memory of the base weights' prepacked copies (server/cpu_linear.py) while the engine holds the model."""
         return self._held.packed_bytes

@@ -8,14 +8,37 @@ tokens are timed is decided here, once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 from quiver.server.engine import Engine
+from quiver.server.generation_events import GenerationEvent
 from quiver.server.generation_input import GenerationInput
 from quiver.server.metrics import ServerMetrics
 from quiver.server.request_builder import GenerationRequest, RequestBuilder
 from quiver.server.streaming import EventStream
+
+
+class EventSource(Protocol):
+    """Submitted requests' events (server/streaming.py's EventStream, or one across processes)."""
+
+    def cancel(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, GenerationEvent]]: ...
+
+    def events(self) -> AsyncIterator[GenerationEvent]: ...
+
+
+class GenerationBackend(Protocol):
+    """What a front needs to generate: `Generator` on a local engine, or Ray Serve's replicas
+    (server/ray_serve/remote.py)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    async def prepare(self, spec: GenerationInput) -> GenerationRequest: ...
+
+    def run(self, requests: Sequence[GenerationRequest]) -> EventSource: ...
 
 
 class Generator:

@@ -55,6 +55,38 @@ class LoadedModel:
     checkpoint_dir: Path
     eos_token_ids: frozenset[int]  # generation stops at any of these
 
+    @property
+    def view(self) -> ModelView:
+        return ModelView(self.tokenizer, self.info.context_length, self.info.fingerprint, self.info.name,
+                         self.checkpoint_dir)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What validating and tokenizing requests needs of the base model, without its weights (a front that runs
+    no engine, as Ray Serve's ingress, loads only this)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    context_length: int
+    fingerprint: str
+    name: str
+    checkpoint_dir: Path
+
+
+def load_model_view(config: ModelConfig) -> ModelView:
+    """The tokenizer, context length and identity of `config`'s model, reading no weights."""
+    from transformers import AutoConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    checkpoint_dir = resolve_checkpoint(config.model, cache_dir)
+    model_config = AutoConfig.from_pretrained(str(checkpoint_dir), local_files_only=True, trust_remote_code=False)
+    length = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(length, int) or length < 1:
+        raise ModelLoadError(f"the config in {checkpoint_dir} sets no max_position_embeddings")
+    return ModelView(_load_tokenizer(checkpoint_dir), length, fingerprint(checkpoint_dir), source_name(config.model),
+                     checkpoint_dir)
+
 
 def load_base_model(config: ModelConfig) -> LoadedModel:
     """Resolve, load and describe the base model named by `config`; any failure is a ModelLoadError."""

@@ -8,7 +8,7 @@ from typing import TypeAlias
 import grpc
 
 from quiver.server.errors import InvalidArgument
-from quiver.server.generation import Generator
+from quiver.server.generation import GenerationBackend
 from quiver.server.generation_events import FinishReason, GenerationEvent
 from quiver.server.generation_input import ChatMessage, GenerationInput
 from quiver.server.logprobs import TokenLogprob
@@ -73,7 +73,7 @@ def _prompt_logprobs(event: GenerationEvent) -> list[pb.TokenLogprob]:
 class GenerationService(pb_grpc.GenerationServiceServicer):
     """Implements quiver.v1.GenerationService over the generation core."""
 
-    def __init__(self, generator: Generator, model_info: pb.ModelInfoResponse) -> None:
+    def __init__(self, generator: GenerationBackend, model_info: pb.ModelInfoResponse) -> None:
         self._generator = generator
         self._model_info = model_info
 

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from quiver.adapters.store import StoredAdapter
 from quiver.server.access import AccessPolicy
 from quiver.server.adapter_catalog import AdapterCatalog
-from quiver.server.generation import Generator
+from quiver.server.generation import GenerationBackend
 from quiver.server.http.admin import AdapterRoutes
 from quiver.server.http.chat import ChatCompletions
 from quiver.server.http.choices import TokenTexts
@@ -37,7 +37,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 class HttpContext:
     """What the HTTP front serves, all of it shared with the gRPC front."""
 
-    generator: Generator
+    generator: GenerationBackend
     catalog: AdapterCatalog
     policy: AccessPolicy
     metrics: ServerMetrics

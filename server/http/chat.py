@@ -15,13 +15,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from quiver.server.generation import Generator
+from quiver.server.generation import EventSource, GenerationBackend
 from quiver.server.generation_events import GenerationEvent
 from quiver.server.http.choices import TokenTexts, chat_logprobs, usage
 from quiver.server.http.runner import Run, serve_choices
 from quiver.server.http.schema import ChatCompletionRequest, parse
 from quiver.server.http.translate import CHAT_PARAMS, Choices, chat_choices
-from quiver.server.streaming import EventStream
 
 
 class ChatCompletions:
@@ -29,7 +28,7 @@ class ChatCompletions:
 
     params = CHAT_PARAMS
 
-    def __init__(self, generator: Generator, base_id: str, texts: TokenTexts, fingerprint: str) -> None:
+    def __init__(self, generator: GenerationBackend, base_id: str, texts: TokenTexts, fingerprint: str) -> None:
         self._generator = generator
         self._base_id = base_id
         self._texts = texts
@@ -55,7 +54,7 @@ class ChatCompletions:
         } for state in run.states]
         return {**run.head, "object": "chat.completion", "choices": choices, "usage": usage(run.states, run.n)}
 
-    async def chunks(self, run: Run, stream: EventStream) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, run: Run, stream: EventSource) -> AsyncIterator[dict[str, Any]]:
         include_usage = run.body.stream_options is not None and run.body.stream_options.include_usage
         head = {**run.head, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
         for state in run.states:

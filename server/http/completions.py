@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from quiver.server.generation import Generator
+from quiver.server.generation import EventSource, GenerationBackend
 from quiver.server.generation_events import GenerationEvent
 from quiver.server.http.choices import (
     TokenTexts,
@@ -29,7 +29,6 @@ from quiver.server.http.choices import (
 from quiver.server.http.runner import Run, serve_choices
 from quiver.server.http.schema import CompletionRequest, parse
 from quiver.server.http.translate import COMPLETION_PARAMS, Choices, completion_choices
-from quiver.server.streaming import EventStream
 
 
 class Completions:
@@ -37,7 +36,7 @@ class Completions:
 
     params = COMPLETION_PARAMS
 
-    def __init__(self, generator: Generator, base_id: str, texts: TokenTexts) -> None:
+    def __init__(self, generator: GenerationBackend, base_id: str, texts: TokenTexts) -> None:
         self._generator = generator
         self._base_id = base_id
         self._texts = texts
@@ -70,7 +69,7 @@ class Completions:
                         "finish_reason": state.finish_reason})
         return {**run.head, "choices": out, "usage": usage(run.states, run.n)}
 
-    async def chunks(self, run: Run, stream: EventStream) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, run: Run, stream: EventSource) -> AsyncIterator[dict[str, Any]]:
         include_usage = run.body.stream_options is not None and run.body.stream_options.include_usage
         extra = {"usage": None} if include_usage else {}
         async for i, event in stream:

@@ -21,12 +21,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from quiver.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from quiver.server.generation import Generator
+from quiver.server.generation import EventSource, GenerationBackend
 from quiver.server.http.choices import ChoiceState
 from quiver.server.http.errors import error_body, error_response
 from quiver.server.http.translate import Choices
 from quiver.server.request_builder import GenerationRequest
-from quiver.server.streaming import EventStream
 
 TIMEOUT_HEADER = "x-request-timeout"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -46,7 +45,7 @@ def deadline_of(request: Request) -> float | None:
     return asyncio.get_running_loop().time() + seconds
 
 
-async def prepare_all(generator: Generator, specs: Any) -> list[GenerationRequest]:
+async def prepare_all(generator: GenerationBackend, specs: Any) -> list[GenerationRequest]:
     """Validate every choice before any runs: a bad request is refused whole."""
     prepared: list[GenerationRequest] = []
     for spec in specs:
@@ -64,7 +63,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def until_done(request: Request, work: Awaitable[None], stream: EventStream, deadline: float | None) -> None:
+async def until_done(request: Request, work: Awaitable[None], stream: EventSource, deadline: float | None) -> None:
     """Await `work` unless the client disconnects (Cancelled) or the deadline passes (DeadlineExceeded) first."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -87,7 +86,7 @@ def _sse(data: object) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def _sse_events(chunks: AsyncIterator[dict[str, Any]], stream: EventStream, deadline: float | None,
+async def _sse_events(chunks: AsyncIterator[dict[str, Any]], stream: EventSource, deadline: float | None,
                       params: Mapping[str, str]) -> AsyncIterator[str]:
     iterator = chunks.__aiter__()
     try:
@@ -113,7 +112,7 @@ class _EventStreamResponse(StreamingResponse):
     """Cancels the engine's work whenever the response ends, including when the client left before the first
     chunk (Starlette then cancels the body's task before the chunks' generator ever starts)."""
 
-    def __init__(self, content: AsyncIterator[str], stream: EventStream) -> None:
+    def __init__(self, content: AsyncIterator[str], stream: EventSource) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self._stream = stream
 
@@ -124,7 +123,7 @@ class _EventStreamResponse(StreamingResponse):
             self._stream.cancel()
 
 
-def sse_response(chunks: AsyncIterator[dict[str, Any]], stream: EventStream, deadline: float | None,
+def sse_response(chunks: AsyncIterator[dict[str, Any]], stream: EventSource, deadline: float | None,
                  params: Mapping[str, str]) -> StreamingResponse:
     """The chunks as Server-Sent Events ending with `data: [DONE]`; an error after the start is an error event."""
     return _EventStreamResponse(_sse_events(chunks, stream, deadline, params), stream)
@@ -152,12 +151,12 @@ class ChoicesEndpoint(Protocol):
 
     def head(self, body: Any) -> dict[str, Any]: ...
 
-    def chunks(self, run: Run, stream: EventStream) -> AsyncIterator[dict[str, Any]]: ...
+    def chunks(self, run: Run, stream: EventSource) -> AsyncIterator[dict[str, Any]]: ...
 
     def reply(self, run: Run) -> dict[str, Any]: ...
 
 
-async def serve_choices(request: Request, generator: Generator, endpoint: ChoicesEndpoint) -> Response:
+async def serve_choices(request: Request, generator: GenerationBackend, endpoint: ChoicesEndpoint) -> Response:
     """Parse, validate every choice, submit them all, then stream their chunks or answer with the whole reply; any
     failure is an OpenAI-shaped error (a bug too: logged, 500)."""
     params = endpoint.params
@@ -180,6 +179,6 @@ async def serve_choices(request: Request, generator: Generator, endpoint: Choice
     return JSONResponse(endpoint.reply(run))
 
 
-async def _collect(run: Run, stream: EventStream) -> None:
+async def _collect(run: Run, stream: EventSource) -> None:
     async for i, event in stream:
         run.states[i].add(event)
