@@ -13,6 +13,7 @@ from collections.abc import Sequence
 # Subcommand name -> module implementing it.
 COMMANDS: dict[str, str] = {
     "serve": "quiver.clients.cli.serve",
+    "serve-ray": "quiver.clients.cli.serve_ray",
     "generate": "quiver.clients.cli.generate",
     "info": "quiver.clients.cli.info",
     "adapters": "quiver.clients.cli.adapters",

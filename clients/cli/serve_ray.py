@@ -1,0 +1,42 @@
+"""`quiver serve-ray`: serve on Ray Serve (engine replicas behind one ingress, adapter-affinity routing); flags map
+1:1 onto the model, engine and adapter configs and onto RayServeConfig."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+from quiver.clients.cli.common import report_usage_error
+from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
+from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
+from quiver.server.ray_serve.app import RayServeConfig
+
+HELP = "serve on Ray Serve: engine replicas behind one HTTP/gRPC ingress, routed by adapter (needs quiver-serve[ray])"
+CONFIGS = (ModelConfig, EngineConfig, AdapterConfig, RayServeConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for cls in CONFIGS:
+        add_dataclass_args(parser, cls)
+    add_log_level(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args)
+    try:
+        model, engine, adapters, ray_config = (from_args(cls, args) for cls in CONFIGS)
+    except ValueError as e:
+        return report_usage_error(e)
+    if importlib.util.find_spec("ray") is None:
+        print("error: quiver serve-ray needs Ray Serve: pip install 'quiver-serve[ray]'", file=sys.stderr)
+        return 1
+    from quiver.server.errors import QuiverError
+    from quiver.server.ray_serve.app import serve_ray
+
+    try:
+        serve_ray(model, engine, adapters, ray_config)  # type: ignore[arg-type]
+    except QuiverError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
