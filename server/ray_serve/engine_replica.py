@@ -32,6 +32,7 @@ from quiver.server.ray_serve.remote import PortableRequest
 # Adapters Ray counts as held per replica when routing: generous, since Quiver's tiers decide what stays in memory.
 ROUTING_MODELS_PER_REPLICA = 64
 _EXPORT_PERIOD_S = 1.0
+_KNOWN_VERSIONS = 4096  # resolved versions remembered per replica (a dict entry each)
 
 
 class ReplicaMetrics:
@@ -81,6 +82,7 @@ class EngineReplica:
         self._engine.start()
         self._metrics = ReplicaMetrics(self._engine)
         self._exporter: asyncio.Task[None] | None = None
+        self._known: dict[str, StoredAdapter] = {}  # name@version -> its stored version, oldest first
         self._info = {"name": loaded.info.name, "fingerprint": loaded.info.fingerprint,
                       "quantization": loaded.info.quantization, "device": loaded.info.device,
                       "dtype": loaded.info.dtype, "context_length": loaded.info.context_length,
@@ -99,10 +101,14 @@ class EngineReplica:
         if self._exporter is None:
             self._exporter = asyncio.create_task(self._metrics.export())
         request, held = sent.request, "none"
-        if sent.adapter_ref:
-            stored = await asyncio.to_thread(self._catalog.resolve, sent.adapter_ref)
-            held = "yes" if self._engine.host_adapters.holds(stored) else "no"
-            request = replace(request, adapter=await self._adapter(sent.adapter_ref))
+        if sent.adapter_ref:  # an exact version: immutable, so what was resolved for it once stays right
+            known = self._known.get(sent.adapter_ref)
+            held = "yes" if known is not None and self._engine.host_adapters.holds(known) else "no"
+            stored = await self._adapter(sent.adapter_ref)
+            self._known[sent.adapter_ref] = stored
+            while len(self._known) > _KNOWN_VERSIONS:
+                self._known.pop(next(iter(self._known)))
+            request = replace(request, adapter=stored)
         self._metrics.request(held)
         async for event in self._generator.run([request]).events():
             yield event
