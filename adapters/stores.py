@@ -18,6 +18,7 @@ from quiver.server.errors import FailedPrecondition, InvalidArgument
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 8 * 2**30
+STORE_ENV = "QUIVER_STORE_DIR"  # the default --store: a directory or s3://bucket/prefix
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class StoreOptions:
     """Where adapters are stored, and how a remote store is reached and cached."""
 
     location: str | None = None
-    """A directory, or `s3://bucket/prefix`; None: $QUIVER_STORE_DIR or ~/.local/share/quiver/adapters."""
+    """A directory, or `s3://bucket/prefix`; None: $QUIVER_STORE_DIR (either form) or ~/.local/share/quiver/adapters."""
     s3_endpoint_url: str | None = None
     """S3-compatible endpoint; None: boto3's own ($AWS_ENDPOINT_URL, else AWS)."""
     cache_dir: str | None = None
@@ -64,7 +65,8 @@ BACKENDS: dict[str, Callable[[StoreOptions], AdapterStore]] = {"": _local, "s3":
 
 
 def open_store(options: StoreOptions) -> AdapterStore:
-    location = options.location or ""
+    location = options.location or os.environ.get(STORE_ENV) or ""
+    options = StoreOptions(location or None, options.s3_endpoint_url, options.cache_dir, options.cache_bytes)
     scheme = location.split("://", 1)[0] if "://" in location else ""
     backend = BACKENDS.get(scheme)
     if backend is None:

@@ -8,10 +8,11 @@ requests, resources), as Ray Serve's config files do.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,13 +84,43 @@ def application(model: ModelConfig, engine: EngineConfig, adapters: AdapterConfi
                                    ray_config.api_key, ray_config.max_request_bytes)
 
 
+# Set by `quiver serve-ray` only: in a Serve config file, `http_options`, `grpc_options` and the cluster say these.
+_CLI_ONLY = frozenset({"ray_address", "ray_num_cpus", "host", "http_port", "grpc_port"})
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config file's `value` is of the field type `hint` (as the CLI's parser would insist)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_fits(item, args[0]) for item in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int | (float if hint is float else int)) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 def _config(cls: type[Any], values: dict[str, Any] | None) -> Any:
+    """`cls` from a config file's section, checked as strictly as the CLI checks its flags."""
     values = dict(values or {})
-    if "import_roots" in values:
-        values["import_roots"] = tuple(values["import_roots"])
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys in the config file: {sorted(unknown)}")
+    if cls is RayServeConfig and (cli_only := _CLI_ONLY & set(values)):
+        raise ValueError(f"{sorted(cli_only)} belong to `quiver serve-ray`; a Serve config file sets them in "
+                         "http_options, grpc_options and the cluster")
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            raise ValueError(f"{cls.__name__}.{name}: {value!r} is not a {hints[name]}")
+        if isinstance(value, list):
+            values[name] = tuple(value)
     return cls(**values)
 
 
