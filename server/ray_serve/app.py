@@ -152,6 +152,8 @@ def serve_ray(model: ModelConfig, engine: EngineConfig, adapters: AdapterConfig,
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(timeout=1.0):  # wakes up to run the handler: Ray's threads may take the signal
+        pass
+    log.info("shutting down Ray Serve")
     serve.shutdown()
     ray.shutdown()
