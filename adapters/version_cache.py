@@ -2,21 +2,28 @@
 once, checksummed, and evicted least recently used when the cache outgrows its bytes.
 
 A version is keyed by its manifest's digest, so a version deleted and registered again under the same number
-(other files) never reuses the old directory. Fetching downloads into `<root>/.tmp/`, checks every file's
-SHA-256 and size against the manifest (a mismatch is DataLoss: that adapter fails, nothing is kept), then renames
-the directory into place, so a directory in the cache is always whole. One fetch per version at a time, across
-threads: the others wait for it. Directories open for reading are pinned, never evicted.
+(other files) never reuses the old directory. Fetching downloads into `<root>/.tmp/`, checks every file's SHA-256
+and size against the manifest (a mismatch is DataLoss: that adapter fails, nothing is kept), fsyncs, then renames
+the directory into place, so a directory in the cache is always whole.
+
+Several processes may share one root (Ray Serve's replicas on a node do): each version has a lock file in
+`<root>/.locks/`. A fetch holds it exclusively, so a version downloads once however many threads or processes
+ask; a reader holds it shared while the directory is open, and eviction only takes versions it can lock
+exclusively at once, so it never removes a directory under a reader. Leftovers of a crashed fetch are removed by
+the next process that starts, once the process that made them is gone.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +33,7 @@ from quiver.server.errors import DataLoss
 log = logging.getLogger(__name__)
 
 _TMP = ".tmp"
-_CHUNK = 1 << 20
+_LOCKS = ".locks"
 
 
 @dataclass(frozen=True)
@@ -55,18 +62,36 @@ class _Hashing:
         return self._file.write(data)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class VersionCache:
-    """Size-bounded LRU of fetched versions under `root` (thread-safe; one process per root)."""
+    """Size-bounded LRU of fetched versions under `root`, safe across threads and processes."""
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root
         self._max_bytes = max_bytes
-        (root / _TMP).mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / _TMP, ignore_errors=True)  # a crashed fetch's leftovers
-        (root / _TMP).mkdir(exist_ok=True)
-        self._lock = threading.Lock()
-        self._fetching: dict[str, threading.Lock] = {}
-        self._pins: dict[str, int] = {}
+        for sub in (_TMP, _LOCKS):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        for entry in (root / _TMP).iterdir():  # a crashed fetch's leftovers, if its process is gone
+            pid = entry.name.rsplit(".", 2)[-2] if entry.name.count(".") >= 2 else ""
+            if not pid.isdigit() or not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def path(self, key: str) -> Path:
         """Where version `key` (a manifest digest) lives once fetched."""
@@ -74,24 +99,19 @@ class VersionCache:
 
     @contextmanager
     def opened(self, key: str, files: Mapping[str, RemoteFile], download: Download, label: str) -> Iterator[Path]:
-        """The version's directory, fetched first if absent, pinned while open."""
-        with self._lock:
-            self._pins[key] = self._pins.get(key, 0) + 1
-            gate = self._fetching.setdefault(key, threading.Lock())
-        try:
-            with gate:
-                target = self.path(key)
-                if target.is_dir():
-                    os.utime(target)  # most recently used
-                else:
+        """The version's directory, fetched first if absent, kept (never evicted) while open."""
+        target = self.path(key)
+        with open(self.root / _LOCKS / key, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)  # readers share it; eviction needs it exclusively
+            if target.is_dir():
+                os.utime(target)  # most recently used
+            else:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch of a version at a time, across threads and processes
+                if not target.is_dir():  # another fetch may have finished while this one waited
                     self._fetch(target, files, download, label)
+                fcntl.flock(lock, fcntl.LOCK_SH)
             self._evict()
             yield target
-        finally:
-            with self._lock:
-                self._pins[key] -= 1
-                if not self._pins[key]:
-                    del self._pins[key]
 
     def _fetch(self, target: Path, files: Mapping[str, RemoteFile], download: Download, label: str) -> None:
         staging = self.root / _TMP / f"{target.name}.{os.getpid()}.{threading.get_ident()}"
@@ -102,32 +122,45 @@ class VersionCache:
                 with open(staging / name, "wb") as out:
                     hashing = _Hashing(out)
                     download(expected.sha256, hashing)  # type: ignore[arg-type]
+                    out.flush()
+                    os.fsync(out.fileno())
                 if (hashing.digest.hexdigest(), hashing.size) != (expected.sha256, expected.size):
                     raise DataLoss(
                         f"adapter {label}: {name} fails its checksum in the store ({hashing.size} bytes, sha256 "
                         f"{hashing.digest.hexdigest()}; the manifest says {expected.size} bytes, {expected.sha256})"
                     )
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            _fsync_dir(staging)
+            try:
+                os.rename(staging, target)
+            except OSError as e:  # another process, whose lock file was replaced meanwhile, got there first
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            _fsync_dir(self.root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; else what a failure left
         log.info("fetched adapter %s into %s", label, target)
 
     def _evict(self) -> None:
-        """Remove the least recently used unpinned versions while the cache holds more than its bytes."""
-        with self._lock:
-            entries = []
-            for entry in self.root.iterdir():
-                if entry.name == _TMP or not entry.is_dir():
-                    continue
-                size = sum(f.stat().st_size for f in entry.iterdir())
-                entries.append((entry.stat().st_mtime, size, entry))
-            total = sum(size for _, size, _ in entries)
-            for _, size, entry in sorted(entries):
-                if total <= self._max_bytes:
-                    return
-                if entry.name in self._pins:
-                    continue
-                shutil.rmtree(entry, ignore_errors=True)
+        """Remove the least recently used versions nobody has open while the cache holds more than its bytes."""
+        entries = []
+        for entry in self.root.iterdir():
+            if entry.name in (_TMP, _LOCKS):
+                continue
+            with suppress(FileNotFoundError):  # another process evicted it meanwhile
+                entries.append((entry.stat().st_mtime, sum(f.stat().st_size for f in entry.iterdir()), entry))
+        total = sum(size for _, size, _ in entries)
+        for _, size, entry in sorted(entries):
+            if total <= self._max_bytes:
+                return
+            if self._remove_unless_open(entry):
                 total -= size
                 log.info("evicted %s from the adapter cache (%d bytes left)", entry.name, total)
+
+    def _remove_unless_open(self, entry: Path) -> bool:
+        with open(self.root / _LOCKS / entry.name, "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # open in some thread or process
+                return False
+            shutil.rmtree(entry, ignore_errors=True)
+            return True

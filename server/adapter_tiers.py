@@ -149,19 +149,20 @@ class HostAdapterCache:
                 done.set_result(self._entries[key])
                 return done
             self.stats.misses += 1
-            if key not in self._loading:
-                self._loading[key] = self._pool.submit(self._load, stored)
-            return self._loading[key]
+            loading = self._loading.get(key)
+            if loading is None or loading.cancelled():  # a waiter cancelled it before it ran: load again
+                loading = self._loading[key] = self._pool.submit(self._load, stored)
+            return loading
 
     def _load(self, stored: StoredAdapter) -> HostAdapter:
         key = AdapterKey.of(stored)
         try:
             adapter = self._loader(stored)
-        except FileNotFoundError as e:  # deleted from the store while the request waited
-            raise NotFound(f"adapter {key.name}@{key.version} was deleted") from e
-        except BaseException:
+        except BaseException as e:  # a failed load is forgotten, so the next request tries again
             with self._lock:
                 self._loading.pop(key, None)
+            if isinstance(e, FileNotFoundError):  # deleted from the store while the request waited
+                raise NotFound(f"adapter {key.name}@{key.version} was deleted") from e
             raise
         with self._lock:  # one block: a concurrent fetch sees either the load in flight or the entry
             self._loading.pop(key, None)

@@ -12,6 +12,13 @@ from collections.abc import Mapping
 _FIELD_HEAD = re.compile(r"[A-Za-z_]+")
 
 
+def _rebuilt(cls: type[QuiverError], state: dict[str, object]) -> QuiverError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
+
+
 class QuiverError(Exception):
     """Base of every error a client may legitimately cause. `reasons` lists every problem found at once."""
 
@@ -21,6 +28,11 @@ class QuiverError(Exception):
             message = f"{message}: " + "; ".join(self.reasons)
         super().__init__(message)
         self.message = message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt from its attributes, whatever the subclass's constructor takes: errors cross process boundaries
+        # (Ray Serve's replicas raise them in the ingress).
+        return _rebuilt, (type(self), dict(self.__dict__))
 
 
 class InvalidArgument(QuiverError):

@@ -80,7 +80,10 @@ def load_model_view(config: ModelConfig) -> ModelView:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     checkpoint_dir = resolve_checkpoint(config.model, cache_dir)
-    model_config = AutoConfig.from_pretrained(str(checkpoint_dir), local_files_only=True, trust_remote_code=False)
+    try:
+        model_config = AutoConfig.from_pretrained(str(checkpoint_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # start-up boundary, as in load_base_model
+        raise ModelLoadError(f"cannot read the model config in {checkpoint_dir}: {e}") from e
     length = getattr(model_config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(length, int) or length < 1:
         raise ModelLoadError(f"the config in {checkpoint_dir} sets no max_position_embeddings")

@@ -135,25 +135,33 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 
 def serve_ray(model: ModelConfig, engine: EngineConfig, adapters: AdapterConfig, ray_config: RayServeConfig) -> None:
-    """Start (or join) Ray, serve the application until SIGINT/SIGTERM, then shut Serve down."""
+    """Start (or join) Ray, serve the application until SIGINT/SIGTERM, then take it down: on a cluster of its own,
+    Serve and Ray; on a shared one (`--ray-address`), only this application."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the replicas load: a signal meanwhile still stops cleanly
+        signal.signal(sig, lambda *_: stop.set())
     if ray_config.ray_address:
         ray.init(address=ray_config.ray_address)
-    else:
-        ray.init(num_cpus=ray_config.ray_num_cpus, _node_ip_address=ray_config.host, include_dashboard=False)
-    serve.start(http_options=HTTPOptions(host=ray_config.host, port=ray_config.http_port),
-                grpc_options=gRPCOptions(port=ray_config.grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
-    serve.run(application(model, engine, adapters, ray_config), name=APP_NAME, route_prefix="/")
-    print(f"quiver: serving on Ray (HTTP {ray_config.host}:{ray_config.http_port}, gRPC {ray_config.host}:"
-          f"{ray_config.grpc_port})", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(timeout=1.0):  # wakes up to run the handler: Ray's threads may take the signal
-        pass
-    log.info("shutting down Ray Serve")
-    serve.shutdown()
-    ray.shutdown()
+    else:  # a local cluster stays on loopback when the proxies do
+        loopback = ray_config.host in ("127.0.0.1", "localhost", "::1")
+        ray.init(num_cpus=ray_config.ray_num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1" if loopback else None)
+    try:
+        serve.start(http_options=HTTPOptions(host=ray_config.host, port=ray_config.http_port),
+                    grpc_options=gRPCOptions(port=ray_config.grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+        serve.run(application(model, engine, adapters, ray_config), name=APP_NAME, route_prefix="/")
+        print(f"quiver: serving on Ray (HTTP {ray_config.host}:{ray_config.http_port}, gRPC {ray_config.host}:"
+              f"{ray_config.grpc_port})", flush=True)
+        while not stop.wait(timeout=1.0):  # wakes up to run the handler: Ray's threads may take the signal
+            pass
+    finally:
+        log.info("taking the application down")
+        if ray_config.ray_address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()

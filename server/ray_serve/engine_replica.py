@@ -1,13 +1,12 @@
-"""Ray Serve's engine deployment: each replica holds one Quiver engine (one GPU where there are GPUs) over the
-shared adapter store.
+"""Ray Serve's engine deployment: each replica holds one Quiver engine (one GPU where there are GPUs) over the shared
+adapter store.
 
-Requests arrive prepared by the ingress (server/ray_serve/remote.py) with their adapter as `name@version`, which
-is also their multiplexed model id: Ray routes a request to a replica whose multiplexed loader has seen that id,
-and the loader warms the adapter into this replica's host tier. Quiver's own tiers stay the memory manager
-(bytes, slots, pins); Ray's per-replica model count is only a routing hint. Each replica exports, through Ray's
-metrics (tagged with the replica), how many requests found their adapter already in host memory and how many
-adapters each tier loaded.
-"""
+Requests arrive prepared by the ingress (server/ray_serve/remote.py) with their adapter's publication as
+`name@version#digest`, which is also their multiplexed model id: Ray routes a request to a replica whose
+multiplexed loader has seen that id, and the loader starts loading the adapter into this replica's host tier.
+Quiver's own tiers stay the memory manager (bytes, slots, pins); Ray's per-replica model count is only a routing
+hint. Each replica exports, through Ray's metrics (tagged with the replica), how many requests found their adapter
+already in host memory and how many adapters each tier loaded."""
 
 from __future__ import annotations
 
@@ -23,11 +22,12 @@ from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
 from quiver.server.core import adapter_catalog, request_builder, served_model_name
 from quiver.server.cpu_threads import reserve_for_engine
 from quiver.server.engine import Engine
+from quiver.server.errors import NotFound
 from quiver.server.generation import Generator
 from quiver.server.generation_events import GenerationEvent
 from quiver.server.metrics import ServerMetrics
 from quiver.server.model_loader import load_base_model
-from quiver.server.ray_serve.remote import PortableRequest
+from quiver.server.ray_serve.remote import PortableRequest, adapter_id, parse_adapter_id
 
 # Adapters Ray counts as held per replica when routing: generous, since Quiver's tiers decide what stays in memory.
 ROUTING_MODELS_PER_REPLICA = 64
@@ -91,21 +91,26 @@ class EngineReplica:
                       "has_chat_template": loaded.info.has_chat_template}
 
     @serve.multiplexed(max_num_models_per_replica=ROUTING_MODELS_PER_REPLICA)
-    async def _adapter(self, ref: str) -> StoredAdapter:
-        """Ray's loader for a multiplexed id (`name@version`): the exact version, warmed into host memory."""
+    async def _adapter(self, model_id: str) -> StoredAdapter:
+        """Ray's loader for a multiplexed id (`name@version#digest`): the exact publication the ingress resolved, its
+        host load started. It only resolves (Ray runs one loader at a time per replica): requests wait for the
+        load in the engine's scheduler, as any cold adapter's do."""
+        ref, digest = parse_adapter_id(model_id)
         stored = await asyncio.to_thread(self._catalog.resolve, ref)
-        await asyncio.wrap_future(self._engine.host_adapters.fetch(stored))
+        if adapter_id(stored) != model_id:  # deleted and registered again under the same number since: fail closed
+            raise NotFound(f"adapter {ref} ({digest}) is no longer in the store")
+        self._engine.host_adapters.fetch(stored)  # start the load (a waiter cancelling can no longer stop it)
         return stored
 
     async def generate(self, sent: PortableRequest) -> AsyncIterator[GenerationEvent]:
         if self._exporter is None:
             self._exporter = asyncio.create_task(self._metrics.export())
         request, held = sent.request, "none"
-        if sent.adapter_ref:  # an exact version: immutable, so what was resolved for it once stays right
-            known = self._known.get(sent.adapter_ref)
+        if sent.adapter_id:  # one publication: immutable, so what was resolved for it once stays right
+            known = self._known.get(sent.adapter_id)
             held = "yes" if known is not None and self._engine.host_adapters.holds(known) else "no"
-            stored = await self._adapter(sent.adapter_ref)
-            self._known[sent.adapter_ref] = stored
+            stored = await self._adapter(sent.adapter_id)
+            self._known[sent.adapter_id] = stored
             while len(self._known) > _KNOWN_VERSIONS:
                 self._known.pop(next(iter(self._known)))
             request = replace(request, adapter=stored)

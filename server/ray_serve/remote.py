@@ -1,19 +1,20 @@
 """Generation on Ray Serve's engine replicas, seen by the fronts as a `GenerationBackend`.
 
-The ingress validates and tokenizes each request itself (the same `RequestBuilder`, over the same store), so a
-bad request is refused at the door and the replica runs exactly the adapter version resolved there. What crosses
-to a replica is a `PortableRequest`: the request without its store handle, naming the adapter as `name@version`,
-which is also the multiplexed model id Ray routes on. Errors come back as the domain errors raised in the replica;
-a replica that dies mid-request is UNAVAILABLE for the requests it was running.
-"""
+The ingress validates and tokenizes each request itself (the same `RequestBuilder`, over the same store), so a bad
+request is refused at the door and the replica runs exactly the adapter version resolved there. What crosses to a
+replica is a `PortableRequest`: the request without its store handle, naming the adapter's publication as
+`name@version#digest`, which is also the multiplexed model id Ray routes on. Errors come back as the domain errors
+raised in the replica; a replica that dies mid-request is UNAVAILABLE for the requests it was running."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from quiver.adapters.store import StoredAdapter
 from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.generation_events import GenerationEvent
 from quiver.server.generation_input import GenerationInput
@@ -22,16 +23,30 @@ from quiver.server.request_builder import GenerationRequest, RequestBuilder
 
 @dataclass(frozen=True)
 class PortableRequest:
-    """A prepared request as it travels to a replica: `adapter_ref` is `name@version` ("" for the base model)."""
+    """A prepared request as it travels to a replica: `adapter_id` names one publication of an adapter version
+    (`adapter_id`), "" for the base model."""
 
     request: GenerationRequest  # with adapter=None
-    adapter_ref: str
+    adapter_id: str
+
+
+def adapter_id(stored: StoredAdapter) -> str:
+    """`name@version#digest`: a version number may be reused after a delete, so the id also carries what tells two
+    publications apart (weights, config, registration time), and a replica never mistakes one for the other."""
+    m = stored.metadata
+    publication = f"{m.sha256}|{m.extra.get('config_sha256', '')}|{m.created_at}"
+    return f"{m.name}@{m.version}#{hashlib.sha256(publication.encode()).hexdigest()[:16]}"
+
+
+def parse_adapter_id(value: str) -> tuple[str, str]:
+    """`name@version#digest` -> ("name@version", "digest")."""
+    ref, _, digest = value.partition("#")
+    return ref, digest
 
 
 def portable(request: GenerationRequest) -> PortableRequest:
     adapter = request.adapter
-    ref = f"{adapter.metadata.name}@{adapter.metadata.version}" if adapter is not None else ""
-    return PortableRequest(replace(request, adapter=None), ref)
+    return PortableRequest(replace(request, adapter=None), adapter_id(adapter) if adapter is not None else "")
 
 
 def domain_error(error: BaseException) -> BaseException:
@@ -55,7 +70,7 @@ class RemoteEventStream:
         self._responses = []
         for request in requests:
             sent = portable(request)
-            options = engine.options(stream=True, multiplexed_model_id=sent.adapter_ref)
+            options = engine.options(stream=True, multiplexed_model_id=sent.adapter_id)
             self._responses.append(options.generate.remote(sent))
 
     def cancel(self) -> None:

@@ -53,3 +53,25 @@ def test_a_checksum_failure_keeps_nothing(tmp_path: Path):
     with pytest.raises(DataLoss, match="fails its checksum"), cache.opened("v1", FILES, corrupt, "x@1"):
         pass
     assert not cache.path("v1").exists() and not any((tmp_path / ".tmp").iterdir())
+
+
+def test_two_processes_sharing_a_root_fetch_once_and_never_evict_what_the_other_reads(tmp_path: Path):
+    """Two caches on one root stand for two processes (each opens its own lock files, as a process would)."""
+    first, second = VersionCache(tmp_path, 2**20), VersionCache(tmp_path, 1)  # the second evicts everything it can
+    downloads: list[str] = []
+
+    def download(sha256: str, out: BinaryIO) -> None:
+        downloads.append(sha256)
+        time.sleep(0.05)
+        out.write(BY_DIGEST[sha256])
+
+    with first.opened("v1", FILES, download, "x@1") as held:
+        with second.opened("v1", FILES, download, "x@1") as same:
+            assert same == held
+        with second.opened("v2", FILES, download, "x@2"):
+            pass  # its eviction pass finds v1 open in the other "process": kept
+        assert (held / "a.bin").read_bytes() == CONTENT["a.bin"]
+    assert len(downloads) == 2 * len(FILES)  # v1 once (not once per cache), and v2
+    with second.opened("v3", FILES, download, "x@3"):
+        pass
+    assert not first.path("v1").exists()  # closed everywhere: now it may go
