@@ -41,10 +41,15 @@ def _local(options: StoreOptions) -> AdapterStore:
 
 def _s3(options: StoreOptions) -> AdapterStore:
     import boto3  # a dependency of Quiver's: imported only for an S3 store
+    from botocore.config import Config
 
     assert options.location is not None
     bucket, prefix = parse_s3_url(options.location)
-    client = boto3.client("s3", endpoint_url=options.s3_endpoint_url)
+    # Checksums only where an operation needs them (Quiver sends SHA-256 itself): some S3-compatible servers refuse
+    # the CRC32 headers newer boto3 adds everywhere by default.
+    config = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                    retries={"mode": "standard"})
+    client = boto3.client("s3", endpoint_url=options.s3_endpoint_url, config=config)
     try:
         client.head_bucket(Bucket=bucket)
     except Exception as e:  # fail at start-up, not at the first request

@@ -5,6 +5,7 @@ local cache, and every reader seeing the newest version at once."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -197,3 +198,24 @@ def test_locations_pick_the_backend(s3_endpoint: str, s3_bucket: str, tmp_path: 
         assert isinstance(open_store(StoreOptions(f"s3://{s3_bucket}", None, str(tmp_path / "d"))), S3AdapterStore)
     finally:
         del os.environ["AWS_ENDPOINT_URL"]
+
+
+def test_a_manifest_cannot_write_outside_the_cache(s3_endpoint: str, s3_bucket: str, tmp_path: Path):
+    s = store(s3_endpoint, s3_bucket, tmp_path / "cache")
+    good = put(s, "evil", tmp_path / "e", 1)
+    key = "team/a/versions/evil/0000000001.json"
+    document = json.loads(client(s3_endpoint).get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    document["files"]["../../escaped"] = document["files"].pop(WEIGHTS_FILE)
+    document["files"][WEIGHTS_FILE] = {"sha256": good.metadata.sha256, "size": 1}
+    client(s3_endpoint).put_object(Bucket=s3_bucket, Key=key, Body=json.dumps(document).encode())
+    with pytest.raises(DataLoss, match="corrupt"):
+        s.get(AdapterRef("evil", None))
+    assert not (tmp_path / "escaped").exists() and s.list(10) == ([], "")  # listed past, never served
+
+
+def test_an_unreachable_store_is_unavailable(s3_bucket: str, tmp_path: Path):
+    from quiver.server.errors import Unavailable
+
+    dead = S3AdapterStore(client("http://127.0.0.1:9"), s3_bucket, "p/", VersionCache(tmp_path / "c", 2**20))
+    with pytest.raises(Unavailable, match="failed"):
+        dead.get(AdapterRef("anything", None))
