@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -65,3 +66,16 @@ def add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> Non
 def setup_logging(args: argparse.Namespace) -> None:
     """Configure logging from `--log-level` (see add_log_level)."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, configs: Sequence[type]) -> None:
+    """Every config's fields as flags, and --log-level: what a command built on typed configs takes."""
+    for cls in configs:
+        add_dataclass_args(parser, cls)
+    add_log_level(parser)
+
+
+def configs_from_args(args: argparse.Namespace, configs: Sequence[type]) -> list[Any]:
+    """Logging set up, then each config from its flags; an invalid value raises ValueError naming the flag."""
+    setup_logging(args)
+    return [from_args(cls, args) for cls in configs]

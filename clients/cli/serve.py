@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from quiver.clients.cli.common import report_usage_error
-from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
+from quiver.clients.cli.dataclass_args import add_config_arguments, configs_from_args
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 
 HELP = "start the gRPC and OpenAI-compatible HTTP server (default model: SmolLM2-135M-Instruct)"
@@ -14,15 +14,12 @@ CONFIGS = (ModelConfig, EngineConfig, ServerConfig, AdapterConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for cls in CONFIGS:
-        add_dataclass_args(parser, cls)
-    add_log_level(parser)
+    add_config_arguments(parser, CONFIGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args)
     try:
-        model, engine, server, adapters = (from_args(cls, args) for cls in CONFIGS)
+        model, engine, server, adapters = configs_from_args(args, CONFIGS)
     except ValueError as e:
         return report_usage_error(e)
     # Imported here: torch and transformers take seconds to import, client commands need neither.

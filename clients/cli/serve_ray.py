@@ -8,7 +8,7 @@ import importlib.util
 import sys
 
 from quiver.clients.cli.common import report_usage_error
-from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
+from quiver.clients.cli.dataclass_args import add_config_arguments, configs_from_args
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
 from quiver.server.ray_serve.app import RayServeConfig
 
@@ -17,15 +17,12 @@ CONFIGS = (ModelConfig, EngineConfig, AdapterConfig, RayServeConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for cls in CONFIGS:
-        add_dataclass_args(parser, cls)
-    add_log_level(parser)
+    add_config_arguments(parser, CONFIGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args)
     try:
-        model, engine, adapters, ray_config = (from_args(cls, args) for cls in CONFIGS)
+        model, engine, adapters, ray_config = configs_from_args(args, CONFIGS)
     except ValueError as e:
         return report_usage_error(e)
     if importlib.util.find_spec("ray") is None:

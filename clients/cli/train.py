@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from quiver.clients.cli.common import report_rpc_error, report_usage_error
-from quiver.clients.cli.dataclass_args import add_dataclass_args, add_log_level, from_args, setup_logging
+from quiver.clients.cli.dataclass_args import add_config_arguments, configs_from_args
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 
 HELP = "train a LoRA, QLoRA, prompt-tuning or prefix-tuning adapter on JSONL data"
@@ -19,15 +19,12 @@ EXIT_FAILED = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for cls in CONFIGS:
-        add_dataclass_args(parser, cls)
-    add_log_level(parser)
+    add_config_arguments(parser, CONFIGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args)
     try:
-        data, method, train_config, register = (from_args(cls, args) for cls in CONFIGS)
+        data, method, train_config, register = configs_from_args(args, CONFIGS)
     except ValueError as e:
         return report_usage_error(e)
     # Imported here: torch, transformers and peft take seconds to import.
