@@ -16,8 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from quiver.server.errors import ModelLoadError
-from quiver.server.fingerprint import fingerprint, read_safetensors_header
+from quiver.common.errors import ModelLoadError
+from quiver.common.fingerprint import fingerprint, read_safetensors_header
 
 # Leaf names of 2-D weights that are lookup tables or the output head, never a LoRA-able Linear.
 EMBEDDING_LEAF_NAMES = frozenset(
@@ -30,7 +30,7 @@ class BaseModelSpec:
     """The shapes and identity of a base model that adapters are validated against."""
 
     fingerprint: str
-    """`quiver.server.fingerprint.fingerprint` of the checkpoint directory ("sha256:<64 hex>")."""
+    """`quiver.common.fingerprint.fingerprint` of the checkpoint directory ("sha256:<64 hex>")."""
     architecture: str
     """First entry of config.json's `architectures`, e.g. "LlamaForCausalLM" ("" when absent)."""
     model_type: str

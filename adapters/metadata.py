@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from quiver.adapters.names import MAX_VERSION, validate_name
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 
 METADATA_FILE = "quiver_adapter.json"
 SCHEMA_VERSION = 1
@@ -66,7 +66,7 @@ class AdapterMetadata:
     peft_type: str
     """`peft_type` as written in adapter_config.json, e.g. "LORA" or "PROMPT_TUNING"."""
     base_fingerprint: str
-    """Fingerprint of the base model the adapter was validated against (quiver.server.fingerprint)."""
+    """Fingerprint of the base model the adapter was validated against (quiver.common.fingerprint)."""
     base_architecture: str
     """The base model's architecture class, e.g. "LlamaForCausalLM", for error messages."""
     size_bytes: int

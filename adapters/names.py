@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 
 NAME_MAX_LEN = 64
 # The first character is alphanumeric, so a name is never ".", "..", only dots, or a hidden file name.

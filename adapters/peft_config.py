@@ -29,7 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
-from quiver.server.errors import FailedPrecondition, InvalidArgument
+from quiver.common.errors import FailedPrecondition, InvalidArgument
 
 CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = "all-linear"

@@ -24,7 +24,7 @@ from quiver.adapters.metadata import (
 )
 from quiver.adapters.store import AdapterStore, RegisterMode, StoredAdapter
 from quiver.adapters.validation import ValidatedAdapter, ValidationLimits, validate_adapter
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -122,7 +122,7 @@ def open_registry(store: str | None, model: str | None, limits: ValidationLimits
     """A registry over a store (a directory or s3://bucket/prefix) for the given base model, without loading the
     model's weights."""
     from quiver.adapters.stores import StoreOptions, open_store
-    from quiver.server.model_source import default_cache_dir, resolve_checkpoint
+    from quiver.common.model_source import default_cache_dir, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(model, default_cache_dir())
     return AdapterRegistry(open_store(StoreOptions(store)), base_spec_from_checkpoint(checkpoint),

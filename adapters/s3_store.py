@@ -39,7 +39,7 @@ from quiver.adapters.names import (
 )
 from quiver.adapters.store import MAX_PAGE_SIZE, MODE_RULES, WEIGHTS_FILE, RegisterMode, StoredAdapter, check_files
 from quiver.adapters.version_cache import RemoteFile, VersionCache
-from quiver.server.errors import (
+from quiver.common.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,

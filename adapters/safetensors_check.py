@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """A larger header is corrupt or hostile, not an adapter; refusing it avoids parsing gigabytes of JSON."""

@@ -44,7 +44,7 @@ from quiver.adapters.names import (
     validate_name,
     validate_ref,
 )
-from quiver.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from quiver.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from quiver.adapters.s3_store import S3AdapterStore, parse_s3_url
 from quiver.adapters.store import AdapterStore, LocalAdapterStore, default_store_dir
 from quiver.adapters.version_cache import VersionCache
-from quiver.server.errors import FailedPrecondition, InvalidArgument
+from quiver.common.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 

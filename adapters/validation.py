@@ -35,7 +35,7 @@ from quiver.adapters.peft_config import (
 )
 from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY, prefix_layout_problems, prefix_to_kv
 from quiver.adapters.safetensors_check import capped_reasons, foreign_weight_files, load_checked_safetensors
-from quiver.server.errors import FailedPrecondition, InvalidArgument, TooLarge
+from quiver.common.errors import FailedPrecondition, InvalidArgument, TooLarge
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"

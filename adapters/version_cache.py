@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from quiver.server.errors import DataLoss
+from quiver.common.errors import DataLoss
 
 log = logging.getLogger(__name__)
 

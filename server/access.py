@@ -15,7 +15,7 @@ import enum
 import hmac
 from dataclasses import dataclass
 
-from quiver.server.errors import Unauthenticated
+from quiver.common.errors import Unauthenticated
 
 BEARER = "Bearer "
 

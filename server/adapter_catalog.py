@@ -15,7 +15,7 @@ from pathlib import Path
 from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import StoredAdapter
-from quiver.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from quiver.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 _PAGE = 500
 

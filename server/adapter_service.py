@@ -15,8 +15,8 @@ from quiver.adapters.metadata import AdapterMetadata
 from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import RegistrationOptions
 from quiver.adapters.store import RegisterMode
+from quiver.common.errors import InvalidArgument, TooLarge
 from quiver.server.adapter_catalog import AdapterCatalog
-from quiver.server.errors import InvalidArgument, TooLarge
 from quiver.v1 import adapters_pb2 as pb
 from quiver.v1 import adapters_pb2_grpc as pb_grpc
 

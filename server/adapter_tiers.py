@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from quiver.adapters.peft_config import LoraSpec, read_peft_config
 from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY
 from quiver.adapters.store import StoredAdapter
-from quiver.server.errors import FailedPrecondition, NotFound, ResourceExhausted
+from quiver.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from quiver.server.lora import LoraSlots, lora_pairs
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
+from quiver.common.errors import Unauthenticated
 from quiver.server.access import Access, AccessPolicy, bearer_token
-from quiver.server.errors import Unauthenticated
 
 # Full gRPC method names that change adapters; every other method of Quiver's own services is INFERENCE.
 ADMIN_METHODS = frozenset({

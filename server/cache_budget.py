@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from quiver.server.errors import TooLarge
+from quiver.common.errors import TooLarge
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,8 @@ Each field's `help` metadata is its documentation and its CLI help (clients/cli/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-Quantize = Literal["auto", "nf4", "int8", "none"]
-DeviceChoice = Literal["auto", "cuda", "cpu"]
-DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+from quiver.common.model_choices import DeviceChoice, DtypeChoice, Quantize
 
 LORA_GATHER_BYTES = 512 * 2**20  # --max-lora-gather-bytes' default, also LoraSlots' own
 

@@ -13,10 +13,10 @@ from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.registry import AdapterRegistry
 from quiver.adapters.stores import StoreOptions, open_store
 from quiver.adapters.validation import ValidationLimits
+from quiver.common.errors import FailedPrecondition
 from quiver.server.access import AccessPolicy
 from quiver.server.adapter_catalog import AdapterCatalog
 from quiver.server.config import AdapterConfig, EngineConfig
-from quiver.server.errors import FailedPrecondition
 from quiver.server.model_loader import ModelView
 from quiver.server.request_builder import RequestBuilder, RequestLimits
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from quiver.common.errors import ResourceExhausted, Unavailable
 from quiver.server.adapter_tiers import DeviceAdapters, HostAdapterCache
 from quiver.server.batch import DecodeBatch
 from quiver.server.cache_budget import CacheBudget
@@ -28,7 +29,6 @@ from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import claim_for_this_thread
 from quiver.server.decode_step import decode_step_for
 from quiver.server.engine_load import EngineLoad, LoadPublisher
-from quiver.server.errors import ResourceExhausted, Unavailable
 from quiver.server.generation_events import RequestHandle, Sink
 from quiver.server.held_model import HeldModel
 from quiver.server.logprobs import token_logprobs

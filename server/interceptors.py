@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from quiver.server import errors
+from quiver.common import errors
 from quiver.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)

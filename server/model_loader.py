@@ -15,17 +15,17 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from quiver.server.config import ModelConfig
-from quiver.server.errors import ModelLoadError
-from quiver.server.fingerprint import fingerprint
-from quiver.server.model_source import default_cache_dir, resolve_checkpoint, source_name
-from quiver.server.quantization import (
+from quiver.common.errors import ModelLoadError
+from quiver.common.fingerprint import fingerprint
+from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
+from quiver.common.quantization import (
     dtype_name,
     quantization_config,
     resolve_device,
     resolve_dtype,
     resolve_quantization,
 )
+from quiver.server.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class BaseModelInfo:
     """What clients learn about the base model (ModelInfo RPC); adapters are checked against `fingerprint`."""
 
     name: str  # checkpoint directory name or GGUF file name
-    fingerprint: str  # "sha256:<64 hex>", see server/fingerprint.py
+    fingerprint: str  # "sha256:<64 hex>", see common/fingerprint.py
     quantization: str  # "nf4" | "int8" | "none"
     device: str  # "cpu" | "cuda:0"
     dtype: str  # compute dtype of unquantized parts, e.g. "float32"

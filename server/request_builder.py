@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from quiver.adapters.store import StoredAdapter
-from quiver.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from quiver.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from quiver.server.generation_input import ChatMessage, GenerationInput
 from quiver.server.logprobs import MAX_TOP_LOGPROBS
 from quiver.server.sampling import SamplingParams

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from quiver.common.errors import QuiverError, ResourceExhausted
 from quiver.server.adapter_tiers import DeviceAdapter
 from quiver.server.detokenizer import TextStream
-from quiver.server.errors import QuiverError, ResourceExhausted
 from quiver.server.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
 from quiver.server.logprobs import TokenLogprob
 from quiver.server.prefill import prefill_length

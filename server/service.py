@@ -7,7 +7,7 @@ from typing import TypeAlias
 
 import grpc
 
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 from quiver.server.generation import GenerationBackend
 from quiver.server.generation_events import FinishReason, GenerationEvent
 from quiver.server.generation_input import ChatMessage, GenerationInput

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from quiver.server.model_source import resolve_checkpoint
+from quiver.common.model_source import resolve_checkpoint
 
 # Small enough to build and save in well under a second, large enough for bitsandbytes' 64-wide blocks.
 TINY_LLAMA: dict[str, Any] = {

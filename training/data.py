@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quiver.server.errors import FailedPrecondition, InvalidArgument
+from quiver.common.errors import FailedPrecondition, InvalidArgument
 from quiver.training.formats import (
     FieldMapping,
     FormatName,

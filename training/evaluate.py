@@ -17,15 +17,13 @@ suggests the adapter degrades the model outside its task.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,37 +279,16 @@ def evaluate_with(client: QuiverClient, config: EvalConfig, where: str) -> EvalR
                       general, warnings)
 
 
-@contextmanager
-def local_server(model: str | None, store: str | None) -> Iterator[str]:
-    """An in-process gRPC server over `model` and `store` (port 0, no HTTP or metrics endpoint) for the duration;
-    its target."""
-    from quiver.server.app import start_server
-    from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
-    from quiver.server.cpu_threads import reserve_for_engine
-    from quiver.server.model_loader import load_base_model
-
-    reserve_for_engine()  # as `quiver serve` does: the engine's thread is then the only multi-threaded one
-    loaded = load_base_model(ModelConfig(model=model))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="quiver-eval-server", daemon=True)
-    thread.start()
-    try:
-        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, reflection=False)
-        start = start_server(loaded, EngineConfig(), config, AdapterConfig(store=store))
-        running = asyncio.run_coroutine_threadsafe(start, loop).result()
-        try:
-            yield f"127.0.0.1:{running.port}"
-        finally:
-            asyncio.run_coroutine_threadsafe(running.stop(0), loop).result()
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+# (model, store) -> a context manager holding an in-process server for the duration, yielding its target. The
+# caller wires it in (the CLI passes quiver.server.local.local_server): training never imports the server.
+LocalServer = Callable[[str | None, str | None], AbstractContextManager[str]]
 
 
-def evaluate(config: EvalConfig) -> EvalReport:
-    """The evaluation `config` describes, on a remote server or a local one; writes the JSON report too."""
+def evaluate(config: EvalConfig, local_server: LocalServer | None = None) -> EvalReport:
+    """The evaluation `config` describes, on a remote server or on `local_server`'s; writes the JSON report too."""
     if config.local:
+        if local_server is None:
+            raise ValueError("evaluating without --server needs a local server (quiver.server.local.local_server)")
         with local_server(config.model, config.store) as target, QuiverClient(target, timeout=config.timeout) as c:
             report = evaluate_with(c, config, "local")
     else:

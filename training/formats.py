@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
 from quiver.adapters.metadata import validate_prompt_template
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 
 FormatName = Literal["fields", "alpaca", "chat", "prompt_completion"]
 FORMAT_NAMES: tuple[str, ...] = get_args(FormatName)

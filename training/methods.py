@@ -50,7 +50,7 @@ class TrainingMethod:
     default_learning_rate: float
     """Peak learning rate when --learning-rate is not given."""
     quantization: str
-    """The scheme the base is loaded in (a key of quiver.server.quantization.QUANTIZATION_SCHEMES)."""
+    """The scheme the base is loaded in (a key of quiver.common.quantization.QUANTIZATION_SCHEMES)."""
     peft_config: Callable[[MethodConfig, BaseFacts], PeftConfig]
     """The PEFT config of a new adapter."""
     prepare: Callable[[Any, bool], Any]

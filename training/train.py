@@ -1,6 +1,6 @@
 """One training run: data → PEFT adapter trained with the Hugging Face Trainer → an adapter directory Quiver registers.
 
-The steps: resolve the base checkpoint (quiver.server.model_source) and its fingerprint; read, mix, hold out
+The steps: resolve the base checkpoint (quiver.common.model_source) and its fingerprint; read, mix, hold out
 and tokenize the data exactly as the server will prompt the adapter (quiver.training.data); wrap the base
 for the method (quiver.training.methods); train with `transformers.Trainer` (evaluation and a checkpoint
 every `eval_steps` in a directory beside the output, early stopping, resume from the latest checkpoint); then
@@ -38,9 +38,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from quiver.adapters.metadata import METADATA_FILE, sha256_file, utc_now
-from quiver.server.fingerprint import fingerprint
-from quiver.server.model_source import default_cache_dir, resolve_checkpoint, source_name
-from quiver.server.quantization import quantization_config
+from quiver.common.fingerprint import fingerprint
+from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
+from quiver.common.quantization import quantization_config
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 from quiver.training.data import (
     DataSource,
@@ -374,7 +374,7 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
           ) -> TrainResult:
     """Train one adapter and write it to `run.output`; register it when `register.register` is set.
 
-    Raises ValueError for flag combinations that cannot work, quiver.server.errors.QuiverError for bad data
+    Raises ValueError for flag combinations that cannot work, quiver.common.errors.QuiverError for bad data
     or a base model that cannot be loaded.
     """
     started = time.monotonic()

@@ -27,7 +27,7 @@ from quiver.clients.cli.common import (
 )
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
-from quiver.server.errors import QuiverError
+from quiver.common.errors import QuiverError
 
 if TYPE_CHECKING:
     from quiver.adapters.metadata import AdapterMetadata

@@ -29,11 +29,12 @@ def run(args: argparse.Namespace) -> int:
         return report_usage_error(e)
     # Imported here: the local mode loads torch and transformers.
     from quiver.clients.errors import QuiverRpcError
-    from quiver.server.errors import QuiverError
+    from quiver.common.errors import QuiverError
+    from quiver.server.local import local_server
     from quiver.training.evaluate import evaluate
 
     try:
-        report = evaluate(config)
+        report = evaluate(config, local_server)
     except QuiverRpcError as e:
         return report_rpc_error(e)
     except QuiverError as e:

@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         return report_usage_error(e)
     # Imported here: torch and transformers take seconds to import, client commands need neither.
+    from quiver.common.errors import QuiverError
     from quiver.server.app import serve
-    from quiver.server.errors import QuiverError
 
     try:
         serve(model, engine, server, adapters)  # type: ignore[arg-type]

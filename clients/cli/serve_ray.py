@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("ray") is None:
         print("error: quiver serve-ray needs Ray Serve: pip install 'quiver-serve[ray]'", file=sys.stderr)
         return 1
-    from quiver.server.errors import QuiverError
+    from quiver.common.errors import QuiverError
     from quiver.server.ray_serve.app import serve_ray
 
     try:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         return report_usage_error(e)
     # Imported here: torch, transformers and peft take seconds to import.
     from quiver.clients.errors import QuiverRpcError
-    from quiver.server.errors import QuiverError
+    from quiver.common.errors import QuiverError
     from quiver.training.train import train
 
     try:

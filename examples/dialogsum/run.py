@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quiver.adapters.registry import RegistrationOptions, open_registry
+from quiver.server.local import local_server
 from quiver.training.config import DataConfig, MethodConfig, TrainConfig
 from quiver.training.evaluate import EvalConfig, evaluate
 from quiver.training.train import train
@@ -77,7 +78,7 @@ def main() -> None:
         report = evaluate(EvalConfig(
             data=str(args.data_dir / "dev.jsonl"), adapter=adapter, store=str(args.work / "store"),
             limit=args.eval_rows, max_new_tokens=64, out=str(args.work / f"eval-{name}.json"), **FIELDS,
-        ))
+        ), local_server)
         print(report.table(), flush=True)
         entry.update(base=report.base, adapter=report.adapted, eval_seconds=round(report.seconds, 1))
         results["adapters"][name] = entry

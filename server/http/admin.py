@@ -17,8 +17,8 @@ from starlette.responses import PlainTextResponse, Response
 
 from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import RegistrationOptions
+from quiver.common.errors import InvalidArgument
 from quiver.server.adapter_catalog import AdapterCatalog
-from quiver.server.errors import InvalidArgument
 from quiver.server.http.errors import error_response
 from quiver.server.http.schema import LoadLoraRequest, UnloadLoraRequest, parse
 

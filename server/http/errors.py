@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 
-from quiver.server import errors
+from quiver.common import errors
 
 log = logging.getLogger(__name__)
 

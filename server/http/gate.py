@@ -21,8 +21,8 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
+from quiver.common.errors import InvalidArgument, QuiverError, TooLarge, Unavailable
 from quiver.server.access import Access, AccessPolicy, bearer_token
-from quiver.server.errors import InvalidArgument, QuiverError, TooLarge, Unavailable
 from quiver.server.http.errors import error_body
 from quiver.server.metrics import ServerMetrics
 

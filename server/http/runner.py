@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from quiver.server.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from quiver.common.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from quiver.server.generation import EventSource, GenerationBackend
 from quiver.server.http.choices import ChoiceState
 from quiver.server.http.errors import error_body, error_response

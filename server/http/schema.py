@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quiver.server.errors import InvalidArgument, Unsupported
+from quiver.common.errors import InvalidArgument, Unsupported
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from quiver.adapters.names import parse_ref
-from quiver.server.errors import InvalidArgument, NotFound, Unsupported
+from quiver.common.errors import InvalidArgument, NotFound, Unsupported
 from quiver.server.generation_input import ChatMessage, GenerationInput
 from quiver.server.http.schema import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 

@@ -18,11 +18,11 @@ from typing import Any
 from ray import serve
 
 from quiver.adapters.store import StoredAdapter
+from quiver.common.errors import NotFound
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
 from quiver.server.core import adapter_catalog, request_builder, served_model_name
 from quiver.server.cpu_threads import reserve_for_engine
 from quiver.server.engine import Engine
-from quiver.server.errors import NotFound
 from quiver.server.generation import Generator
 from quiver.server.generation_events import GenerationEvent
 from quiver.server.metrics import ServerMetrics

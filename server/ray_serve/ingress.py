@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+from quiver.common.errors import QuiverError
 from quiver.server.access import Access, bearer_token
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
 from quiver.server.core import access_policy, adapter_catalog, request_builder, served_model_name
-from quiver.server.errors import QuiverError
 from quiver.server.http.app import HttpContext, build_app
 from quiver.server.http.gate import ServingState
 from quiver.server.interceptors import status_code

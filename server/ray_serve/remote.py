@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from quiver.adapters.store import StoredAdapter
-from quiver.server.errors import QuiverError, ResourceExhausted, Unavailable
+from quiver.common.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.generation_events import GenerationEvent
 from quiver.server.generation_input import GenerationInput
 from quiver.server.request_builder import GenerationRequest, RequestBuilder

@@ -18,7 +18,7 @@ from quiver.adapters.metadata import (
     utc_now,
     validate_prompt_template,
 )
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 
 SHA = "ab" * 32
 

@@ -15,7 +15,7 @@ from quiver.adapters.names import (
     validate_name,
     validate_ref,
 )
-from quiver.server.errors import InvalidArgument
+from quiver.common.errors import InvalidArgument
 
 VALID_REFS = {
     "a": AdapterRef("a", None),

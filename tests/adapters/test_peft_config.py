@@ -20,7 +20,7 @@ from quiver.adapters.peft_config import (
     parse_peft_config,
     read_peft_config,
 )
-from quiver.server.errors import FailedPrecondition, InvalidArgument
+from quiver.common.errors import FailedPrecondition, InvalidArgument
 
 from ..conftest import write_tiny_checkpoint
 from .adapter_factory import peft_model_for

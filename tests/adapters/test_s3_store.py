@@ -18,7 +18,7 @@ from quiver.adapters.s3_store import S3AdapterStore, parse_s3_url
 from quiver.adapters.store import WEIGHTS_FILE
 from quiver.adapters.stores import StoreOptions, open_store
 from quiver.adapters.version_cache import VersionCache
-from quiver.server.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from quiver.common.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 
 from ..s3_server import client
 from .crash_writer import SOURCE_FILES, metadata_factory, write_big_source
@@ -214,7 +214,7 @@ def test_a_manifest_cannot_write_outside_the_cache(s3_endpoint: str, s3_bucket: 
 
 
 def test_an_unreachable_store_is_unavailable(s3_bucket: str, tmp_path: Path):
-    from quiver.server.errors import Unavailable
+    from quiver.common.errors import Unavailable
 
     dead = S3AdapterStore(client("http://127.0.0.1:9"), s3_bucket, "p/", VersionCache(tmp_path / "c", 2**20))
     with pytest.raises(Unavailable, match="failed"):

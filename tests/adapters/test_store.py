@@ -20,7 +20,7 @@ from quiver.adapters import store as store_module
 from quiver.adapters.metadata import METADATA_FILE, sha256_file
 from quiver.adapters.names import AdapterRef, parse_ref
 from quiver.adapters.store import AdapterStore, LocalAdapterStore, RegisterMode, StoredAdapter, default_store_dir
-from quiver.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from quiver.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 from .crash_writer import KillPoint, metadata_factory, run_and_kill, staged_at_least, write_big_source
 

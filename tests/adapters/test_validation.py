@@ -20,7 +20,7 @@ from quiver.adapters.base_spec import BaseModelSpec, base_spec_from_checkpoint
 from quiver.adapters.peft_config import LoraSpec
 from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY, kv_to_prefix
 from quiver.adapters.validation import ValidationLimits, validate_adapter
-from quiver.server.errors import FailedPrecondition, InvalidArgument, QuiverError, ResourceExhausted
+from quiver.common.errors import FailedPrecondition, InvalidArgument, QuiverError, ResourceExhausted
 
 from ..conftest import write_tiny_checkpoint
 from .adapter_factory import (

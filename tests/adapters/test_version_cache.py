@@ -12,7 +12,7 @@ from typing import BinaryIO
 import pytest
 
 from quiver.adapters.version_cache import RemoteFile, VersionCache
-from quiver.server.errors import DataLoss
+from quiver.common.errors import DataLoss
 
 CONTENT = {"a.bin": b"x" * 5000, "b.json": b"{}"}
 FILES = {name: RemoteFile(hashlib.sha256(data).hexdigest(), len(data)) for name, data in CONTENT.items()}

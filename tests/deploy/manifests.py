@@ -43,7 +43,7 @@ QUIVER_ENV = {core.API_KEY_ENV, core.ADMIN_TOKEN_ENV, "QUIVER_CACHE_DIR", "QUIVE
 ENV_READERS = {
     core.API_KEY_ENV: ("quiver.server.core",),
     core.ADMIN_TOKEN_ENV: ("quiver.server.core",),
-    "QUIVER_CACHE_DIR": ("quiver.server.model_source", "quiver.adapters.stores"),
+    "QUIVER_CACHE_DIR": ("quiver.common.model_source", "quiver.adapters.stores"),
     "QUIVER_STORE_DIR": ("quiver.adapters.store", "quiver.adapters.stores"),
 }
 # boto3's standard environment (the store takes its endpoint and credentials from boto3's default chain).

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from quiver.adapters.metadata import AdapterMetadata
 from quiver.adapters.store import StoredAdapter
+from quiver.common.errors import ResourceExhausted
 from quiver.server.cache_budget import CacheBudget, position_bytes
 from quiver.server.config import EngineConfig
 from quiver.server.engine import Engine
-from quiver.server.errors import ResourceExhausted
 
 from .test_engine import Collector, reference_greedy, request
 

@@ -19,6 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from quiver.common.quantization import quantization_config
 from quiver.server import decode_step
 from quiver.server.batch import DecodeBatch
 from quiver.server.config import EngineConfig
@@ -27,7 +28,6 @@ from quiver.server.decode_step import decode_step_for, llama_step, transformers_
 from quiver.server.engine import Engine
 from quiver.server.lora import LoraSlots
 from quiver.server.prefill import PrefillRow, prefill
-from quiver.server.quantization import quantization_config
 
 from .test_engine import request, run, tokens_of
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
+from quiver.common.errors import ResourceExhausted
 from quiver.server.config import EngineConfig
 from quiver.server.cpu_threads import openmp_runtime
 from quiver.server.engine import Engine
-from quiver.server.errors import ResourceExhausted
 from quiver.server.generation_events import FinishReason, GenerationEvent
 from quiver.server.request_builder import GenerationRequest
 from quiver.server.sampling import SamplingParams

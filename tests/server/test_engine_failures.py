@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
+from quiver.common.errors import ResourceExhausted
 from quiver.server.engine import Engine
-from quiver.server.errors import ResourceExhausted
 from quiver.server.generation_events import FinishReason
 
 from .test_engine import PROMPTS, Collector, _unstarted, request, run, tokens_of

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from quiver.server import errors
+from quiver.common import errors
 from quiver.server.adapter_tiers import HostAdapter, HostAdapterCache
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quiver.server.errors import ModelLoadError
-from quiver.server.fingerprint import fingerprint, read_safetensors_header
+from quiver.common.errors import ModelLoadError
+from quiver.common.fingerprint import fingerprint, read_safetensors_header
 
 from ..conftest import write_tiny_checkpoint
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.validation import WEIGHTS_FILE, ValidationLimits, validate_adapter
+from quiver.common.quantization import quantization_config
 from quiver.server.lora import BatchedLoraLinear, LoraSlots, lora_pairs
-from quiver.server.quantization import quantization_config
 
 from ..adapters.adapter_factory import load_base, load_peft_model, make_lora
 from ..conftest import TINY_LLAMA, write_tiny_checkpoint

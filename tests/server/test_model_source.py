@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from quiver.common.errors import ModelLoadError
+from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
 from quiver.server import model_source
-from quiver.server.errors import ModelLoadError
-from quiver.server.model_source import default_cache_dir, resolve_checkpoint, source_name
 
 
 class CountingConverter:

@@ -9,21 +9,21 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig
 
-from quiver.server.config import ModelConfig, Quantize
-from quiver.server.errors import ModelLoadError
-from quiver.server.fingerprint import fingerprint
-from quiver.server.model_loader import LoadedModel, load_base_model
-from quiver.server.quantization import (
+from quiver.common.errors import ModelLoadError
+from quiver.common.fingerprint import fingerprint
+from quiver.common.quantization import (
     QUANTIZATION_SCHEMES,
     quantization_config,
     resolve_device,
     resolve_dtype,
     resolve_quantization,
 )
+from quiver.server.config import ModelConfig, Quantize
+from quiver.server.model_loader import LoadedModel, load_base_model
 
 
 def test_auto_resolves_per_device(caplog: pytest.LogCaptureFixture):
-    with caplog.at_level(logging.INFO, logger="quiver.server.quantization"):
+    with caplog.at_level(logging.INFO, logger="quiver.common.quantization"):
         assert resolve_quantization("auto", "cpu") == "none"
         assert resolve_quantization("auto", "cuda:0") == "nf4"
     assert "quantization: none (auto on cpu)" in caplog.text

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from quiver.adapters.metadata import validate_prompt_template
-from quiver.server.errors import FailedPrecondition, InvalidArgument
+from quiver.common.errors import FailedPrecondition, InvalidArgument
 from quiver.server.request_builder import CHAT_ROLES as SERVER_CHAT_ROLES
 from quiver.training.data import (
     IGNORE_INDEX,

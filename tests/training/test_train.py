@@ -25,8 +25,8 @@ from quiver.adapters.store import LocalAdapterStore
 from quiver.adapters.validation import ValidationLimits
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
+from quiver.common.fingerprint import fingerprint
 from quiver.server.config import AdapterConfig, ModelConfig
-from quiver.server.fingerprint import fingerprint
 from quiver.training.config import DataConfig, MethodConfig, TrainConfig
 from quiver.training.train import train
 

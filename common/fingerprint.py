@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from quiver.server.errors import ModelLoadError
+from quiver.common.errors import ModelLoadError
 
 FINGERPRINT_SCHEME = "quiver-fingerprint-v1"
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from transformers import BitsAndBytesConfig
 
-from quiver.server.config import DeviceChoice, DtypeChoice, Quantize
-from quiver.server.errors import ModelLoadError
+from quiver.common.errors import ModelLoadError
+from quiver.common.model_choices import DeviceChoice, DtypeChoice, Quantize
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from quiver.server.errors import ModelLoadError
+from quiver.common.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,37 @@
+"""An in-process Quiver server for scripts and commands that need one for a while (`quiver eval` without
+--server): gRPC only, on a free loopback port, over a model and a store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def local_server(model: str | None, store: str | None) -> Iterator[str]:
+    """An in-process gRPC server over `model` and `store` (port 0, no HTTP or metrics endpoint) for the duration;
+    its target."""
+    from quiver.server.app import start_server
+    from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
+    from quiver.server.cpu_threads import reserve_for_engine
+    from quiver.server.model_loader import load_base_model
+
+    reserve_for_engine()  # as `quiver serve` does: the engine's thread is then the only multi-threaded one
+    loaded = load_base_model(ModelConfig(model=model))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="quiver-eval-server", daemon=True)
+    thread.start()
+    try:
+        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, reflection=False)
+        start = start_server(loaded, EngineConfig(), config, AdapterConfig(store=store))
+        running = asyncio.run_coroutine_threadsafe(start, loop).result()
+        try:
+            yield f"127.0.0.1:{running.port}"
+        finally:
+            asyncio.run_coroutine_threadsafe(running.stop(0), loop).result()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
