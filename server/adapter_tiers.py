@@ -14,21 +14,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from quiver.adapters.peft_config import LoraSpec, read_peft_config
-from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY
 from quiver.adapters.store import StoredAdapter
 from quiver.common.errors import FailedPrecondition, NotFound, ResourceExhausted
-from quiver.server.lora import LoraSlots, lora_pairs
+from quiver.server.kinds import KINDS
+from quiver.server.lora import LoraSlots
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-PROMPT_KEY = "prompt_embeddings"
 
 
 CONFIG_DIGEST = "config_sha256"  # set by the registry in metadata.extra
@@ -78,34 +73,11 @@ class HostAdapter:
     nbytes: int
 
 
-def _load_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    spec = read_peft_config(path).spec
-    assert isinstance(spec, LoraSpec), "validated at registration"
-    return tensors, {module: spec.scaling_for(module) for module in lora_pairs(tensors)}
-
-
-def _load_prompt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    return {"prompt": load_file(str(path / WEIGHTS_FILE))[PROMPT_KEY]}, {}
-
-
-def _load_prefix(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    return {"prefix": load_file(str(path / PREFIX_FILE))[PREFIX_KEY]}, {}
-
-
-# Kind -> how to read its tensors from a version's directory.
-_LOADERS: dict[str, Callable[[Path], tuple[dict[str, torch.Tensor], dict[str, float]]]] = {
-    "lora": _load_lora,
-    "prompt_tuning": _load_prompt,
-    "prefix_tuning": _load_prefix,
-}
-
-
 def load_host_adapter(stored: StoredAdapter) -> HostAdapter:
     """Read a stored adapter's tensors (safetensors only) into host memory."""
     kind = stored.metadata.kind
     with stored.opened() as path:  # a remote store's files are fetched (and checksummed) into its local cache here
-        tensors, scalings = _LOADERS[kind](path)
+        tensors, scalings = KINDS[kind].load_host(path)
     return HostAdapter(
         key=AdapterKey.of(stored),
         kind=kind,
@@ -242,7 +214,7 @@ class DeviceAdapters:
         """Whether `stored` is resident or could become so now (a free slot, or unpinned entries to evict)."""
         if AdapterKey.of(stored) in self._entries:
             return True
-        if stored.metadata.kind == "lora":
+        if KINDS[stored.metadata.kind].uses_lora_slot:
             return bool(self._free_slots) or any(e.refs == 0 and e.lora_slot for e in self._entries.values())
         return self._tensor_fits(stored.metadata.size_bytes)
 
@@ -253,12 +225,13 @@ class DeviceAdapters:
 
     def acquire(self, host: HostAdapter) -> DeviceAdapter | None:
         """Pin `host` on the device, loading it if needed; None when everything resident is pinned."""
-        if host.kind == "lora" and host.rank > self._lora.max_rank:
+        slotted = KINDS[host.kind].uses_lora_slot
+        if slotted and host.rank > self._lora.max_rank:
             raise FailedPrecondition(
                 f"adapter {host.key.name} has rank {host.rank}; this server's LoRA slots hold rank "
                 f"{self._lora.max_rank} (--max-lora-rank)"
             )
-        if host.kind != "lora" and self._device_bytes(host) > self._tensor_budget:
+        if not slotted and self._device_bytes(host) > self._tensor_budget:
             raise ResourceExhausted(
                 f"adapter {host.key.name} needs {self._device_bytes(host)} device bytes; only {self._tensor_budget} of "
                 "--max-device-adapter-bytes are left beside the LoRA slots"
@@ -280,7 +253,8 @@ class DeviceAdapters:
         return sum(t.numel() for t in host.tensors.values()) * self._element_size
 
     def _load(self, host: HostAdapter) -> DeviceAdapter | None:
-        if host.kind == "lora":
+        kind = KINDS[host.kind]
+        if kind.uses_lora_slot:
             if not self._free_slots and not self._evict(lora=True):
                 return None
             slot = self._free_slots.pop()
@@ -299,10 +273,8 @@ class DeviceAdapters:
                 self._evict(lora=False)
             tensor = next(iter(host.tensors.values())).to(self._device, self._dtype)
             entry = DeviceAdapter(host.key, host.kind, nbytes)
-            if host.kind == "prompt_tuning":
-                entry.prompt = tensor
-            else:
-                entry.prefix = tensor
+            assert kind.tensor_field is not None, f"{kind.name} holds neither a LoRA slot nor a tensor"
+            setattr(entry, kind.tensor_field, tensor)
             self._tensor_bytes += nbytes
         self._entries[host.key] = entry
         self.stats.loads += 1

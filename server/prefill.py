@@ -1,6 +1,6 @@
 """Batched prefill: the prompts of newly admitted rows, of any adapter kinds, in one forward.
 
-Each kind contributes its own part to a row, through a registry keyed by kind, so the engine has no kind ladder:
+Each kind contributes its own part to a row (server/kinds/), so the engine has no kind ladder:
 - no adapter or LoRA: the prompt tokens as they are (LoRA acts inside the linears, per row).
 - prompt tuning (Lester et al., 2021): the soft prompt's virtual-token embeddings precede the prompt's.
 - prefix tuning (Li & Liang, 2021): the row's cache starts with the adapter's per-layer key/value prefix, so
@@ -15,7 +15,7 @@ layout of `DecodeBatch`. Positions are already rotated into the keys, so moving 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from quiver.server.adapter_tiers import DeviceAdapter
 from quiver.server.batch import cache_layers
 from quiver.server.decode_step import sdpa_full_attention
+from quiver.server.kinds import KINDS, PrefillParts
 from quiver.server.logprobs import TokenLogprob, prompt_token_logprobs
 from quiver.server.lora import LoraSlots
 from quiver.server.uploads import upload
@@ -41,20 +42,6 @@ class PrefillRow:
     prompt_logprobs: int | None = None  # n: each prompt token's log-probability after the first, n top ones
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """What an adapter kind adds to a row."""
-
-    soft: torch.Tensor | None = None  # (P, H) embeddings placed before the prompt's
-    prefix: torch.Tensor | None = None  # (L, 2, H_kv, P, D) cache entries placed before everything
-
-
-_KINDS: dict[str | None, Callable[[DeviceAdapter | None], _Parts]] = {
-    None: lambda adapter: _Parts(),
-    "lora": lambda adapter: _Parts(),
-    "prompt_tuning": lambda adapter: _Parts(soft=adapter.prompt if adapter else None),
-    "prefix_tuning": lambda adapter: _Parts(prefix=adapter.prefix if adapter else None),
-}
 
 
 @dataclass(frozen=True)
@@ -69,11 +56,11 @@ class Prefilled:
     prompt_logprobs: list[PromptLogprobs | None] | None = None
 
 
-def _parts_of(adapter: DeviceAdapter | None) -> _Parts:
-    return _KINDS[adapter.kind if adapter else None](adapter)
+def _parts_of(adapter: DeviceAdapter | None) -> PrefillParts:
+    return KINDS[adapter.kind].parts(adapter) if adapter is not None else PrefillParts()
 
 
-def _soft_tokens(parts: _Parts) -> int:
+def _soft_tokens(parts: PrefillParts) -> int:
     return parts.soft.shape[0] if parts.soft is not None else 0
 
 
@@ -181,7 +168,7 @@ def _attention_mask(model: Any, mask: torch.Tensor, t: int, padded: bool) -> tor
     return allowed[:, None]  # (B, 1, T, W)
 
 
-def _inputs(model: Any, ids: torch.Tensor, parts: list[_Parts], prompt: list[int], new: list[int]
+def _inputs(model: Any, ids: torch.Tensor, parts: list[PrefillParts], prompt: list[int], new: list[int]
             ) -> dict[str, torch.Tensor]:
     """input_ids (B, T), or inputs_embeds (B, T, H) with each soft prompt right before its row's prompt."""
     if all(p.soft is None for p in parts):
@@ -194,7 +181,7 @@ def _inputs(model: Any, ids: torch.Tensor, parts: list[_Parts], prompt: list[int
     return {"inputs_embeds": embeds}
 
 
-def _prefix_cache(parts: list[_Parts], past: list[int], pmax: int, b: int) -> DynamicCache:
+def _prefix_cache(parts: list[PrefillParts], past: list[int], pmax: int, b: int) -> DynamicCache:
     """A cache holding every row's key/value prefix, right-aligned in `pmax` columns (zeros where none)."""
     cache = DynamicCache()
     if not pmax:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from quiver.adapters.store import StoredAdapter
 from quiver.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from quiver.server.generation_input import ChatMessage, GenerationInput
+from quiver.server.kinds import KINDS
 from quiver.server.logprobs import MAX_TOP_LOGPROBS
 from quiver.server.sampling import SamplingParams
 
@@ -68,8 +69,8 @@ def _no_adapters(ref: str) -> StoredAdapter:
 
 
 def virtual_tokens(adapter: StoredAdapter | None) -> int:
-    """Positions an adapter adds before the prompt (soft prompt or prefix entries); 0 for LoRA or none."""
-    return (adapter.metadata.num_virtual_tokens or 0) if adapter is not None else 0
+    """Positions an adapter adds before the prompt (soft prompt or prefix entries; its kind says); 0 for none."""
+    return KINDS[adapter.metadata.kind].virtual_tokens(adapter.metadata) if adapter is not None else 0
 
 
 class RequestBuilder:

@@ -288,7 +288,7 @@ def evaluate(config: EvalConfig, local_server: LocalServer | None = None) -> Eva
     """The evaluation `config` describes, on a remote server or on `local_server`'s; writes the JSON report too."""
     if config.local:
         if local_server is None:
-            raise ValueError("evaluating without --server needs a local server (quiver.server.local.local_server)")
+            raise ValueError("evaluating without --server needs a local server (the CLI passes one)")
         with local_server(config.model, config.store) as target, QuiverClient(target, timeout=config.timeout) as c:
             report = evaluate_with(c, config, "local")
     else:

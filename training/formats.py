@@ -15,7 +15,7 @@ tried as listed (Alpaca, chat, prompt/completion).
 
 Alpaca keeps the per-row instruction in the *input*: it differs row by row, so only the client can supply it
 at serving time. Chat rows keep their conversation (`Example.messages`) so the trainer renders them with the
-tokenizer's chat template exactly as the server renders a chat request (quiver.server.request_builder).
+tokenizer's chat template exactly as the server's request builder renders a chat request.
 
 Each format has a fixed, documented prompt template (`FORMAT_TEMPLATES`); a fixed `--instruction` is put in
 front of it followed by a blank line. The template is stored with the adapter and applied by the server with
