@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from quiver.common.errors import ModelLoadError
 from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
-from quiver.server import model_source
+from quiver.common import model_source
 
 
 class CountingConverter:
