@@ -2,7 +2,7 @@
 
 One pass runs every linear of the model once (7 per layer plus the output head, as a decode step does) on
 random inputs of R rows. It is timed with torch's default CPU kernel (MKL's sgemm, which transformers and
-PEFT use) and with the engine's prepacked oneDNN linears (server/cpu_linear.py), on one thread and on more.
+PEFT use) and with the engine's prepacked oneDNN linears (server/platform/cpu_linear.py), on one thread and on more.
 Beside it are the two ceilings a pass could hit: the bandwidth of a streaming read of a buffer far larger than
 the caches (reading the weights), and the arithmetic rate of one large square matmul. Prints a table and
 writes JSON.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bench.workload import MODEL_CONFIGS, cache_dir, environment, load_bench_model
-from quiver.server.cpu_linear import PackedLinear, can_pack
+from quiver.server.platform.cpu_linear import PackedLinear, can_pack
 
 MATMUL_SIZE = 1024  # the square matmul that gives the arithmetic ceiling
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu-linear.json"

@@ -3,7 +3,8 @@
 Scenarios (bench/README.md explains each): a) base model only, batched; b) N distinct LoRAs in one batch;
 c) PEFT one request at a time; d) PEFT's mixed-batch generate; e) LoRA, prompt and prefix adapters mixed;
 f) Zipf traffic over 1,000 adapters with a few device slots vs one adapter; g) cold-adapter load and
-time-to-first-token. Prints a table and the targets, and writes everything to a JSON file.
+time-to-first-token; h) preemption; s) 32 distinct LoRA r8 q/v at batch 32 vs the base and PEFT. Prints a
+table and the targets, and writes everything to a JSON file.
 
     python -m bench.bench_engine                 # full CPU run, writes bench/results/engine-cpu.json
     python -m bench.bench_engine --quick         # smoke run, small sizes
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench import peft_scenarios, preempt_scenario, quiver_scenarios
+from bench import peft_scenarios, preempt_scenario, quiver_scenarios, scale_scenario
 from bench.context import BenchOptions, Context, ScenarioResult
 from bench.workload import MODEL_CONFIGS, cache_dir, environment, load_bench_model
 
@@ -44,10 +45,11 @@ SCENARIOS: dict[str, Scenario] = {
     "f": quiver_scenarios.scenario_f,
     "g": quiver_scenarios.scenario_g,
     "h": preempt_scenario.scenario_h,
+    "s": scale_scenario.scenario_s,
 }
 QUICK = BenchOptions(n=4, rounds=1, max_new_tokens=8, f_adapters=40, f_requests=16, f_slots=4, g_loads=5, ttft_loads=2,
-                     h_requests=6, h_max_new_tokens=128, h_worst_case_rows=2)
-REPEATED = "abcde"  # throughput scenarios run once per round; f and g (with their own repetitions) once
+                     h_requests=6, h_max_new_tokens=128, h_worst_case_rows=2, s_requests=8, s_peft_requests=2)
+REPEATED = "abcdes"  # throughput scenarios run once per round; f and g (with their own repetitions) once
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 Rounds = list[dict[str, ScenarioResult]]
 
@@ -92,6 +94,8 @@ TARGETS = (
     Target("(b)/(d) tokens/s: vs PEFT mixed batch", lambda r: _ratio(r, "b", "d"), 3.0),
     Target("(e)/(a) tokens/s: mixed kinds vs base", lambda r: _ratio(r, "e", "a"), 0.8),
     Target("(f)/(f1) tokens/s: Zipf vs one adapter", lambda r: _ratio(r, "f", "f1"), 0.7),
+    Target("(s)/(s0) tokens/s: 32 LoRAs vs base, batch 32", lambda r: _ratio(r, "s", "s0"), 0.85),
+    Target("(s)/(sp) tokens/s: 32 LoRAs vs PEFT one at a time", lambda r: _ratio(r, "s", "sp"), 20.0),
     Target("(g) cold load, LoRA r16 all-linear, median", lambda r: r["g"].details["cold_load_median_ms"], 50.0,
            unit=" ms", higher_is_better=False),
 )
@@ -148,6 +152,7 @@ def _doc(name: str) -> str:
         "g_loads": "cold loads timed in g", "ttft_loads": "adapters whose TTFT g measures",
         "h_requests": "chat requests in h", "h_max_new_tokens": "new tokens each request of h allows",
         "h_worst_case_rows": "rows at their worst case h's cache budget holds",
+        "s_requests": "requests (distinct LoRA r8 q/v) in s", "s_peft_requests": "of them, served by PEFT in s",
     }
     return docs[name]
 

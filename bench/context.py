@@ -46,6 +46,10 @@ class BenchOptions:
     """New tokens each request of scenario h allows."""
     h_worst_case_rows: int = 4
     """Rows at their worst case (prompt + h_max_new_tokens) the key/value cache budget of scenario h holds."""
+    s_requests: int = 32
+    """Requests, each under its own LoRA r8 q/v, in scenario s (and the base batch it is compared with)."""
+    s_peft_requests: int = 4
+    """Of those, how many PEFT serves one at a time in scenario s (its tokens/s does not depend on the count)."""
 
 
 @dataclass

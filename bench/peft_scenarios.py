@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 from bench.adapter_maker import restore_base
 from bench.context import Context, ScenarioResult
 from bench.quiver_scenarios import LORA
-from quiver.server.cpu_threads import default_threads
+from quiver.server.platform.cpu_threads import default_threads
 
 Scenario = Callable[[Context], list[ScenarioResult]]
 
@@ -31,7 +31,7 @@ Scenario = Callable[[Context], list[ScenarioResult]]
 def on_own_thread(scenario: Scenario) -> Scenario:
     """Run PEFT on a thread of its own with `peft_threads` torch threads: its OpenMP team ends with the thread.
 
-    A team left on the main thread would keep the engine's team from spin-waiting (server/cpu_threads.py).
+    A team left on the main thread would keep the engine's team from spin-waiting (server/platform/cpu_threads.py).
     """
 
     def run(ctx: Context) -> list[ScenarioResult]:
@@ -105,22 +105,27 @@ def _left_padded(
     return ids.to(device), mask.to(device)
 
 
-@on_own_thread
-def scenario_c(ctx: Context) -> list[ScenarioResult]:
-    n, max_new = ctx.options.n, ctx.options.max_new_tokens
-    sources = [a.peft_dir for a in ctx.adapters(LORA, n)]
-    rows = [_left_padded([p], ctx.bm.tokenizer.pad_token_id, ctx.bm.device) for p in ctx.prompts(n)]
+def one_at_a_time(ctx: Context, sources: Sequence[Path], prompts: Sequence[tuple[int, ...]]) -> tuple[int, float]:
+    """PEFT's naive serving: all adapters in one PeftModel, `set_adapter` then a greedy `generate` per request,
+    one after another (request i under sources[i]); returns (tokens, wall seconds)."""
+    rows = [_left_padded([p], ctx.bm.tokenizer.pad_token_id, ctx.bm.device) for p in prompts]
     with _peft_model(ctx, sources) as (model, names):
         model.set_adapter(names[0])
         _generate(model, *rows[0], _greedy(ctx, 2))  # warm-up
-        config = _greedy(ctx, max_new)
+        config = _greedy(ctx, ctx.options.max_new_tokens)
         start = time.perf_counter()
         tokens = 0
         for name, (ids, mask) in zip(names, rows, strict=True):
             model.set_adapter(name)
             tokens += _generate(model, ids, mask, config)
         ctx.bm.sync()
-        wall = time.perf_counter() - start
+        return tokens, time.perf_counter() - start
+
+
+@on_own_thread
+def scenario_c(ctx: Context) -> list[ScenarioResult]:
+    n = ctx.options.n
+    tokens, wall = one_at_a_time(ctx, [a.peft_dir for a in ctx.adapters(LORA, n)], ctx.prompts(n))
     return [ScenarioResult("c", "PEFT, one request at a time, set_adapter", n, tokens, wall)]
 
 

@@ -19,21 +19,22 @@ from bench.engine_runner import (
     time_to_first_token,
 )
 from quiver.adapters.store import StoredAdapter
-from quiver.server.adapter_tiers import load_host_adapter
 from quiver.server.config import EngineConfig
-from quiver.server.engine import Engine
+from quiver.server.engine.adapter_tiers import load_host_adapter
+from quiver.server.engine.engine import Engine
 
 LORA = "lora16-all"
 # Row i of scenario e uses MIX[i % len(MIX)]; None = base model.
 MIX: tuple[str | None, ...] = (LORA, "prompt", "prefix", LORA, "prompt", "prefix", LORA, None)
 
 
-def _mixed_config(ctx: Context) -> EngineConfig:
-    """a, b and e share one engine configuration: all N requests run at once, every adapter resident on the
-    device and in host memory (the default 4 GiB host tier holds only about 25 rank-16 adapters of an 8B base), and
-    no cache budget holds a request back."""
+def mixed_config(ctx: Context, n: int | None = None) -> EngineConfig:
+    """a, b and e (and the scale scenario, with its own n) share one engine configuration: all n requests run at
+    once, every adapter resident on the device and in host memory (the default 4 GiB host tier holds only about
+    25 rank-16 adapters of an 8B base), and no cache budget holds a request back."""
+    n = ctx.options.n if n is None else n
     return EngineConfig(
-        max_running=ctx.options.n, max_lora_rank=16, max_lora_slots=ctx.options.n,
+        max_running=n, max_lora_rank=16, max_lora_slots=n,
         max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES, max_host_adapter_bytes=UNLIMITED_DEVICE_BYTES,
         max_cache_bytes=UNLIMITED_DEVICE_BYTES, threads=ctx.options.engine_threads,
     )
@@ -46,7 +47,7 @@ def _result(key: str, title: str, run_tokens: int, wall_s: float, requests_: int
 def scenario_a(ctx: Context) -> list[ScenarioResult]:
     n = ctx.options.n
     batch = requests(ctx.prompts(n), ctx.options.max_new_tokens, [None] * n)
-    run = measure(ctx.bm, _mixed_config(ctx), batch)
+    run = measure(ctx.bm, mixed_config(ctx), batch)
     return [_result("a", "Quiver, base model only", run.tokens, run.wall_s, n,
                     ttft_median_s=round(statistics.median(run.ttft_s), 4))]
 
@@ -55,7 +56,7 @@ def scenario_b(ctx: Context) -> list[ScenarioResult]:
     n = ctx.options.n
     stored = [a.stored for a in ctx.adapters(LORA, n)]
     batch = requests(ctx.prompts(n), ctx.options.max_new_tokens, stored)
-    run = measure(ctx.bm, _mixed_config(ctx), batch)
+    run = measure(ctx.bm, mixed_config(ctx), batch)
     return [_result("b", f"Quiver, {n} distinct LoRA r16 all-linear", run.tokens, run.wall_s, n,
                     ttft_median_s=round(statistics.median(run.ttft_s), 4))]
 
@@ -74,7 +75,7 @@ def scenario_e(ctx: Context) -> list[ScenarioResult]:
         adapters.append(pools[kind][taken[kind]])
         taken[kind] += 1
     batch = requests(ctx.prompts(n), ctx.options.max_new_tokens, adapters)
-    run = measure(ctx.bm, _mixed_config(ctx), batch)
+    run = measure(ctx.bm, mixed_config(ctx), batch)
     mix = {kind or "base": count for kind, count in sorted(Counter(kinds).items(), key=lambda kc: str(kc[0]))}
     return [_result("e", "Quiver, mixed LoRA / prompt / prefix / base", run.tokens, run.wall_s, n, mix=mix,
                     ttft_median_s=round(statistics.median(run.ttft_s), 4))]

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from quiver.common.model_source import default_cache_dir, resolve_checkpoint
 from quiver.server.config import ModelConfig
-from quiver.server.model_loader import LoadedModel, load_base_model
+from quiver.server.model.model_loader import LoadedModel, load_base_model
 
 # Everyday requests of 20-40 tokens each (SmolLM2 tokenizer), cycled when more requests than prompts are run.
 PROMPTS = (

@@ -1,6 +1,6 @@
 """Quiver's domain exceptions.
 
-Code anywhere in Quiver raises these; one gRPC interceptor (server/interceptors.py) maps each class to its
+Code anywhere in Quiver raises these; one gRPC interceptor (server/grpc_front/interceptors.py) maps each class to its
 status code, so no handler picks codes itself and no user mistake surfaces as INTERNAL.
 """
 

@@ -13,23 +13,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from quiver.server.access import AccessPolicy
-from quiver.server.adapter_catalog import AdapterCatalog
-from quiver.server.adapter_service import AdapterService
-from quiver.server.auth import AuthInterceptor
+from quiver.server.api.access import AccessPolicy
+from quiver.server.api.adapter_catalog import AdapterCatalog
+from quiver.server.api.auth import AuthInterceptor
+from quiver.server.api.core import access_policy, adapter_catalog, request_builder, served_model_name
+from quiver.server.api.generation import Generator
+from quiver.server.api.metrics import ServerMetrics
+from quiver.server.api.router_metrics import RouterMetricsCollector
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
-from quiver.server.core import access_policy, adapter_catalog, request_builder, served_model_name
-from quiver.server.cpu_threads import reserve_for_engine
-from quiver.server.engine import Engine
-from quiver.server.generation import Generator
+from quiver.server.engine.engine import Engine
+from quiver.server.grpc_front.adapter_service import AdapterService
+from quiver.server.grpc_front.interceptors import StatusInterceptor
+from quiver.server.grpc_front.service import GenerationService
 from quiver.server.http.app import HttpContext, build_app
 from quiver.server.http.gate import ServingState
 from quiver.server.http.server import HttpServer
-from quiver.server.interceptors import StatusInterceptor
-from quiver.server.metrics import ServerMetrics
-from quiver.server.model_loader import LoadedModel, load_base_model
-from quiver.server.router_metrics import RouterMetricsCollector
-from quiver.server.service import GenerationService
+from quiver.server.model.model_loader import LoadedModel, load_base_model
+from quiver.server.platform.cpu_threads import reserve_for_engine
 from quiver.v1 import adapters_pb2, adapters_pb2_grpc
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc

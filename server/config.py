@@ -6,8 +6,11 @@ Each field's `help` metadata is its documentation and its CLI help (clients/cli/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from quiver.common.model_choices import DeviceChoice, DtypeChoice, Quantize
+
+LoraBackendChoice = Literal["auto", "torch", "triton"]
 
 LORA_GATHER_BYTES = 512 * 2**20  # --max-lora-gather-bytes' default, also LoraSlots' own
 
@@ -74,7 +77,7 @@ class EngineConfig:
         default=4 * 2**30,
         metadata={"help": "key/value cache bytes the running batch may take: a request starts only while the batch "
                   "fits with every row at its longest (prompt + adapter virtual tokens + max_new_tokens); one that "
-                  "cannot fit even alone is refused with RESOURCE_EXHAUSTED (server/cache_budget.py)"},
+                  "cannot fit even alone is refused with RESOURCE_EXHAUSTED (server/engine/cache_budget.py)"},
     )
     preempt: bool = field(
         default=False,
@@ -96,6 +99,13 @@ class EngineConfig:
         metadata={"help": "device bytes for adapters: the LoRA slot stacks (with the all-zero slot 0) plus resident "
                          "prompts and prefixes"},
     )
+    lora_backend: LoraBackendChoice = field(
+        default="auto",
+        metadata={"help": "how the LoRA math runs (server/engine/lora/backend.py): torch = gather each row's "
+                  "weights and batched matmuls; triton = kernels that read the slots by index (needs triton and a CUDA "
+                  "device); auto = triton on CUDA when installed, else torch. A named backend that cannot run "
+                  "stops the server at start-up"},
+    )
     max_lora_gather_bytes: int = field(
         default=LORA_GATHER_BYTES,
         metadata={"help": "device bytes of per-row LoRA weights a decode step keeps gathered for the next one (reused "
@@ -110,7 +120,7 @@ class EngineConfig:
         default=0,
         metadata={"help": "torch CPU threads of the engine thread (0: torch's default, one per physical core); the "
                   "engine thread is the only multi-threaded torch thread, threads that start torch work later run "
-                  "it on one (server/cpu_threads.py)"},
+                  "it on one (server/platform/cpu_threads.py)"},
     )
     pack_cpu_weights: bool = field(
         default=True,
@@ -120,8 +130,8 @@ class EngineConfig:
     plain_decode_step: bool = field(
         default=True,
         metadata={"help": "decode Llama, Mistral and Qwen2 models through Quiver's plain-torch step, which "
-                  "computes transformers' forward with less glue per step (server/decode_step.py); other models, "
-                  "and all with this off, use transformers' forward"},
+                  "computes transformers' forward with less glue per step (server/engine/decode_step.py); other "
+                  "models, and all with this off, use transformers' forward"},
     )
 
     def __post_init__(self) -> None:

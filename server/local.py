@@ -15,8 +15,8 @@ def local_server(model: str | None, store: str | None) -> Iterator[str]:
     its target."""
     from quiver.server.app import start_server
     from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
-    from quiver.server.cpu_threads import reserve_for_engine
-    from quiver.server.model_loader import load_base_model
+    from quiver.server.model.model_loader import load_base_model
+    from quiver.server.platform.cpu_threads import reserve_for_engine
 
     reserve_for_engine()  # as `quiver serve` does: the engine's thread is then the only multi-threaded one
     loaded = load_base_model(ModelConfig(model=model))

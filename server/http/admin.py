@@ -5,7 +5,7 @@ requests finish on their version). Quiver's adapters live in its store, so a loa
 unload deletes from the store, where vLLM's only change what one process serves: what a client sees (servable
 after a load, 404 after an unload) is the same. Both answer vLLM's plain-text success line; errors are
 OpenAI-shaped JSON (a name already loaded is 409, where vLLM answers 400).
-They need the admin token (server/access.py), and go through the same catalog as gRPC's AdapterService.
+They need the admin token (server/api/access.py), and go through the same catalog as gRPC's AdapterService.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import RegistrationOptions
 from quiver.common.errors import InvalidArgument
-from quiver.server.adapter_catalog import AdapterCatalog
+from quiver.server.api.adapter_catalog import AdapterCatalog
 from quiver.server.http.errors import error_response
 from quiver.server.http.schema import LoadLoraRequest, UnloadLoraRequest, parse
 

@@ -18,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from quiver.adapters.store import StoredAdapter
-from quiver.server.access import AccessPolicy
-from quiver.server.adapter_catalog import AdapterCatalog
-from quiver.server.generation import GenerationBackend
+from quiver.server.api.access import AccessPolicy
+from quiver.server.api.adapter_catalog import AdapterCatalog
+from quiver.server.api.generation import GenerationBackend
+from quiver.server.api.metrics import ServerMetrics
 from quiver.server.http.admin import AdapterRoutes
 from quiver.server.http.chat import ChatCompletions
 from quiver.server.http.choices import TokenTexts
@@ -28,7 +29,6 @@ from quiver.server.http.completions import Completions
 from quiver.server.http.errors import error_response
 from quiver.server.http.gate import ROUTE_ACCESS, Gate, ServingState
 from quiver.server.http.translate import adapter_of
-from quiver.server.metrics import ServerMetrics
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -11,8 +11,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from quiver.server.generation_events import FinishReason, GenerationEvent
-from quiver.server.logprobs import TokenLogprob
+from quiver.server.engine.generation_events import FinishReason, GenerationEvent
+from quiver.server.engine.logprobs import TokenLogprob
 
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop"}
 

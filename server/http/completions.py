@@ -16,8 +16,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from quiver.server.generation import EventSource, GenerationBackend
-from quiver.server.generation_events import GenerationEvent
+from quiver.server.api.generation import EventSource, GenerationBackend
+from quiver.server.engine.generation_events import GenerationEvent
 from quiver.server.http.choices import (
     TokenTexts,
     completion_logprobs,

@@ -1,6 +1,6 @@
 """Domain errors as HTTP responses in OpenAI's JSON shape: `{"error": {"message", "type", "param", "code"}}`.
 
-The same exception classes gRPC maps to status codes (server/interceptors.py) map to HTTP statuses here, so a
+The same exception classes gRPC maps to status codes (server/grpc_front/interceptors.py) map to HTTP statuses here, so a
 rule fails the same way on both fronts: 400 invalid argument, 401 credentials, 404 unknown model or adapter, 409
 name taken, 413 too large, 429 queue full or out of memory, 503 shutting down, 504 deadline; 500 for corrupt
 stored data (`data_loss`) and for bugs.

@@ -22,9 +22,9 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
 from quiver.common.errors import InvalidArgument, QuiverError, TooLarge, Unavailable
-from quiver.server.access import Access, AccessPolicy, bearer_token
+from quiver.server.api.access import Access, AccessPolicy, bearer_token
+from quiver.server.api.metrics import ServerMetrics
 from quiver.server.http.errors import error_body
-from quiver.server.metrics import ServerMetrics
 
 # Route path (as declared) -> what it needs; a path no route matches needs the API key (fail closed).
 ROUTE_ACCESS: dict[str, Access] = {

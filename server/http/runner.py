@@ -21,11 +21,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from quiver.common.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from quiver.server.generation import EventSource, GenerationBackend
+from quiver.server.api.generation import EventSource, GenerationBackend
+from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.http.choices import ChoiceState
 from quiver.server.http.errors import error_body, error_response
 from quiver.server.http.translate import Choices
-from quiver.server.request_builder import GenerationRequest
 
 TIMEOUT_HEADER = "x-request-timeout"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

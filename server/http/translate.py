@@ -12,14 +12,14 @@ from typing import Any
 
 from quiver.adapters.names import parse_ref
 from quiver.common.errors import InvalidArgument, NotFound, Unsupported
-from quiver.server.generation_input import ChatMessage, GenerationInput
+from quiver.server.api.generation_input import ChatMessage, GenerationInput
 from quiver.server.http.schema import ChatCompletionRequest, ChatMessageIn, CompletionRequest
 
 MAX_CHOICES = 128  # prompts x n of one request
 # Roles OpenAI has that map onto the chat template's: "developer" is the newer name of "system".
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
-# The core's field names (server/generation_input.py) as each endpoint spells them.
+# The core's field names (server/api/generation_input.py) as each endpoint spells them.
 COMPLETION_PARAMS = {"adapter": "model", "text": "prompt", "token_ids": "prompt", "input": "prompt",
                      "max_new_tokens": "max_tokens", "stop_sequences": "stop", "prompt_logprobs": "logprobs"}
 CHAT_PARAMS = {"adapter": "model", "input": "messages", "stop_sequences": "stop", "logprobs": "top_logprobs",

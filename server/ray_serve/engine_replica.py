@@ -19,14 +19,14 @@ from ray import serve
 
 from quiver.adapters.store import StoredAdapter
 from quiver.common.errors import NotFound
+from quiver.server.api.core import adapter_catalog, request_builder, served_model_name
+from quiver.server.api.generation import Generator
+from quiver.server.api.metrics import ServerMetrics
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
-from quiver.server.core import adapter_catalog, request_builder, served_model_name
-from quiver.server.cpu_threads import reserve_for_engine
-from quiver.server.engine import Engine
-from quiver.server.generation import Generator
-from quiver.server.generation_events import GenerationEvent
-from quiver.server.metrics import ServerMetrics
-from quiver.server.model_loader import load_base_model
+from quiver.server.engine.engine import Engine
+from quiver.server.engine.generation_events import GenerationEvent
+from quiver.server.model.model_loader import load_base_model
+from quiver.server.platform.cpu_threads import reserve_for_engine
 from quiver.server.ray_serve.remote import PortableRequest, adapter_id, parse_adapter_id
 
 # Adapters Ray counts as held per replica when routing: generous, since Quiver's tiers decide what stays in memory.

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from quiver.common.errors import QuiverError
-from quiver.server.access import Access, bearer_token
+from quiver.server.api.access import Access, bearer_token
+from quiver.server.api.core import access_policy, adapter_catalog, request_builder, served_model_name
+from quiver.server.api.metrics import ServerMetrics
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
-from quiver.server.core import access_policy, adapter_catalog, request_builder, served_model_name
+from quiver.server.grpc_front.interceptors import status_code
+from quiver.server.grpc_front.service import GenerationService
 from quiver.server.http.app import HttpContext, build_app
 from quiver.server.http.gate import ServingState
-from quiver.server.interceptors import status_code
-from quiver.server.metrics import ServerMetrics
-from quiver.server.model_loader import load_model_view
+from quiver.server.model.model_loader import load_model_view
 from quiver.server.ray_serve.remote import RemoteGenerator
-from quiver.server.service import GenerationService
 from quiver.v1 import generation_pb2 as pb
 
 T = TypeVar("T")

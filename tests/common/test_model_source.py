@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from quiver.common import model_source
 from quiver.common.errors import ModelLoadError
 from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
-from quiver.common import model_source
 
 
 class CountingConverter:

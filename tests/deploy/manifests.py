@@ -21,7 +21,7 @@ import yaml
 
 from quiver.clients.cli import COMMANDS, build_parser
 from quiver.clients.cli.dataclass_args import from_args
-from quiver.server import core
+from quiver.server.api import core
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
 from quiver.server.ray_serve import app as ray_app
 
@@ -41,8 +41,8 @@ APP_BUILDER = "quiver.server.ray_serve.app:app_builder"
 QUIVER_ENV = {core.API_KEY_ENV, core.ADMIN_TOKEN_ENV, "QUIVER_CACHE_DIR", "QUIVER_STORE_DIR"}
 # The modules reading the names that have no constant; test_quiver_env_names_are_read_by_the_code keeps it honest.
 ENV_READERS = {
-    core.API_KEY_ENV: ("quiver.server.core",),
-    core.ADMIN_TOKEN_ENV: ("quiver.server.core",),
+    core.API_KEY_ENV: ("quiver.server.api.core",),
+    core.ADMIN_TOKEN_ENV: ("quiver.server.api.core",),
     "QUIVER_CACHE_DIR": ("quiver.common.model_source", "quiver.adapters.stores"),
     "QUIVER_STORE_DIR": ("quiver.adapters.store", "quiver.adapters.stores"),
 }

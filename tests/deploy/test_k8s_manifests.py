@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from quiver.server import core
+from quiver.server.api import core
 
 from .manifests import (
     AWS_ENV,

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from quiver.server.config import EngineConfig
-from quiver.server.engine import Engine
+from quiver.server.engine.engine import Engine
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from quiver.adapters.metadata import validate_prompt_template
 from quiver.common.errors import FailedPrecondition, InvalidArgument
-from quiver.server.request_builder import CHAT_ROLES as SERVER_CHAT_ROLES
+from quiver.server.api.request_builder import CHAT_ROLES as SERVER_CHAT_ROLES
 from quiver.training.data import (
     IGNORE_INDEX,
     DataSource,

@@ -13,9 +13,9 @@ import torch
 
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
-from quiver.server import model_loader
 from quiver.server.config import AdapterConfig, ModelConfig
-from quiver.server.model_loader import load_base_model
+from quiver.server.model import model_loader
+from quiver.server.model.model_loader import load_base_model
 from quiver.training.data import Example, Message
 from quiver.training.evaluate import (
     GENERAL_METRIC,
@@ -66,7 +66,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(base_dir: Path, adapter_dir: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[ServerThread]:
     """A running server whose store holds the trained adapter as NAME@1."""
-    from quiver.server.model_loader import load_base_model
+    from quiver.server.model.model_loader import load_base_model
 
     cache = tmp_path_factory.mktemp("cache")
     loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))
@@ -103,7 +103,7 @@ def test_cli_local_mode_limits_rows(base_dir: Path, server: ServerThread, store_
                                     tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch):
     """--model/--store start an in-process server over the store the running server registered NAME in, and
-    load its model on one thread, as `quiver serve` does (server/cpu_threads.py)."""
+    load its model on one thread, as `quiver serve` does (server/platform/cpu_threads.py)."""
     out = tmp_path / "eval.json"
     args = ["eval", "--data", str(dev_file), "--adapter", f"{NAME}@1", "--model", str(base_dir), "--store",
             str(store_dir), "--limit", "2", "--max-new-tokens", "4", "--no-general", "--out", str(out), *FIELDS]

@@ -73,7 +73,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    from quiver.server.model_loader import load_base_model
+    from quiver.server.model.model_loader import load_base_model
 
     cache = tmp_path_factory.mktemp("cache")
     loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))

@@ -43,7 +43,7 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="package")
 def loaded(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from quiver.server.model_loader import load_base_model
+    from quiver.server.model.model_loader import load_base_model
 
     cache = tmp_path_factory.mktemp("cache")
     return load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))

@@ -1,0 +1,65 @@
+"""The generation service every front calls: validate and tokenize off the event loop, run on the engine, time.
+
+gRPC (server/grpc_front/service.py) and HTTP (server/http/) differ only in how they translate their messages into a
+`GenerationInput` and events back into replies; what a request may ask for, how it is tokenized and how its
+tokens are timed is decided here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from quiver.server.api.generation_input import GenerationInput
+from quiver.server.api.metrics import ServerMetrics
+from quiver.server.api.request_builder import GenerationRequest, RequestBuilder
+from quiver.server.api.streaming import EventStream
+from quiver.server.engine.engine import Engine
+from quiver.server.engine.generation_events import GenerationEvent
+
+
+class EventSource(Protocol):
+    """Submitted requests' events (server/api/streaming.py's EventStream, or one across processes)."""
+
+    def cancel(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, GenerationEvent]]: ...
+
+    def events(self) -> AsyncIterator[GenerationEvent]: ...
+
+
+class GenerationBackend(Protocol):
+    """What a front needs to generate: `Generator` on a local engine, or Ray Serve's replicas
+    (server/ray_serve/remote.py)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    async def prepare(self, spec: GenerationInput) -> GenerationRequest: ...
+
+    def run(self, requests: Sequence[GenerationRequest]) -> EventSource: ...
+
+
+class Generator:
+    """Runs `GenerationInput`s on one engine."""
+
+    def __init__(self, engine: Engine, builder: RequestBuilder, metrics: ServerMetrics | None = None) -> None:
+        self._engine = engine
+        self._builder = builder
+        self._metrics = metrics
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._builder.tokenizer
+
+    async def prepare(self, spec: GenerationInput) -> GenerationRequest:
+        """Validate and tokenize `spec`; raises the domain error of the first problem found."""
+        # Tokenizing and templating take real CPU time on long prompts: keep them off the event loop.
+        return await asyncio.to_thread(self._builder.build, spec)
+
+    def run(self, requests: Sequence[GenerationRequest]) -> EventStream:
+        """Submit `requests` now (a refusal raises here) and stream their events; leaving the stream early cancels
+        them (the engine frees their rows)."""
+        timers = [self._metrics.timer(r) if self._metrics is not None else None for r in requests]
+        return EventStream(self._engine, requests, timers)

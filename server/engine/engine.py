@@ -1,0 +1,226 @@
+"""The generation engine: owns the model on one thread and runs every request in one continuously batched loop.
+
+Each step reads as four lines (`Engine.step`): the step scheduler plans (rows decoded, admitted, preempted,
+the prefill group or chunk: step_scheduler.py), the model runner runs the plan's forwards (model_runner.py),
+then one token is sampled for every running row and emitted. Rows of one batch may use different adapters of
+different kinds (multi-LoRA slots, soft prompts, key/value prefixes) or none; the weights never change
+between requests. docs/engine.md draws one step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from typing import Any
+
+import torch
+
+from quiver.common.errors import ResourceExhausted, Unavailable
+from quiver.server.api.request_builder import GenerationRequest, virtual_tokens
+from quiver.server.config import EngineConfig
+from quiver.server.engine.adapter_tiers import DeviceAdapters, HostAdapterCache
+from quiver.server.engine.admission import AdmissionQueue
+from quiver.server.engine.cache_budget import CacheBudget
+from quiver.server.engine.engine_load import EngineLoad, LoadPublisher
+from quiver.server.engine.generation_events import RequestHandle, Sink
+from quiver.server.engine.held_model import HeldModel
+from quiver.server.engine.logprobs import token_logprobs
+from quiver.server.engine.model_runner import ModelRunner
+from quiver.server.engine.sampling import sample_next
+from quiver.server.engine.sequence import RequestState
+from quiver.server.engine.step_scheduler import StepPlan, StepScheduler
+from quiver.server.platform.base import platform_for
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Runs generation requests on a dedicated thread that alone touches the model."""
+
+    def __init__(self, model: Any, tokenizer: Any, eos_token_ids: frozenset[int], config: EngineConfig) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._eos = eos_token_ids
+        self._config = config
+        self._device = next(model.parameters()).device
+        self._platform = platform_for(self._device)
+        log.info("platform: %s", self._platform.name)
+        dtype = model.get_input_embeddings().weight.dtype
+        self._held = HeldModel(model, config, dtype, self._platform)
+        try:
+            self._setup(config, dtype)
+        except BaseException:
+            self._held.release()  # the model stays usable by another engine
+            raise
+
+    def _setup(self, config: EngineConfig, dtype: torch.dtype) -> None:
+        self.lora = self._held.lora
+        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes)
+        try:
+            self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype)
+        except BaseException:
+            self.host_adapters.close()
+            raise
+        self._admission: AdmissionQueue[RequestState] = AdmissionQueue(self.host_adapters, self.device_adapters)
+        budget = CacheBudget.of(self._model, config.max_cache_bytes, config.cache_block_tokens, dtype)
+        self._scheduler = StepScheduler(config, self._admission, self.device_adapters, budget)
+        self._runner = ModelRunner(self._model, self.lora, config, self._device)
+        self._tokens: torch.Tensor | None = None  # (B,) sampled at the last step for the runner's rows
+        self._inbox: queue.Queue[RequestState] = queue.Queue()
+        self._arrivals = itertools.count()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._load = LoadPublisher()
+        self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish no more work: running and waiting requests get UNAVAILABLE."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._fail_all_work()  # a submit that raced the thread's last look still gets its answer
+        self.host_adapters.close()
+        self._held.release()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Memory of the base weights' prepacked copies (server/platform/cpu_linear.py) while the engine holds the model."""
+        return self._held.packed_bytes
+
+    @property
+    def cache_reserved_bytes(self) -> int:
+        """Key/value cache bytes admission holds against `max_cache_bytes` for the batch's rows (running, admitted,
+        chunked): at their longest, or with `preempt` after their next token."""
+        return self._scheduler.budget.batch_bytes(self._scheduler.cache_lengths(self._runner))
+
+    @property
+    def preemptions(self) -> int:
+        """Rows taken out so far to stay within `max_cache_bytes` (`preempt`)."""
+        return self._scheduler.preemptions
+
+    @property
+    def num_running(self) -> int:
+        """Rows of the batch still generating (a finished row leaves the batch at the next step)."""
+        return sum(1 for row in self._runner.rows if not row.done)
+
+    @property
+    def load(self) -> EngineLoad:
+        """Adapters of the batch, of waiting requests and on the device, as the engine thread last published them."""
+        return self._load.current
+
+    def _publish_load(self, *, force: bool = False) -> None:
+        if not self._load.due(force):
+            return
+        try:
+            waiting = [*(w.stored for w in self._admission), *(s.request.adapter for s in self._scheduler.preempted)]
+            running = [s.request.adapter for s in self._scheduler.rows(self._runner)]
+            self._load.publish(running, waiting, self.device_adapters.residents(), self.cache_reserved_bytes)
+        except Exception:  # a report, not the engine's work: never let it stop the loop
+            log.exception("publishing the engine's load failed")
+
+    @property
+    def num_waiting(self) -> int:
+        # Admitted ones (`ready`) hold a batch place; preempted ones wait to resume.
+        return self._inbox.qsize() + len(self._admission) + len(self._scheduler.preempted)
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+        """Queue `request`; `sink` is called from the engine thread with every event."""
+        if self._stopping:
+            raise Unavailable("the server is shutting down")
+        if self._inbox.qsize() + len(self._admission) >= self._config.max_queued:  # preempted ones had started
+            raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
+        self._scheduler.budget.check_alone(len(request.prompt_ids) + virtual_tokens(request.adapter)
+                                       + request.max_new_tokens)
+        sequence = RequestState.of(request, sink, self._tokenizer, next(self._arrivals))
+        self._inbox.put(sequence)
+        self._wake.set()
+        return sequence.handle
+
+    # -- engine thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._platform.enter_engine_thread(self._config)
+        with torch.inference_mode():
+            while not self._stopping:
+                self.step()
+        self._fail_all_work()
+
+    def step(self, *, block: bool = True) -> StepPlan:
+        """One engine step: plan, run the forwards, sample and emit a token for every running row. With nothing
+        to run, waits for a request (`block`) or for a cold adapter's load."""
+        self._take_inbox()
+        plan = self._scheduler.plan(self._runner)
+        self._publish_load(force=plan.idle and not len(self._admission))  # at once when the engine goes idle
+        if plan.idle and not self._runner.rows:  # (rows that finished or were cancelled leave in `_run`)
+            if block:
+                waiting = len(self._admission) or self._scheduler.preempted
+                self._wake.wait(timeout=0.005 if waiting else None)
+                self._wake.clear()
+            return plan
+        try:
+            self._run(plan)
+            self._sample_and_emit()
+        except Exception as e:  # a model failure fails the batch, not the server
+            log.exception("engine step failed")
+            self._finish_all(self._runner.clear(), e)
+        return plan
+
+    def _run(self, plan: StepPlan) -> None:
+        if plan.preempted:
+            log.info("preempted %d sequences to stay within --max-cache-bytes", len(plan.preempted))
+        outcome = self._runner.run(plan, self._tokens)
+        for row, error in outcome.failed:
+            self._finish_all([row], error)
+        if outcome.chunk_ended:
+            self._scheduler.chunk_finished()
+
+    def _sample_and_emit(self) -> None:
+        """Sample one token for every running row, emit it; finished rows retire (they leave at the next step)."""
+        rows = self._runner.rows
+        self._tokens = None
+        if not rows:
+            return
+        logits = torch.stack([row.logits for row in rows if row.logits is not None])  # (B, V)
+        tokens = sample_next(logits, [row.sampler for row in rows], [row.seen[: row.n_seen] for row in rows],
+                             rows_per_draw=self._platform.sampler_rows_per_draw)
+        details = token_logprobs(logits, tokens.clamp(min=0), [row.request.logprobs for row in rows])
+        for row, token, detail in zip(rows, tokens.tolist(), details, strict=True):
+            if not row.emit(token, detail, self._eos):
+                self._scheduler.retire(row)
+        self._tokens = tokens
+
+    def _fail_all_work(self) -> None:
+        """At shutdown, once the loop has ended: every request the engine holds gets UNAVAILABLE."""
+        gone = Unavailable("the server is shutting down")
+        scheduler = self._scheduler
+        chunked = [scheduler.chunked] if scheduler.chunked is not None else []
+        for rows in (self._runner.clear(), scheduler.ready, scheduler.preempted, chunked):
+            self._finish_all(rows, gone)
+        scheduler.ready, scheduler.preempted, scheduler.chunked = [], [], None
+        self._take_inbox()
+        for waiting in self._admission.take_all():
+            waiting.item.fail(gone)
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                row = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._admission.add(row, row.request.adapter)
+
+    def _finish_all(self, rows: list[RequestState], error: BaseException) -> None:
+        for row in rows:
+            if not row.done:
+                row.fail(error)
+            self._scheduler.retire(row)

@@ -1,0 +1,1 @@
+"""What differs between devices, behind one object chosen when an engine starts (base.py)."""

@@ -1,0 +1,17 @@
+"""The CUDA platform: weights as loaded (bitsandbytes or plain), every sampled row drawn at once; host values
+reach the device through page-locked memory without blocking (uploads.py), so a decode step synchronises once,
+when the sampled tokens are read back."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from quiver.server.platform.base import PLATFORMS, Platform
+
+
+class CudaPlatform(Platform):
+    name: ClassVar[str] = "cuda"
+    sampler_rows_per_draw: ClassVar[int | None] = None
+
+
+PLATFORMS["cuda"] = CudaPlatform

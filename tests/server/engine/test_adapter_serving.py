@@ -1,0 +1,271 @@
+"""Adapter tiers and adapter-aware scheduling on a tiny random Llama: eviction by bytes, cold loads, more
+distinct adapters than device slots, fairness, cancellation freeing a slot, delete while running."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from quiver.adapters.base_spec import base_spec_from_checkpoint
+from quiver.adapters.names import AdapterRef
+from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
+from quiver.adapters.store import LocalAdapterStore, StoredAdapter
+from quiver.adapters.validation import ValidationLimits
+from quiver.server.api.request_builder import GenerationRequest
+from quiver.server.config import EngineConfig, ModelConfig
+from quiver.server.engine.adapter_tiers import DeviceAdapters, HostAdapterCache, load_host_adapter
+from quiver.server.engine.engine import Engine
+from quiver.server.engine.generation_events import GenerationEvent
+from quiver.server.engine.lora.slots import LoraSlots
+from quiver.server.engine.sampling import SamplingParams
+
+from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
+from ...conftest import write_tiny_checkpoint
+
+PROMPT = (5, 17, 42, 99, 7)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from quiver.server.model.model_loader import load_base_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    return load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))
+
+
+@pytest.fixture(scope="module")
+def registry(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterRegistry:
+    store = LocalAdapterStore(tmp_path_factory.mktemp("store"))
+    return AdapterRegistry(store, base_spec_from_checkpoint(base_dir), ValidationLimits())
+
+
+@pytest.fixture(scope="module")
+def loras(base_dir: Path, registry: AdapterRegistry, tmp_path_factory: pytest.TempPathFactory) -> list[StoredAdapter]:
+    out = tmp_path_factory.mktemp("loras")
+    return [
+        registry.register(make_lora(base_dir, out / f"l{i}", r=2 + i % 3, seed=10 + i, target_modules="all-linear"),
+                          RegistrationOptions(name=f"lora-{i}"))
+        for i in range(6)
+    ]
+
+
+def make_engine(loaded: Any, **config: Any) -> Engine:
+    engine = Engine(loaded.model, loaded.tokenizer, frozenset(), EngineConfig(**config))
+    engine.start()
+    return engine
+
+
+@pytest.fixture
+def engine(loaded: Any) -> Iterator[Engine]:
+    eng = make_engine(loaded, max_lora_rank=8, max_lora_slots=2)
+    yield eng
+    eng.stop()
+
+
+class Run:
+    """One submitted request and the order in which it finished among all runs."""
+
+    finished = iter(range(1_000_000))
+
+    def __init__(self, engine: Engine, adapter: StoredAdapter | None, max_new: int = 8) -> None:
+        self.events: queue.Queue[GenerationEvent] = queue.Queue()
+        request = GenerationRequest(PROMPT, SamplingParams(), max_new, (), adapter)
+        self.handle = engine.submit(request, self._on_event)
+        self.order = -1
+
+    def _on_event(self, event: GenerationEvent) -> None:
+        if event.finish_reason is not None or event.error is not None:
+            self.order = next(self.finished)
+        self.events.put(event)
+
+    def tokens(self, timeout: float = 60) -> list[int]:
+        out: list[int] = []
+        while True:
+            event = self.events.get(timeout=timeout)
+            assert event.error is None, event.error
+            out.extend(event.token_ids)
+            if event.finish_reason is not None:
+                return out
+
+
+def test_host_cache_evicts_by_bytes(loras: list[StoredAdapter]):
+    one = load_host_adapter(loras[0]).nbytes
+    cache = HostAdapterCache(max_bytes=int(one * 2.5))
+    try:
+        for stored in loras[:3]:
+            assert cache.fetch(stored).result(timeout=30).key.name == stored.metadata.name
+        assert cache.nbytes <= int(one * 2.5)
+        # Ranks 2, 3, 4 (bytes in proportion) in room for 2.5 x rank 2: the third load evicts the first two.
+        assert (cache.stats.loads, cache.stats.evictions, cache.stats.hits, cache.stats.misses) == (3, 2, 0, 3)
+        assert cache.fetch(loras[2]).done()  # the most recent ones are cached ...
+        assert cache.stats.hits == 1
+        evicted = cache.fetch(loras[0])  # ... the least recently used one loads again
+        assert evicted.result(timeout=30).key.name == "lora-0"
+        assert (cache.stats.loads, cache.stats.evictions, cache.stats.hits) == (4, 3, 1)  # 4 + 2 > 5: rank 4 goes
+        assert cache.stats.misses == 4
+    finally:
+        cache.close()
+
+
+def test_device_slots_pin_and_evict_lru(loaded: Any, loras: list[StoredAdapter]):
+    slots = LoraSlots(loaded.model, num_slots=2, max_rank=8)
+    try:
+        device = DeviceAdapters(slots, max_bytes=2 * slots.slot_bytes, device=torch.device("cpu"), dtype=torch.float32)
+        hosts = [load_host_adapter(s) for s in loras[:3]]
+        first, second = device.acquire(hosts[0]), device.acquire(hosts[1])
+        assert first is not None and second is not None and first.lora_slot != second.lora_slot
+        assert device.acquire(hosts[2]) is None  # both slots pinned
+        device.release(first)
+        third = device.acquire(hosts[2])
+        assert third is not None and third.lora_slot == first.lora_slot  # the unpinned LRU entry was evicted
+        assert device.lookup(hosts[0].key) is None and device.lookup(hosts[1].key) is second
+        assert (device.stats.loads, device.stats.evictions, device.stats.hits, device.stats.misses) == (3, 1, 0, 3)
+        assert device.acquire(hosts[1]) is second and device.stats.hits == 1
+        assert device.nbytes == 2 * slots.slot_bytes
+    finally:
+        slots.unwrap()
+
+
+def test_prompt_bytes_on_the_device_are_counted_in_the_model_dtype(loaded: Any, base_dir: Path,
+                                                                   registry: AdapterRegistry, tmp_path: Path):
+    stored = registry.register(make_prompt_tuning(base_dir, tmp_path / "p", num_virtual_tokens=3),
+                               RegistrationOptions(name="soft-bf16", mode="replace"))
+    host = load_host_adapter(stored)  # float32, as saved
+    slots = LoraSlots(loaded.model, num_slots=1, max_rank=2)
+    try:
+        device = DeviceAdapters(slots, max_bytes=slots.stack_bytes + host.nbytes // 2, device=torch.device("cpu"),
+                                dtype=torch.bfloat16)
+        entry = device.acquire(host)  # fits only because bfloat16 halves it
+        assert entry is not None and entry.prompt is not None and entry.prompt.dtype == torch.bfloat16
+        assert entry.nbytes == entry.prompt.nbytes == host.nbytes // 2 == device.nbytes
+    finally:
+        slots.unwrap()
+
+
+def test_more_distinct_adapters_than_slots_all_complete(engine: Engine, loras: list[StoredAdapter]):
+    solo = [Run(engine, stored).tokens() for stored in loras]
+    assert len({tuple(t) for t in solo}) > 1  # the adapters really differ
+    together = [Run(engine, stored) for stored in loras]  # 6 adapters, 2 slots
+    assert [run.tokens() for run in together] == solo
+
+
+def test_waiting_for_a_slot_is_fair(engine: Engine, loras: list[StoredAdapter]):
+    # Two slots, both pinned by long requests; a third adapter must get the first slot that frees up,
+    # even though more requests for the resident adapters keep arriving after it.
+    long_a, long_b = Run(engine, loras[0], max_new=40), Run(engine, loras[1], max_new=60)
+    long_a.events.get(timeout=30)
+    blocked = Run(engine, loras[2], max_new=2)
+    later = [Run(engine, loras[0], max_new=2) for _ in range(3)]
+    for run in (long_a, long_b, blocked, *later):
+        run.tokens()
+    assert blocked.order < min(run.order for run in later)
+
+
+def test_cancel_frees_the_slot(loaded: Any, loras: list[StoredAdapter]):
+    engine = make_engine(loaded, max_lora_rank=8, max_lora_slots=1)
+    try:
+        hog = Run(engine, loras[0], max_new=10_000 // 100)
+        hog.events.get(timeout=30)
+        hog.handle.cancel()
+        assert Run(engine, loras[1], max_new=3).tokens(timeout=30)  # needs the only slot
+    finally:
+        engine.stop()
+
+
+def test_prompt_and_prefix_adapters_mix_with_lora(engine: Engine, base_dir: Path, registry: AdapterRegistry,
+                                                  loras: list[StoredAdapter], tmp_path: Path):
+    prompt = registry.register(make_prompt_tuning(base_dir, tmp_path / "p", num_virtual_tokens=3),
+                               RegistrationOptions(name="soft", mode="replace"))
+    prefix = registry.register(make_prefix_tuning(base_dir, tmp_path / "x", num_virtual_tokens=2),
+                               RegistrationOptions(name="prefix", mode="replace"))
+    kinds = [None, loras[0], prompt, prefix]
+    solo = [Run(engine, adapter).tokens() for adapter in kinds]
+    mixed = [Run(engine, adapter) for adapter in kinds]
+    assert [run.tokens() for run in mixed] == solo
+
+
+def test_delete_while_running_does_not_break_the_request(engine: Engine, base_dir: Path,
+                                                         registry: AdapterRegistry, tmp_path: Path):
+    stored = registry.register(make_lora(base_dir, tmp_path / "gone", r=4, seed=99),
+                               RegistrationOptions(name="short-lived"))
+    reference = Run(engine, stored, max_new=30).tokens()
+    run = Run(engine, stored, max_new=30)
+    run.events.get(timeout=30)
+    registry.store.delete(AdapterRef("short-lived", None))
+    time.sleep(0.01)
+    rest = run.tokens()
+    assert len(rest) == 29 and reference[1:] == rest
+
+
+def test_reregistered_name_is_a_new_key(engine: Engine, base_dir: Path, registry: AdapterRegistry, tmp_path: Path):
+    # Same weights, same name and version after a delete, but another lora_alpha: must not reuse the old slot.
+    weak = registry.register(make_lora(base_dir, tmp_path / "weak", r=4, lora_alpha=1, seed=7),
+                             RegistrationOptions(name="reborn"))
+    weak_tokens = Run(engine, weak).tokens()
+    registry.store.delete(AdapterRef("reborn", None))
+    strong_dir = make_lora(base_dir, tmp_path / "strong", r=4, lora_alpha=400, seed=7)
+    strong = registry.register(strong_dir, RegistrationOptions(name="reborn"))
+    assert strong.metadata.version == weak.metadata.version and strong.metadata.sha256 == weak.metadata.sha256
+    assert Run(engine, strong).tokens() != weak_tokens
+
+
+def test_rank_above_the_slots_is_refused_and_frees_nothing(loaded: Any, base_dir: Path, registry: AdapterRegistry,
+                                                           tmp_path: Path, loras: list[StoredAdapter]):
+    big = registry.register(make_lora(base_dir, tmp_path / "big", r=16), RegistrationOptions(name="big"))
+    engine = make_engine(loaded, max_lora_rank=8, max_lora_slots=1)
+    try:
+        run = Run(engine, big)
+        event = run.events.get(timeout=30)
+        assert type(event.error).__name__ == "FailedPrecondition" and "rank 16" in str(event.error)
+        assert Run(engine, loras[0], max_new=2).tokens(timeout=30)  # the only slot is still usable
+    finally:
+        engine.stop()
+
+
+def test_cancel_while_waiting_for_its_prefill_frees_the_slot(loaded: Any, loras: list[StoredAdapter],
+                                                            monkeypatch: pytest.MonkeyPatch):
+    """A request admitted (adapter pinned) but not yet prefilled, cancelled then, unpins its adapter and is
+    never prefilled."""
+    from quiver.server.engine import model_runner as runner_module
+
+    prefilled: list[int] = []
+    real_prefill = runner_module.prefill
+
+    def counting_prefill(forward: Any, rows: Any) -> Any:
+        prefilled.append(len(rows))
+        return real_prefill(forward, rows)
+
+    monkeypatch.setattr(runner_module, "prefill", counting_prefill)
+    # One slot; every 5-token request a prefill group of its own (none chunked), so an admitted request waits a
+    # step for its prefill.
+    engine = Engine(loaded.model, loaded.tokenizer, frozenset(),
+                    EngineConfig(max_lora_rank=8, max_lora_slots=1, max_prefill_tokens=len(PROMPT)))
+    engine.host_adapters.fetch(loras[0]).result(timeout=30)  # cached: admitted at the engine's first step
+    victim: list[Run] = []
+
+    class Canceller(Run):
+        def _on_event(self, event: GenerationEvent) -> None:
+            victim[0].handle.cancel()  # the victim's group comes after this one's: it is still waiting
+            super()._on_event(event)
+
+    first = Canceller(engine, None, max_new=3)  # submitted before the thread starts: admitted together
+    victim.append(Run(engine, loras[0], max_new=3))
+    engine.start()
+    try:
+        assert first.tokens()
+        assert Run(engine, loras[1], max_new=3).tokens(timeout=30)  # needs the only slot
+        assert victim[0].events.empty()  # cancelled before its prefill: no tokens, no final event
+        assert prefilled == [1, 1]  # the first request and the last one: the victim never ran
+    finally:
+        engine.stop()
