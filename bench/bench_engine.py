@@ -128,6 +128,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="base model: the default checkpoint, or a random-weight Llama of these shapes")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument("--quantize", choices=("none", "nf4", "int8", "auto"), default="none")
+    parser.add_argument("--lora-backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="the engines' LoRA backend (auto: triton on CUDA, torch on a CPU)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="compute dtype; auto = float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--cache-dir", help="model cache (default: $QUIVER_CACHE_DIR, else the test suite's cache)")
@@ -211,8 +213,10 @@ def _run(args: argparse.Namespace, options: BenchOptions, work_dir: Path) -> dic
     unknown = sorted(set(selected) - set(SCENARIOS))
     if unknown:
         raise SystemExit(f"--scenarios: unknown {unknown}; choose from {','.join(SCENARIOS)}")
-    bm = load_bench_model(args.model_config, cache_dir(args.cache_dir), args.device, args.quantize, args.dtype)
+    bm = load_bench_model(args.model_config, cache_dir(args.cache_dir), args.device, args.quantize, args.dtype,
+                          args.lora_backend)
     env = environment(bm, args.quantize)
+    env["lora_backend"] = args.lora_backend
     ctx = Context(bm, options, work_dir)
     rounds: Rounds = []
     for number in range(1, options.rounds + 1):

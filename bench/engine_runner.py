@@ -65,7 +65,7 @@ class _Tracker:
 @contextmanager
 def running_engine(bm: BenchModel, config: EngineConfig) -> Iterator[Engine]:
     """An engine over the bench model with no end-of-sequence tokens: every request runs to max_new_tokens."""
-    engine = Engine(bm.model, bm.tokenizer, frozenset(), config)
+    engine = bm.engine(config)
     engine.start()
     try:
         yield engine

@@ -18,7 +18,6 @@ from bench.workload import PROMPTS
 from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.config import EngineConfig
 from quiver.server.engine.cache_budget import CacheBudget, position_bytes
-from quiver.server.engine.engine import Engine
 from quiver.server.engine.sampling import SamplingParams
 
 
@@ -45,7 +44,7 @@ def _config(ctx: Context, batch: list[GenerationRequest], preempt: bool) -> Engi
 
 
 def _run(ctx: Context, batch: list[GenerationRequest], preempt: bool) -> ScenarioResult:
-    engine = Engine(ctx.bm.model, ctx.bm.tokenizer, ctx.bm.loaded.eos_token_ids, _config(ctx, batch, preempt))
+    engine = ctx.bm.engine(_config(ctx, batch, preempt), ctx.bm.loaded.eos_token_ids)
     engine.start()
     try:
         run_batch(engine, [dataclasses.replace(r, max_new_tokens=2) for r in batch])  # warm-up

@@ -21,7 +21,6 @@ from bench.engine_runner import (
 from quiver.adapters.store import StoredAdapter
 from quiver.server.config import EngineConfig
 from quiver.server.engine.adapter_tiers import load_host_adapter
-from quiver.server.engine.engine import Engine
 
 LORA = "lora16-all"
 # Row i of scenario e uses MIX[i % len(MIX)]; None = base model.
@@ -126,7 +125,7 @@ def _cold_loads(ctx: Context, stored: list[StoredAdapter]) -> dict[str, float]:
     config = EngineConfig(max_lora_rank=16, max_lora_slots=4, max_device_adapter_bytes=UNLIMITED_DEVICE_BYTES,
                           threads=ctx.options.engine_threads)
     # Never started: this thread alone uses its tiers, as the engine thread would.
-    engine = Engine(ctx.bm.model, ctx.bm.tokenizer, frozenset(), config)
+    engine = ctx.bm.engine(config)
     host_ms: list[float] = []
     device_ms: list[float] = []
     try:

@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from quiver.common.model_source import default_cache_dir, resolve_checkpoint
-from quiver.server.config import ModelConfig
+from quiver.server.config import EngineConfig, ModelConfig
+from quiver.server.engine.engine import Engine
 from quiver.server.model.model_loader import LoadedModel, load_base_model
 
 # Everyday requests of 20-40 tokens each (SmolLM2 tokenizer), cycled when more requests than prompts are run.
@@ -81,6 +82,12 @@ class BenchModel:
     loaded: LoadedModel
     name: str
     device: torch.device
+    lora_backend: str = "auto"
+    """--lora-backend of every engine the scenarios start (server/engine/lora/backend.py)."""
+
+    def engine(self, config: EngineConfig, eos_token_ids: frozenset[int] = frozenset()) -> Engine:
+        """An engine (not started) over this model with `config` and the bench's LoRA backend."""
+        return Engine(self.model, self.tokenizer, eos_token_ids, replace(config, lora_backend=self.lora_backend))
 
     @property
     def model(self) -> Any:
@@ -110,14 +117,16 @@ def cache_dir(explicit: str | None) -> Path:
     return tests_cache if tests_cache.is_dir() else default_cache_dir()
 
 
-def load_bench_model(config_name: str, cache: Path, device: str, quantize: str, dtype: str) -> BenchModel:
+def load_bench_model(
+    config_name: str, cache: Path, device: str, quantize: str, dtype: str, lora_backend: str = "auto"
+) -> BenchModel:
     """Load the base model named by --model-config through the server's loader."""
     dims = MODEL_CONFIGS[config_name]
     model_path = None if dims is None else str(_random_checkpoint(config_name, dims, cache))
     loaded = load_base_model(
         ModelConfig(model=model_path, quantize=quantize, device=device, dtype=dtype, cache_dir=str(cache))  # type: ignore[arg-type]
     )
-    return BenchModel(loaded, config_name, next(loaded.model.parameters()).device)
+    return BenchModel(loaded, config_name, next(loaded.model.parameters()).device, lora_backend)
 
 
 def _random_checkpoint(name: str, dims: RandomLlama, cache: Path) -> Path:

@@ -94,7 +94,7 @@ class Engine:
 
     @property
     def packed_weight_bytes(self) -> int:
-        """Memory of the base weights' prepacked copies (server/platform/cpu_linear.py) while the engine holds the model."""
+        """Memory of the platform's copies of the base weights (server/platform/) while the engine holds the model."""
         return self._held.packed_bytes
 
     @property

@@ -47,6 +47,8 @@ class LoraMapping:
     """Columns of the slot stacks to use: the largest rank among the rows' adapters (<= the slots' rank)."""
     row_slots: tuple[int, ...]
     """(B,) host: each row's slot, 0 = no LoRA."""
+    slots: frozenset[int]
+    """The nonzero slots the rows use (a wrapped linear none of whose adapters it targets skips the math)."""
     segments: tuple[Segment, ...]
     """(G,) host: runs of consecutive rows with the same nonzero slot, in row order."""
     span: tuple[int, int]
@@ -111,7 +113,8 @@ def build_mapping(
     packed = upload([*token_slots, *seg_starts, *seg_stops, *seg_slots, *span_slots], torch.long, device)
     n, g = len(token_slots), len(segments)
     return LoraMapping(
-        rows=len(row_slots), tokens=tokens, rank=rank, row_slots=tuple(row_slots), segments=segments, span=(lo, hi),
+        rows=len(row_slots), tokens=tokens, rank=rank, row_slots=tuple(row_slots),
+        slots=frozenset(s.slot for s in segments), segments=segments, span=(lo, hi),
         shared_slot=shared, token_slots=packed[:n].int(), seg_starts=packed[n : n + g].int(),
         seg_stops=packed[n + g : n + 2 * g].int(), seg_slots=packed[n + 2 * g : n + 3 * g].int(),
         span_slots=packed[n + 3 * g :],

@@ -69,11 +69,13 @@ class BatchedLoraLinear(nn.Module):
             "lora_B", torch.zeros(slots, max_rank, self.out_features, dtype=dtype, device=device), persistent=False
         )  # (S+1, max_rank, out): (scale * B)^T per slot
         self.scratch: dict[str, Any] = {}  # the backend's own per-layer state (SlotStacks.scratch)
+        self.targeted: set[int] = set()  # slots whose adapter targets this linear (the others are zeros here)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (B, T, out)
         mapping = self.state.mapping
-        if mapping is not None:
+        # A batch whose adapters all leave this linear alone (q/v-only LoRAs at an MLP) adds only zeros: skip it.
+        if mapping is not None and not self.targeted.isdisjoint(mapping.slots):
             self.state.backend.add_lora(out, x, self, mapping)
         return out
 
@@ -85,7 +87,9 @@ class BatchedLoraLinear(nn.Module):
             self.lora_A[slot, r:].zero_()  # (max_rank - r, in)
             self.lora_B[slot, r:].zero_()  # (max_rank - r, out)
         if a is None or b is None:
+            self.targeted.discard(slot)
             return
+        self.targeted.add(slot)
         self.lora_A[slot, :r].copy_(a)  # (r, in), contiguous; copy_ also crosses devices and dtypes
         self.lora_B[slot, :r].copy_(b.mT).mul_(scale)  # (r, out): B^T with the scale folded in, in the slot's dtype
 

@@ -325,6 +325,10 @@ def test_clear_and_reload_leave_no_trace(
     scale = small.scalings[q_path]
     a, b = (small.tensors[f"base_model.model.{q_path}.lora_{half}.weight"] for half in "AB")
     assert torch.equal(q.lora_A[1, :2], a) and torch.allclose(q.lora_B[1, :2], b.mT * scale, rtol=0, atol=0)
+    # Only the linears an adapter targets run the LoRA math for its rows; k_proj adds nothing for slot 1 now.
+    assert q.targeted == {1} and k.targeted == set()
+    slots.clear(1)
+    assert q.targeted == set()
 
 
 def test_half_precision_adapter_fills_float32_slots_exactly(base_dir: Path, adapters: dict[str, Adapter]):
