@@ -85,11 +85,13 @@ def peft_logits(base_dir: Path, adapters: dict[str, Adapter], ids: torch.Tensor)
     return {name: _logits(load_peft_model(base_dir, a.dir), ids) for name, a in adapters.items()}
 
 
-@pytest.fixture(params=["torch", "triton"])
+# With CUDA the Triton kernels run compiled, on CUDA tensors (test_triton_backend.py, test_backend_engine.py).
+INTERPRETED = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no CUDA")
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=INTERPRETED)])
 def backend(request: pytest.FixtureRequest) -> LoraBackend:
     """The LoRA math over these CPU models: torch's, or the Triton kernels in Triton's interpreter."""
-    if request.param == "triton" and torch.cuda.is_available():
-        pytest.skip("with CUDA the Triton kernels run compiled, on CUDA tensors (test_triton_backend.py)")
     return choose_backend(request.param, torch.device("cpu"))
 
 
