@@ -12,7 +12,6 @@ starts) to
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -54,15 +53,17 @@ class Platform:
     def enter_engine_thread(self, config: EngineConfig) -> None:
         """Called first on the engine thread, before any torch work there."""
 
+    def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A small host tensor on `device`, queued behind the device's work (uploads.upload)."""
+        return host.to(device)
 
-PLATFORMS: dict[str, Callable[[], Platform]] = {}
+
+PLATFORMS: dict[str, Platform] = {}  # device type -> its platform (stateless: one instance each)
 
 
 def platform_for(device: torch.device) -> Platform:
     """The platform of `device`'s type; ValueError for a device type Quiver does not serve on."""
-    from quiver.server.platform import cpu, cuda  # noqa: F401  (each registers itself)
-
-    factory = PLATFORMS.get(device.type)
-    if factory is None:
+    platform = PLATFORMS.get(device.type)
+    if platform is None:
         raise ValueError(f"no Quiver platform for {device.type} devices (have: {sorted(PLATFORMS)})")
-    return factory()
+    return platform

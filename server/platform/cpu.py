@@ -42,4 +42,4 @@ class CpuPlatform(Platform):
         claim_for_this_thread(config.threads)
 
 
-PLATFORMS["cpu"] = CpuPlatform
+PLATFORMS["cpu"] = CpuPlatform()

@@ -9,17 +9,11 @@ has run. On a CPU it is a plain tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-
-def _pinned(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-# Device type -> how a host tensor gets there; any other device: a plain copy (a CPU: none at all).
-_COPIES: dict[str, Callable[[torch.Tensor, torch.device], torch.Tensor]] = {"cuda": _pinned}
+from quiver.server.platform.base import platform_for
 
 
 def upload(
@@ -29,7 +23,7 @@ def upload(
     current stream."""
     host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     device = torch.device(device)
-    return _COPIES.get(device.type, torch.Tensor.to)(host, device)
+    return platform_for(device).to_device(host, device)
 
 
 def select_rows(t: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:

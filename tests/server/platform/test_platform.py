@@ -44,3 +44,20 @@ def test_an_engine_logs_its_platform(tiny_model: Any, smol_tokenizer: Any, caplo
         assert engine.packed_weight_bytes > 0
     finally:
         engine.stop()
+
+
+def test_importing_the_engine_reads_torchs_default_threads_before_anyone_changes_them():
+    """The bench and `quiver serve` set torch's threads to one after their imports; the engine's thread must
+    still claim torch's default (a lazily imported platform read the changed value, and ran on one thread)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; default = torch.get_num_threads()\n"
+        "from quiver.server.engine.engine import Engine\n"
+        "torch.set_num_threads(1)\n"
+        "from quiver.server.platform.cpu_threads import default_threads\n"
+        "assert default_threads() == default, (default_threads(), default)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
