@@ -1,10 +1,10 @@
 """One decode step (one new token per row) of the running batch, in plain torch for Llama-family models.
 
-transformers' forward serves every use (mask factories run per call, an attention-interface lookup and a
-kwargs chain per layer, output dataclasses); at a decode step of a small model on a CPU that glue is a few
-milliseconds of a ~90 ms step. The plain step computes the same math over the same modules, so the LoRA
-wrappers, prepacked or quantized linears and the model's own rotary embedding and norms are used as they
-are; only the glue is ours:
+transformers' forward serves every use (mask factories run per call, an attention-interface lookup and a kwargs chain
+per layer, output dataclasses); at a decode step of a small model on a CPU that glue is a measurable part of the step
+(docs/engine.md, "The decode step"). The plain step computes the same math over the same modules, so the LoRA wrappers,
+prepacked or quantized linears and the model's own rotary embedding and norms are used as they are; only the glue is
+ours:
 
 - the padding mask is made once per step as an additive (B, 1, 1, L) tensor (none without padding), not once
   per layer;

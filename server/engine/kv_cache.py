@@ -1,8 +1,8 @@
 """A key/value cache layer that grows in place, so a decode step does not copy the whole cache.
 
 transformers' `DynamicLayer` appends by `torch.cat`: every decode step copies every layer's keys and values,
-O(L) bytes per step and O(L^2) over a sequence (at batch 8 and ~100 cached tokens, 7-17 ms of a ~140 ms step
-of the default model on a CPU). This layer keeps its keys and values as views of the first columns of larger
+O(L) bytes per step and O(L^2) over a sequence (docs/engine.md, "The running batch and its cache", has what
+that cost). This layer keeps its keys and values as views of the first columns of larger
 buffers and writes each step's entries into the spare columns; only when they run out does it copy, into
 buffers with `block` more columns, so the copying is amortised over `block` steps.
 

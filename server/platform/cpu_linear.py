@@ -1,16 +1,16 @@
 """Base linears on a CPU with their weights prepacked once for oneDNN, as CPU serving stacks do.
 
-torch's default CPU matmul (MKL sgemm) handles the engine's shapes poorly: a decode step multiplies a few rows
-by each weight, and for the default model's vocabulary projection 8 rows took 3x one row. oneDNN's linear over
-a weight reordered ahead of time into its blocked layout does the same math 1.2-2x faster at 1-32 rows and
-also for prefill (bench/README.md). The reorder is a copy: the original linears stay inside the packed ones
-(same parameters, tied embeddings still tied; state dict keys gain a ".base_layer") and come back on `unpack`.
-The copy is a snapshot: the engine's base weights are frozen while it holds them.
+torch's default CPU matmul (MKL sgemm) handles the engine's shapes poorly: a decode step multiplies a few rows by each
+weight, and its time grows with the rows far sooner than the arithmetic does. oneDNN's linear over a weight reordered
+ahead of time into its blocked layout does the same math faster at every batch size the engine runs, prefill included
+(bench/README.md, "What bounds a step"). The reorder is a copy: the original linears stay inside the packed ones (same
+parameters, tied embeddings still tied; state dict keys gain a ".base_layer") and come back on `unpack`. The copy is a
+snapshot: the engine's base weights are frozen while it holds them.
 
 Linears that always read the same input (a layer's q/k/v projections, an MLP's gate and up) are packed as one
 weight, stacked along the outputs: the first of them to see an input computes all their outputs in one GEMM
 and the others take their part of it. One call instead of three reads the input once and pays oneDNN's
-fixed cost per call (25-35 µs) once: 4-8 ms of a ~90 ms decode step of the default model at batch 8.
+fixed cost per call once (docs/engine.md, "On a CPU", has the measurements).
 
 Only plain fp32 nn.Linear modules on a CPU without hooks (accelerate's device-map hooks among them) are
 packed. Outputs equal torch's to fp32 rounding (the order of the additions differs), which the engine's tests

@@ -4,8 +4,7 @@ torch's OpenMP runtime on Linux (libgomp) counts the threads of every thread tea
 outnumber the CPUs it stops spin-waiting at the end of a parallel region and parks its threads in the kernel
 instead. One team left behind by another thread (the main thread loading the model, a gRPC handler checking
 an adapter, the adapter loader) is enough: from then on each of the engine's many small parallel regions pays
-two wake-ups. On the 2-core VM a batch-8 linear of the default model took 2-3x longer on two threads than on
-one in that state, and as expected when the engine's team was the only one (bench/README.md, "Threads").
+two wake-ups, and two threads run slower than one (measured in bench/README.md, "Threads").
 
 So the engine thread claims its threads for itself: every other thread that starts torch work afterwards runs
 it on one thread and never forms a team. torch has no per-thread setting, but OpenMP's thread count is a
@@ -13,8 +12,11 @@ per-thread value: torch.set_num_threads(1) sets the process default, then the en
 count again through the OpenMP runtime. The base linears go through oneDNN (server/platform/cpu_linear.py), which
 follows that count. MKL, which runs the LoRA terms' batched matmuls, keeps a count per thread, and
 torch.set_num_threads(1) had set the engine thread's to one; the engine thread raises it again through
-`MKL_Set_Num_Threads_Local`, which torch's x86 builds export. On the 2-core VM that took a decode step of 8
-distinct LoRAs from 114 to 104 ms (median of 8 alternations). Without MKL there is nothing to raise.
+`MKL_Set_Num_Threads_Local`, which torch's x86 builds export (docs/engine.md, "On a CPU", has what it
+saves). Without MKL there is nothing to raise.
+
+The default count is read when this module is imported, so it must be imported before a process changes
+torch's threads: importing quiver.server.platform (as the engine does) takes care of that.
 """
 
 from __future__ import annotations
