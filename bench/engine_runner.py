@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from bench.workload import BenchModel
 from quiver.adapters.store import StoredAdapter
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.config import EngineConfig
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent, Sink
+from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 TIMEOUT_S = 3600.0

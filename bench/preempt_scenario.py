@@ -15,9 +15,9 @@ import dataclasses
 from bench.context import Context, ScenarioResult
 from bench.engine_runner import UNLIMITED_DEVICE_BYTES, run_batch
 from bench.workload import PROMPTS
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.config import EngineConfig
 from quiver.server.engine.cache_budget import CacheBudget, position_bytes
+from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 

@@ -1,6 +1,7 @@
 """The layers (design rule 4), read from every module's imports: `server/` is the top; `adapters/` and
 `training/` never import it; the client library imports neither `server/` nor torch; `common/` imports no other
-Quiver package. The CLI (`clients/cli/`) is where the layers are wired together."""
+Quiver package; inside `server/`, the engine, platform and model loading never import the API layer or the
+fronts. The CLI (`clients/cli/`) is where the layers are wired together."""
 
 from __future__ import annotations
 
@@ -12,12 +13,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# What sits above the engine inside server/: the API layer both fronts call, the fronts, and the wiring.
+_FRONTS = ("quiver.server.api", "quiver.server.grpc_front", "quiver.server.http", "quiver.server.ray_serve",
+           "quiver.server.app", "quiver.server.local")
 # Folder -> the Quiver packages its modules may not import (at any depth, lazily or not).
 FORBIDDEN = {
     "common": ("quiver.server", "quiver.adapters", "quiver.training", "quiver.clients"),
     "adapters": ("quiver.server", "quiver.training", "quiver.clients"),
     "training": ("quiver.server",),
     "clients": ("quiver.server", "quiver.adapters", "quiver.training", "torch"),
+    # Inside server/: the engine, the platform and model loading sit below the API layer and the fronts.
+    "server/engine": _FRONTS,
+    "server/platform": (*_FRONTS, "quiver.server.engine", "quiver.server.model"),
+    "server/model": (*_FRONTS, "quiver.server.engine"),
 }
 
 

@@ -13,10 +13,11 @@ from typing import Any, Protocol
 
 from quiver.server.api.generation_input import GenerationInput
 from quiver.server.api.metrics import ServerMetrics
-from quiver.server.api.request_builder import GenerationRequest, RequestBuilder
+from quiver.server.api.request_builder import RequestBuilder
 from quiver.server.api.streaming import EventStream
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent
+from quiver.server.engine.request import GenerationRequest
 
 
 class EventSource(Protocol):

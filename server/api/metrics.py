@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.engine.adapter_tiers import DeviceAdapters, HostAdapterCache
 from quiver.server.engine.generation_events import GenerationEvent
+from quiver.server.engine.request import GenerationRequest
 
 # Generation requests run from milliseconds (one token) to minutes (long outputs on CPU).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))

@@ -15,28 +15,14 @@ from typing import Any, Protocol
 from quiver.adapters.store import StoredAdapter
 from quiver.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from quiver.server.api.generation_input import ChatMessage, GenerationInput
-from quiver.server.engine.kinds import KINDS
 from quiver.server.engine.logprobs import MAX_TOP_LOGPROBS
+from quiver.server.engine.request import GenerationRequest, virtual_tokens
 from quiver.server.engine.sampling import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 MAX_SEED = 2**64  # seeds are uint64, as in the proto
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A request the engine can run as is."""
-
-    prompt_ids: tuple[int, ...]
-    sampling: SamplingParams
-    max_new_tokens: int
-    stop_sequences: tuple[str, ...]
-    adapter: StoredAdapter | None = None  # the adapter version to apply, resolved when the request arrived
-    logprobs: int | None = None  # None: no log-probabilities; n: each token's and the n most likely ones
-    prompt_logprobs: int | None = None  # None: none; n: each prompt token's (after the first) and n most likely
-    ignore_eos: bool = False  # end only at max_new_tokens or a stop sequence
 
 
 @dataclass(frozen=True)
@@ -66,16 +52,6 @@ class AdapterResolver(Protocol):
 
 def _no_adapters(ref: str) -> StoredAdapter:
     raise NotFound(f"adapter {ref!r} not found")
-
-
-def virtual_tokens(adapter: StoredAdapter | None) -> int:
-    """Positions an adapter adds before the prompt (soft prompt or prefix entries; its kind says); 0 for none."""
-    return KINDS[adapter.metadata.kind].virtual_tokens(adapter.metadata) if adapter is not None else 0
-
-
-def prefill_positions(adapter: StoredAdapter | None) -> int:
-    """Of `virtual_tokens`, the positions a row's prefill forward computes (a soft prompt's); 0 for none."""
-    return KINDS[adapter.metadata.kind].prefill_positions(adapter.metadata) if adapter is not None else 0
 
 
 class RequestBuilder:

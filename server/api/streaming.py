@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from quiver.server.api.metrics import RequestTimer
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent, RequestHandle
+from quiver.server.engine.request import GenerationRequest
 
 
 class EventStream:

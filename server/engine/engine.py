@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from quiver.common.errors import ResourceExhausted, Unavailable
-from quiver.server.api.request_builder import GenerationRequest, virtual_tokens
 from quiver.server.config import EngineConfig
 from quiver.server.engine.adapter_tiers import DeviceAdapters, HostAdapterCache
 from quiver.server.engine.admission import AdmissionQueue
@@ -28,6 +27,7 @@ from quiver.server.engine.generation_events import RequestHandle, Sink
 from quiver.server.engine.held_model import HeldModel
 from quiver.server.engine.logprobs import token_logprobs
 from quiver.server.engine.model_runner import ModelRunner
+from quiver.server.engine.request import GenerationRequest, virtual_tokens
 from quiver.server.engine.sampling import sample_next
 from quiver.server.engine.sequence import RequestState
 from quiver.server.engine.step_scheduler import StepPlan, StepScheduler

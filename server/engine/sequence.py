@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from quiver.common.errors import QuiverError, ResourceExhausted
-from quiver.server.api.request_builder import GenerationRequest, prefill_positions, virtual_tokens
 from quiver.server.engine.adapter_tiers import DeviceAdapter
 from quiver.server.engine.detokenizer import TextStream
 from quiver.server.engine.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
 from quiver.server.engine.logprobs import TokenLogprob
+from quiver.server.engine.request import GenerationRequest, prefill_positions, virtual_tokens
 from quiver.server.engine.sampling import RowSampler
 
 log = logging.getLogger(__name__)

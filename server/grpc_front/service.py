@@ -10,9 +10,9 @@ import grpc
 from quiver.common.errors import InvalidArgument
 from quiver.server.api.generation import GenerationBackend
 from quiver.server.api.generation_input import ChatMessage, GenerationInput
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.engine.generation_events import FinishReason, GenerationEvent
 from quiver.server.engine.logprobs import TokenLogprob
+from quiver.server.engine.request import GenerationRequest
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 

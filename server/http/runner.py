@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from quiver.common.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from quiver.server.api.generation import EventSource, GenerationBackend
-from quiver.server.api.request_builder import GenerationRequest
+from quiver.server.engine.request import GenerationRequest
 from quiver.server.http.choices import ChoiceState
 from quiver.server.http.errors import error_body, error_response
 from quiver.server.http.translate import Choices

@@ -17,8 +17,9 @@ from typing import Any
 from quiver.adapters.store import StoredAdapter
 from quiver.common.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.api.generation_input import GenerationInput
-from quiver.server.api.request_builder import GenerationRequest, RequestBuilder
+from quiver.server.api.request_builder import RequestBuilder
 from quiver.server.engine.generation_events import GenerationEvent
+from quiver.server.engine.request import GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from quiver.adapters.names import AdapterRef
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import LocalAdapterStore, StoredAdapter
 from quiver.adapters.validation import ValidationLimits
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.config import EngineConfig, ModelConfig
 from quiver.server.engine.adapter_tiers import DeviceAdapters, HostAdapterCache, load_host_adapter
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent
 from quiver.server.engine.lora.slots import LoraSlots
+from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning

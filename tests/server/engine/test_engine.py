@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from quiver.common.errors import ResourceExhausted
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.config import EngineConfig
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import FinishReason, GenerationEvent, RequestHandle
+from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 from quiver.server.platform.cpu_threads import openmp_runtime
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from quiver.adapters.store import StoredAdapter
-from quiver.server.api.request_builder import virtual_tokens
 from quiver.server.config import EngineConfig
 from quiver.server.engine.cache_budget import CacheBudget, position_bytes
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent
+from quiver.server.engine.request import virtual_tokens
 
 from . import test_adapter_equivalence as equivalence
 from .test_adapter_equivalence import BASE_PROMPTS, MAX_NEW, PROMPTS, _ids, _submit, _tokens

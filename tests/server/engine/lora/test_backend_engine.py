@@ -20,10 +20,10 @@ from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import LocalAdapterStore, StoredAdapter
 from quiver.adapters.validation import ValidationLimits
-from quiver.server.api.request_builder import GenerationRequest
 from quiver.server.config import EngineConfig, ModelConfig
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent
+from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 from ....adapters.adapter_factory import load_base, load_peft_model, make_lora, make_prompt_tuning
