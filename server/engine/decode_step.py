@@ -11,7 +11,7 @@ ours:
 - grouped-query attention takes transformers' sdpa path for one query token, so the same kernels run: with
   padding, each group's query heads become queries of its key/value head; without, sdpa's `enable_gqa`.
 
-Outputs equal transformers' forward bit for bit in fp32 (tests/server/test_decode_step.py). A model whose
+Outputs equal transformers' forward bit for bit in fp32 (tests/server/engine/test_decode_step.py). A model whose
 layers do anything else (sliding windows, per-layer attention types, extra norms, softcapping), that runs
 another attention implementation than sdpa or that has accelerate hooks runs transformers' forward:
 `decode_step_for` picks from a registry of model classes.

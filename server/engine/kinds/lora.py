@@ -1,5 +1,5 @@
 """LoRA (Hu et al., 2021): low-rank deltas on linears, held in a preallocated device slot and applied per row
-inside the linears (server/engine/lora.py); nothing added to the prompt or the cache."""
+inside the linears (server/engine/lora/); nothing added to the prompt or the cache."""
 
 from __future__ import annotations
 
