@@ -280,7 +280,7 @@ def evaluate_with(client: QuiverClient, config: EvalConfig, where: str) -> EvalR
 
 
 # (model, store) -> a context manager holding an in-process server for the duration, yielding its target. The
-# caller wires it in (the CLI passes quiver.server.local.local_server): training never imports the server.
+# caller wires it in (the CLI passes `local_server` from server/local.py): training never imports the server.
 LocalServer = Callable[[str | None, str | None], AbstractContextManager[str]]
 
 

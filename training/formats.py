@@ -34,7 +34,7 @@ from quiver.common.errors import InvalidArgument
 FormatName = Literal["fields", "alpaca", "chat", "prompt_completion"]
 FORMAT_NAMES: tuple[str, ...] = get_args(FormatName)
 
-# The roles the server accepts in a chat request (quiver.server.api.request_builder.CHAT_ROLES; a test keeps
+# The roles the server accepts in a chat request (`CHAT_ROLES` in server/api/request_builder.py; a test keeps
 # them equal), so every conversation trained on is one a client can send.
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 

@@ -199,11 +199,11 @@ class LoraSlots:
             return self.state.mapping
         self._generations += 1
         rows, rank = key[0], key[1]
-        span = _span_rows(rows)
-        mapping = build_mapping(
-            rows, rank, tokens=tokens, device=self._device, generation=self._generations,
-            keep_derived=not transient and self.gathered_bytes(span, rank) <= self.gather_bytes, transient=transient,
-        )
+        mapping = build_mapping(rows, rank, tokens=tokens, device=self._device, generation=self._generations,
+                                keep_derived=False, transient=transient)
+        if mapping is not None and not transient:  # keeping the decode step's gathered copies: within the budget?
+            lo, hi = mapping.span
+            mapping = dataclasses.replace(mapping, keep_derived=self.gathered_bytes(hi - lo, rank) <= self.gather_bytes)
         if not transient:
             if mapping is None and self._decode is not None and self._decode[1] is not None:
                 for wrapper in self._wrappers.values():  # no LoRA row left: nothing derived is needed any more
@@ -268,12 +268,6 @@ def slot_bytes(
 def _slot_bytes(linears: Iterable[nn.Linear | BatchedLoraLinear], max_rank: int, dtype: torch.dtype) -> int:
     element = torch.empty((), dtype=dtype).element_size()
     return element * sum(max_rank * (m.in_features + m.out_features) for m in linears)
-
-
-def _span_rows(slot_ids: Sequence[int]) -> int:
-    """Rows from the first with a slot to the last (LoraMapping.span); 0 when none has one."""
-    used = [i for i, slot in enumerate(slot_ids) if slot]
-    return used[-1] - used[0] + 1 if used else 0
 
 
 def _target_paths(model: nn.Module, leaf_names: Collection[str] | None) -> list[str]:
