@@ -11,6 +11,7 @@ from typing import Literal
 from quiver.common.model_choices import DeviceChoice, DtypeChoice, Quantize
 
 LoraBackendChoice = Literal["auto", "torch", "triton"]
+LogFormat = Literal["text", "json"]
 
 LORA_GATHER_BYTES = 512 * 2**20  # --max-lora-gather-bytes' default, also LoraSlots' own
 
@@ -230,9 +231,30 @@ class ServerConfig:
         metadata={"help": "most adapters the quiver_adapter_resident gauge lists by name (the most recently used), "
                   "so the series count stays bounded"},
     )
+    metrics_max_adapters: int = field(
+        default=20,
+        metadata={"help": "adapters whose requests, tokens and latencies get series of their own (the busiest, by "
+                  "recent requests); the rest are counted under adapter=\"other\", so the series count stays "
+                  "bounded (0: none by name)"},
+    )
     reflection: bool = field(default=True, metadata={"help": "serve gRPC server reflection"})
-    grace_seconds: float = field(
-        default=5.0, metadata={"help": "seconds in-flight calls get to finish at shutdown"}
+    drain_seconds: float = field(
+        default=30.0,
+        metadata={"help": "at SIGTERM/SIGINT: seconds running generations get to finish while new calls are refused "
+                  "(UNAVAILABLE / 503); those still running then end with UNAVAILABLE. A second signal stops at once"},
+    )
+    engine_stall_seconds: float = field(
+        default=60.0,
+        metadata={"help": "health turns NOT_SERVING (and /health 503) when the engine has work but has not finished "
+                  "a step for this long; it turns back when steps resume"},
+    )
+    log_format: LogFormat = field(
+        default="text",
+        metadata={"help": "log lines as text or as one JSON object per line (the access lines' fields as keys)"},
+    )
+    log_prompts: bool = field(
+        default=False,
+        metadata={"help": "include each request's prompt text in its access line (off: prompts are never logged)"},
     )
 
     def __post_init__(self) -> None:
@@ -248,5 +270,12 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must not be empty")
         if self.max_request_bytes < 1:
             raise ValueError("--max-request-bytes must be >= 1")
-        if self.metrics_max_resident_adapters < 0:
-            raise ValueError("--metrics-max-resident-adapters must be >= 0")
+        for name in ("metrics_max_resident_adapters", "metrics_max_adapters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("drain_seconds", "engine_stall_seconds"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):  # NaN fails too
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+        if self.engine_stall_seconds == 0:
+            raise ValueError("--engine-stall-seconds must be > 0")

@@ -9,13 +9,14 @@ Every method blocks on disk I/O; async callers run them in a worker thread.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import StoredAdapter
-from quiver.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from quiver.common.errors import FailedPrecondition, InvalidArgument, NotFound, QuiverError
 
 _PAGE = 500
 
@@ -32,6 +33,9 @@ class AdapterCatalog:
         self._fingerprint = fingerprint
         self._import_roots = tuple(root.resolve() for root in import_roots)
         self._reserved = reserved
+        self.on_registration: Callable[[str | None, QuiverError | None], None] | None = None
+        """Told of every registration: the adapter's kind when accepted, the error when refused (metrics)."""
+        self._servable_count: tuple[float, int] | None = None  # (when counted, count)
 
     def resolve(self, ref: str, field: str = "adapter") -> StoredAdapter:
         """The adapter a request names, for serving: NotFound if there is none, FailedPrecondition if it was
@@ -51,9 +55,28 @@ class AdapterCatalog:
     def register(self, directory: Path, options: RegistrationOptions, field: str = "options.name") -> StoredAdapter:
         """Validate the PEFT adapter in `directory` against the base and store it (the directory may be removed
         afterwards)."""
-        if options.name in self._reserved:
-            raise InvalidArgument(field, f"{options.name!r} is the served base model's id; choose another name")
-        return self.registry.register(directory, options)
+        try:
+            if options.name in self._reserved:
+                raise InvalidArgument(field, f"{options.name!r} is the served base model's id; choose another name")
+            stored = self.registry.register(directory, options)
+        except QuiverError as e:
+            self._registered(None, e)
+            raise
+        self._registered(stored.metadata.kind, None)
+        return stored
+
+    def _registered(self, kind: str | None, error: QuiverError | None) -> None:
+        self._servable_count = None
+        if self.on_registration is not None:
+            self.on_registration(kind, error)
+
+    def count_servable(self, max_age_s: float = 30.0) -> int:
+        """How many adapters this server can serve, counted at most every `max_age_s` seconds (a store may be
+        shared: other servers register too) and again after this server registers or deletes one."""
+        now = time.monotonic()
+        if self._servable_count is None or now - self._servable_count[0] > max_age_s:
+            self._servable_count = (now, sum(1 for _ in self.servable()))
+        return self._servable_count[1]
 
     def import_path(self, raw: str, options: RegistrationOptions, field: str = "path",
                     name_field: str = "options.name") -> StoredAdapter:
@@ -98,7 +121,9 @@ class AdapterCatalog:
 
     def delete(self, ref: str, field: str = "adapter") -> builtins.list[StoredAdapter]:
         """Delete one version (`name@version`) or every version of a name; running requests finish on theirs."""
-        return self.registry.store.delete(parse_ref(ref, field=field))
+        deleted = self.registry.store.delete(parse_ref(ref, field=field))
+        self._servable_count = None
+        return deleted
 
     def taken_reserved(self) -> builtins.list[str]:
         """Reserved names an adapter in the store already has (registered before, or offline)."""

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+from quiver.server.api.calls import CURRENT_CALL
 from quiver.server.api.generation_input import GenerationInput
 from quiver.server.api.metrics import ServerMetrics
 from quiver.server.api.request_builder import RequestBuilder
@@ -56,11 +57,19 @@ class Generator:
 
     async def prepare(self, spec: GenerationInput) -> GenerationRequest:
         """Validate and tokenize `spec`; raises the domain error of the first problem found."""
+        record = CURRENT_CALL.get()
+        if record is not None and spec.adapter:
+            record.adapter = spec.adapter
         # Tokenizing and templating take real CPU time on long prompts: keep them off the event loop.
-        return await asyncio.to_thread(self._builder.build, spec)
+        request = await asyncio.to_thread(self._builder.build, spec)
+        if record is not None and record.keep_prompt:
+            prompt = self._builder.tokenizer.decode(request.prompt_ids)
+            record.prompt = prompt if record.prompt is None else f"{record.prompt}\n{prompt}"
+        return request
 
     def run(self, requests: Sequence[GenerationRequest]) -> EventStream:
         """Submit `requests` now (a refusal raises here) and stream their events; leaving the stream early cancels
-        them (the engine frees their rows)."""
-        timers = [self._metrics.timer(r) if self._metrics is not None else None for r in requests]
+        them (the engine frees their rows). The call's record (if any) collects their tokens and timings."""
+        record = CURRENT_CALL.get()
+        timers = [self._metrics.timer(r, record) if self._metrics is not None else None for r in requests]
         return EventStream(self._engine, requests, timers)

@@ -11,7 +11,7 @@ gauges and routes on the request's `model`; its default profile reads vLLM's nam
   the sample's Unix time, by which the picker finds the newest.
 Beside them, `quiver_adapter_resident{adapter="name@version",kind}` = 1 for adapters in device memory (what a
 router would most like to know and vLLM does not say), at most `max_series` of them, most recently used first;
-`quiver_adapters_resident` counts them all.
+`quiver_adapters_resident{tier="device"}` counts them all (engine_metrics.py).
 """
 
 from __future__ import annotations
@@ -82,5 +82,3 @@ class RouterMetricsCollector(Collector):
         for adapter in load.resident[: self._max_series]:
             resident.add_metric([f"{adapter.name}@{adapter.version}", adapter.kind], 1)
         yield resident
-        yield GaugeMetricFamily("quiver_adapters_resident", "Adapter versions in device memory",
-                                value=len(load.resident))

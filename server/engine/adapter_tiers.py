@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ from quiver.adapters.store import StoredAdapter
 from quiver.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from quiver.server.engine.kinds import KINDS
 from quiver.server.engine.lora.slots import LoraSlots
+from quiver.server.engine.observer import EngineObserver, Tier
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +93,11 @@ def load_host_adapter(stored: StoredAdapter) -> HostAdapter:
 class HostAdapterCache:
     """Thread-safe LRU of host adapters bounded in bytes, filled by one loader thread."""
 
-    def __init__(self, max_bytes: int, loader: Callable[[StoredAdapter], HostAdapter] = load_host_adapter) -> None:
+    def __init__(self, max_bytes: int, loader: Callable[[StoredAdapter], HostAdapter] = load_host_adapter,
+                 observer: EngineObserver | None = None) -> None:
         self._max_bytes = max_bytes
         self._loader = loader
+        self._observer = observer or EngineObserver()
         self._lock = threading.Lock()
         self._entries: OrderedDict[AdapterKey, HostAdapter] = OrderedDict()
         self._loading: dict[AdapterKey, Future[HostAdapter]] = {}
@@ -104,6 +108,11 @@ class HostAdapterCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+    @property
+    def resident(self) -> int:
+        """Adapters in host memory now."""
+        return len(self._entries)
 
     def holds(self, stored: StoredAdapter) -> bool:
         """Whether `stored` is in host memory now (counts as neither hit nor miss)."""
@@ -128,6 +137,7 @@ class HostAdapterCache:
 
     def _load(self, stored: StoredAdapter) -> HostAdapter:
         key = AdapterKey.of(stored)
+        start = time.perf_counter()
         try:
             adapter = self._loader(stored)
         except BaseException as e:  # a failed load is forgotten, so the next request tries again
@@ -136,6 +146,7 @@ class HostAdapterCache:
             if isinstance(e, FileNotFoundError):  # deleted from the store while the request waited
                 raise NotFound(f"adapter {key.name}@{key.version} was deleted") from e
             raise
+        self._observer.adapter_loaded(Tier.HOST, time.perf_counter() - start)
         with self._lock:  # one block: a concurrent fetch sees either the load in flight or the entry
             self._loading.pop(key, None)
             if adapter.nbytes > self._max_bytes:
@@ -179,8 +190,10 @@ class DeviceAdapters:
     and prefixes.
     """
 
-    def __init__(self, lora: LoraSlots, max_bytes: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, lora: LoraSlots, max_bytes: int, device: torch.device, dtype: torch.dtype,
+                 observer: EngineObserver | None = None) -> None:
         self._lora = lora
+        self._observer = observer or EngineObserver()
         self._device = device
         self._dtype = dtype
         self._tensor_budget = max(0, max_bytes - lora.stack_bytes)
@@ -194,6 +207,11 @@ class DeviceAdapters:
     def resident(self) -> int:
         return len(self._entries)
 
+    @property
+    def slots_used(self) -> int:
+        """LoRA slots holding an adapter (of `lora.num_slots`; slot 0, all zeros, is not counted)."""
+        return self._lora.num_slots - len(self._free_slots)
+
     def residents(self) -> list[tuple[AdapterKey, str]]:
         """Every resident adapter's key and kind, most recently used first (engine thread)."""
         return [(key, entry.kind) for key, entry in reversed(self._entries.items())]
@@ -201,8 +219,7 @@ class DeviceAdapters:
     @property
     def nbytes(self) -> int:
         """Device bytes holding resident adapters: occupied LoRA slots plus prompt and prefix tensors."""
-        occupied = self._lora.num_slots - len(self._free_slots)
-        return occupied * self._lora.slot_bytes + self._tensor_bytes
+        return self.slots_used * self._lora.slot_bytes + self._tensor_bytes
 
     def lookup(self, key: AdapterKey) -> DeviceAdapter | None:
         entry = self._entries.get(key)
@@ -253,6 +270,17 @@ class DeviceAdapters:
         return sum(t.numel() for t in host.tensors.values()) * self._element_size
 
     def _load(self, host: HostAdapter) -> DeviceAdapter | None:
+        start = time.perf_counter()
+        entry = self._place(host)
+        if entry is not None:
+            self._entries[host.key] = entry
+            self.stats.loads += 1
+            self.stats.misses += 1  # a device miss is retried while the tier is full; counted once, when it loads
+            self._observer.adapter_loaded(Tier.DEVICE, time.perf_counter() - start)
+        return entry
+
+    def _place(self, host: HostAdapter) -> DeviceAdapter | None:
+        """Copy `host` into a free (or freed) LoRA slot or a device tensor; None when no room can be made."""
         kind = KINDS[host.kind]
         if kind.uses_lora_slot:
             if not self._free_slots and not self._evict(lora=True):
@@ -276,9 +304,6 @@ class DeviceAdapters:
             assert kind.tensor_field is not None, f"{kind.name} holds neither a LoRA slot nor a tensor"
             setattr(entry, kind.tensor_field, tensor)
             self._tensor_bytes += nbytes
-        self._entries[host.key] = entry
-        self.stats.loads += 1
-        self.stats.misses += 1  # a device miss is retried while the tier is full; counted once, when it loads
         return entry
 
     def _evict(self, *, lora: bool) -> bool:

@@ -30,6 +30,11 @@ class ChunkedPrefill:
         self._done: Prefilled | None = None
         self._scores: list[TokenLogprob | None] = []  # prompt log-probabilities of the chunks so far
 
+    @property
+    def positions(self) -> int:
+        """Positions computed so far: the prompt tokens fed, and the soft prompt once the first chunk ran."""
+        return self._fed + (self._soft if self._done is not None else 0)
+
     def advance(self, forward: ModelForward) -> Prefilled | None:
         """Feed the next chunk; returns the prefilled row after the last chunk, None before. A row that asked for
         its prompt's log-probabilities gets them for the whole prompt, gathered over the chunks."""

@@ -13,6 +13,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from quiver.server.engine.generation_events import RequestHandle, Sink
 from quiver.server.engine.held_model import HeldModel
 from quiver.server.engine.logprobs import token_logprobs
 from quiver.server.engine.model_runner import ModelRunner
+from quiver.server.engine.observer import EngineObserver
 from quiver.server.engine.request import GenerationRequest, virtual_tokens
 from quiver.server.engine.sampling import sample_next
 from quiver.server.engine.sequence import RequestState
@@ -39,8 +41,10 @@ log = logging.getLogger(__name__)
 class Engine:
     """Runs generation requests on a dedicated thread that alone touches the model."""
 
-    def __init__(self, model: Any, tokenizer: Any, eos_token_ids: frozenset[int], config: EngineConfig) -> None:
+    def __init__(self, model: Any, tokenizer: Any, eos_token_ids: frozenset[int], config: EngineConfig,
+                 observer: EngineObserver | None = None) -> None:
         self._model = model
+        self._observer = observer or EngineObserver()
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
         self._config = config
@@ -57,21 +61,26 @@ class Engine:
 
     def _setup(self, config: EngineConfig, dtype: torch.dtype) -> None:
         self.lora = self._held.lora
-        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes)
+        self.host_adapters = HostAdapterCache(config.max_host_adapter_bytes, observer=self._observer)
         try:
-            self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype)
+            self.device_adapters = DeviceAdapters(self.lora, config.max_device_adapter_bytes, self._device, dtype,
+                                                  self._observer)
         except BaseException:
             self.host_adapters.close()
             raise
         self._admission: AdmissionQueue[RequestState] = AdmissionQueue(self.host_adapters, self.device_adapters)
         budget = CacheBudget.of(self._model, config.max_cache_bytes, config.cache_block_tokens, dtype)
         self._scheduler = StepScheduler(config, self._admission, self.device_adapters, budget)
-        self._runner = ModelRunner(self._model, self.lora, config, self._device)
+        self._runner = ModelRunner(self._model, self.lora, config, self._device, self._platform, self._observer)
         self._tokens: torch.Tensor | None = None  # (B,) sampled at the last step for the runner's rows
         self._inbox: queue.Queue[RequestState] = queue.Queue()
         self._arrivals = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
+        self.failure: BaseException | None = None
+        """What ended the engine thread, if it died rather than being stopped (every call then gets UNAVAILABLE)."""
+        self._last_step = time.monotonic()  # when the engine thread last ended a step, or idle, got work
+        self._step_since: float | None = None  # when the step under way (with work) started
         self._load = LoadPublisher()
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
 
@@ -136,12 +145,15 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue `request`; `sink` is called from the engine thread with every event."""
         if self._stopping:
-            raise Unavailable("the server is shutting down")
+            raise Unavailable("the server is shutting down" if self.failure is None else
+                              "the engine stopped after an internal error; the server is restarting")
         if self._inbox.qsize() + len(self._admission) >= self._config.max_queued:  # preempted ones had started
             raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
         self._scheduler.budget.check_alone(len(request.prompt_ids) + virtual_tokens(request.adapter)
                                        + request.max_new_tokens)
         sequence = RequestState.of(request, sink, self._tokenizer, next(self._arrivals))
+        if not (self.num_running or self.num_waiting):  # an idle engine's last step is old: its clock starts now
+            self._last_step = time.monotonic()
         self._inbox.put(sequence)
         self._wake.set()
         return sequence.handle
@@ -149,11 +161,32 @@ class Engine:
     # -- engine thread -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self._platform.enter_engine_thread(self._config)
-        with torch.inference_mode():
-            while not self._stopping:
-                self.step()
+        try:
+            self._platform.enter_engine_thread(self._config)
+            with torch.inference_mode():
+                while not self._stopping:
+                    self.step()
+                    self._last_step = time.monotonic()
+        except BaseException as e:  # a bug outside a forward: the engine cannot go on, and says so at once
+            log.critical("the engine thread died", exc_info=e)
+            self.failure = e
+            self._stopping = True
         self._fail_all_work()
+
+    def stalled_seconds(self) -> float:
+        """How long the step under way has run, or work has waited without a step ending; 0 while idle."""
+        now = time.monotonic()
+        since = self._step_since
+        if since is not None:
+            return now - since
+        if not (self.num_running or self.num_waiting):
+            return 0.0
+        return max(0.0, now - self._last_step)
+
+    def fail_pending(self) -> None:
+        """After the thread died: answer what reached the inbox after its last look (from another thread)."""
+        if not self._thread.is_alive():
+            self._fail_all_work()
 
     def step(self, *, block: bool = True) -> StepPlan:
         """One engine step: plan, run the forwards, sample and emit a token for every running row. With nothing
@@ -167,12 +200,15 @@ class Engine:
                 self._wake.wait(timeout=0.005 if waiting else None)
                 self._wake.clear()
             return plan
+        self._step_since = time.monotonic()
         try:
             self._run(plan)
             self._sample_and_emit()
         except Exception as e:  # a model failure fails the batch, not the server
             log.exception("engine step failed")
             self._finish_all(self._runner.clear(), e)
+        finally:
+            self._step_since = None
         return plan
 
     def _run(self, plan: StepPlan) -> None:
@@ -201,7 +237,8 @@ class Engine:
 
     def _fail_all_work(self) -> None:
         """At shutdown, once the loop has ended: every request the engine holds gets UNAVAILABLE."""
-        gone = Unavailable("the server is shutting down")
+        gone = Unavailable("the server is shutting down" if self.failure is None else
+                           "the engine stopped after an internal error; the server is restarting")
         scheduler = self._scheduler
         chunked = [scheduler.chunked] if scheduler.chunked is not None else []
         for rows in (self._runner.clear(), scheduler.ready, scheduler.preempted, chunked):

@@ -29,6 +29,7 @@ class GenerationEvent:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
     # In the first event, when the request asked: one per prompt token, None for the first (nothing predicts it)
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    queue_seconds: float | None = None  # in the first event: from submission to the first prefill
 
 
 Sink = Callable[[GenerationEvent], None]

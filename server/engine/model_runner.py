@@ -10,9 +10,10 @@ retried row by row at once, so only the row at fault fails; a failed decode forw
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,12 +23,15 @@ from quiver.server.engine.chunked_prefill import ChunkedPrefill
 from quiver.server.engine.decode_step import decode_step_for
 from quiver.server.engine.lora.slots import LoraSlots
 from quiver.server.engine.model_forward import ModelForward
+from quiver.server.engine.observer import EngineObserver, Phase
 from quiver.server.engine.prefill import Prefilled, PrefillRow, prefill
 from quiver.server.engine.sequence import RequestState
 from quiver.server.engine.step_scheduler import StepPlan
+from quiver.server.platform.base import Platform
 from quiver.server.platform.uploads import select_rows
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -43,9 +47,12 @@ class StepOutcome:
 class ModelRunner:
     """Owns the running batch (its rows in batch order, their cache) and a long prompt's chunked prefill."""
 
-    def __init__(self, model: Any, lora: LoraSlots, config: EngineConfig, device: torch.device) -> None:
+    def __init__(self, model: Any, lora: LoraSlots, config: EngineConfig, device: torch.device,
+                 platform: Platform, observer: EngineObserver | None = None) -> None:
         self.forward = ModelForward(model, lora)
         self._device = device
+        self._platform = platform
+        self._observer = observer or EngineObserver()
         self._budget = config.max_prefill_tokens
         self._batch = DecodeBatch(device, config.cache_block_tokens,
                                   decode_step_for(model, plain=config.plain_decode_step))
@@ -69,13 +76,37 @@ class ModelRunner:
             self._chunk = None
         if self._rows:
             assert tokens is not None and tokens.shape[0] == len(self._rows)
-            outcome.failed += self._decode(plan.decode, tokens)
+            rows = len(plan.decode)
+            outcome.failed += self._timed(Phase.DECODE, rows, rows, lambda: self._decode(plan.decode, tokens))
         if plan.prefill:
-            outcome.failed += self._prefill(list(plan.prefill))
+            group = list(plan.prefill)
+            positions = sum(row.prefill_length for row in group)
+            outcome.failed += self._timed(Phase.PREFILL, len(group), positions, lambda: self._prefill(group))
         elif plan.chunk is not None:
-            outcome.chunk_ended, failed = self._advance_chunk(plan.chunk)
+            chunk = plan.chunk
+            before = self._chunk[1].positions if self._chunk is not None and self._chunk[0] is chunk else 0
+            outcome.chunk_ended, failed = self._timed(Phase.PREFILL, 1, lambda: self._chunk_positions(chunk) - before,
+                                                      lambda: self._advance_chunk(chunk))
             outcome.failed += failed
         return outcome
+
+    def _timed(self, phase: Phase, rows: int, tokens: int | Callable[[], int], forward: Callable[[], _T]) -> _T:
+        """Run `forward`, reporting its duration (device work included) with its rows and positions (`tokens`, or
+        a function that counts them once it ran)."""
+        start = time.perf_counter()
+        result = forward()
+        if rows:
+            self._platform.synchronize(self._device)
+            seconds = time.perf_counter() - start
+            self._observer.forward(phase, seconds, rows, tokens if isinstance(tokens, int) else tokens())
+        return result
+
+    def _chunk_positions(self, row: RequestState) -> int:
+        """Positions the chunked prefill of `row` has computed; its whole prefill once it joined the batch."""
+        if self._chunk is not None and self._chunk[0] is row:
+            return self._chunk[1].positions
+        return row.prefill_length if any(r is row for r in self._rows) else 0
+
 
     def clear(self) -> list[RequestState]:
         """Drop every running row (after a failure that leaves the batch unusable); returns them."""
@@ -131,6 +162,10 @@ class ModelRunner:
         return True, self._join([row], out)
 
     def _prefill_row(self, row: RequestState) -> PrefillRow:
+        """`row` as its prefill forward (about to run) takes it; a first prefill ends the row's queue wait."""
+        if row.queue_seconds is None:
+            row.queue_seconds = time.monotonic() - row.submitted
+            self._observer.queued(row.queue_seconds)
         # The prompt, and for a preempted row the tokens it generated before (their cache was dropped).
         scored = row.request.prompt_logprobs if row.scores_prompt else None
         return PrefillRow(row.seen[: row.n_seen].to(self._device, copy=True), row.adapter, scored)

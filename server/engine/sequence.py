@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,9 @@ class RequestState:
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # from the prefill, sent with the first token
     n_generated: int = 0
     done: bool = field(default=False)
+    submitted: float = field(default_factory=time.monotonic)
+    queue_seconds: float | None = None  # from submission to its first prefill forward, set then
+    _queue_reported: bool = False  # the first event carries queue_seconds
 
     @classmethod
     def of(cls, request: GenerationRequest, sink: Sink, tokenizer: Any, arrival: int) -> RequestState:
@@ -83,8 +87,10 @@ class RequestState:
         if finish is not None and finish is not FinishReason.STOP_SEQUENCE:
             text += self.text.finish()
         event = GenerationEvent(text, (token,), len(self.request.prompt_ids), self.n_generated, finish,
-                                logprobs=(detail,) if detail is not None else (), prompt_logprobs=self.prompt_logprobs)
+                                logprobs=(detail,) if detail is not None else (), prompt_logprobs=self.prompt_logprobs,
+                                queue_seconds=None if self._queue_reported else self.queue_seconds)
         self.prompt_logprobs = ()
+        self._queue_reported = True
         return self.send(event) and finish is None
 
     def send(self, event: GenerationEvent) -> bool:

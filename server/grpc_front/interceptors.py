@@ -1,7 +1,10 @@
-"""The one place where domain exceptions become gRPC status codes; it also records call metrics.
+"""The one place where domain exceptions become gRPC status codes; it also refuses calls the serving phase does
+not allow (UNAVAILABLE while loading, draining or dead), counts calls in flight, and keeps each call's record
+(request id in and out as `x-request-id` metadata, the access line, metrics).
 
 User mistakes arrive as `QuiverError` subclasses and map to precise codes; anything else is a bug and
-becomes INTERNAL with the traceback logged, never shown to the client.
+becomes INTERNAL with the traceback logged, never shown to the client. Health and reflection calls pass through
+in every phase, unrecorded.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ from typing import Any
 import grpc
 
 from quiver.common import errors
-from quiver.server.api.metrics import ServerMetrics
+from quiver.server.api.access import Access
+from quiver.server.api.auth import method_access
+from quiver.server.api.calls import REQUEST_ID_KEY, CallLog
+from quiver.server.api.serving_state import ServingState
+from quiver.v1 import adapters_pb2, generation_pb2
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +50,34 @@ def status_code(error: errors.QuiverError) -> grpc.StatusCode:
 
 
 class _Call:
-    """Bookkeeping of one call: its outcome becomes a metric, its error a status."""
+    """Bookkeeping of one call: its outcome becomes a metric and an access line, its error a status."""
 
-    def __init__(self, method: str, metrics: ServerMetrics, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: str, calls: CallLog, state: ServingState, context: grpc.aio.ServicerContext) -> None:
         self.method = method
-        self.metrics = metrics
+        self.calls = calls
+        self.state = state
         self.context = context
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
+        metadata = dict((k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str))
+        self.record = calls.begin("grpc", method, metadata.get(REQUEST_ID_KEY))
+        state.in_flight += 1
+
+    async def open(self) -> None:
+        """Send the request id first; refuse the call when the serving phase does not allow new ones."""
+        await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.record.request_id),))
+        refusal = self.state.refusal()
+        if refusal is not None:
+            await self.fail(refusal)
 
     async def fail(self, error: Exception) -> None:
+        suffix = f" (request id {self.record.request_id})"
         if isinstance(error, errors.QuiverError):
             self.code = status_code(error)
-            await self.context.abort(self.code, error.message)
+            await self.context.abort(self.code, error.message + suffix)
         log.error("internal error in %s", self.method, exc_info=error)
         self.code = grpc.StatusCode.INTERNAL
-        await self.context.abort(self.code, f"internal error: {type(error).__name__}")
+        await self.context.abort(self.code, f"internal error: {type(error).__name__}{suffix}")
 
     def cancelled(self) -> None:
         remaining = self.context.time_remaining()
@@ -66,15 +85,18 @@ class _Call:
         self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     def done(self) -> None:
-        self.metrics.observe_call(self.method, self.code.name, time.perf_counter() - self.start)
+        self.state.in_flight -= 1
+        self.calls.metrics.observe_call(self.method, self.code.name, time.perf_counter() - self.start)
+        self.calls.end(self.record, self.code.name)
 
 
 def _wrap_unary(
-    method: str, metrics: ServerMetrics, behavior: Callable[[Any, Any], Awaitable[Any]]
+    method: str, calls: CallLog, state: ServingState, behavior: Callable[[Any, Any], Awaitable[Any]]
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(method, metrics, context)
+        call = _Call(method, calls, state, context)
         try:
+            await call.open()
             return await behavior(request, context)
         except asyncio.CancelledError:
             call.cancelled()
@@ -91,11 +113,12 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, metrics: ServerMetrics, behavior: Callable[[Any, Any], AsyncIterator[Any]]
+    method: str, calls: CallLog, state: ServingState, behavior: Callable[[Any, Any], AsyncIterator[Any]]
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(method, metrics, context)
+        call = _Call(method, calls, state, context)
         try:
+            await call.open()
             async for item in behavior(request, context):
                 yield item
         except asyncio.CancelledError:
@@ -128,11 +151,38 @@ def _is_abort(error: Exception) -> bool:
     return isinstance(error, grpc.aio.AbortError)
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps QuiverError to status codes and records every call's code and latency."""
+# Every Quiver method's full name -> (client streams, server streams), from the protos.
+_ARITY = {f"/{service.full_name}/{method.name}": (method.client_streaming, method.server_streaming)
+          for file in (generation_pb2.DESCRIPTOR, adapters_pb2.DESCRIPTOR)
+          for service in file.services_by_name.values() for method in service.methods}
 
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self._metrics = metrics
+
+def refusing_handler(method: str) -> grpc.RpcMethodHandler | None:
+    """For a Quiver method whose service is not there yet: a handler of its arity that answers UNAVAILABLE (None
+    for any other method: UNIMPLEMENTED)."""
+    if method not in _ARITY:
+        return None
+    gone = errors.Unavailable("the server is loading its model")
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise gone
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        raise gone
+        yield  # an async generator, as the streaming fronts are
+
+    client_streams, server_streams = _ARITY[method]
+    if server_streams:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return (grpc.stream_unary_rpc_method_handler if client_streams else grpc.unary_unary_rpc_method_handler)(refuse)
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps QuiverError to status codes, applies the serving phase, and records every Quiver call."""
+
+    def __init__(self, calls: CallLog, state: ServingState) -> None:
+        self._calls = calls
+        self._state = state
 
     async def intercept_service(
         self,
@@ -140,27 +190,26 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
+        if handler is None or method_access(handler_call_details.method) is Access.OPEN:  # health, reflection
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         codec = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        calls, state = self._calls, self._state
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, self._metrics, handler.unary_unary), **codec
-            )
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, calls, state, handler.unary_unary), **codec)
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, self._metrics, handler.unary_stream), **codec
+                _wrap_stream(method, calls, state, handler.unary_stream), **codec
             )
         if handler.unary_stream is not None:  # writes with context.write instead of yielding
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_unary(method, self._metrics, handler.unary_stream), **codec
+                _wrap_unary(method, calls, state, handler.unary_stream), **codec
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, self._metrics, handler.stream_unary), **codec
+                _wrap_unary(method, calls, state, handler.stream_unary), **codec
             )
         return handler

@@ -20,14 +20,16 @@ from starlette.responses import JSONResponse, Response
 from quiver.adapters.store import StoredAdapter
 from quiver.server.api.access import AccessPolicy
 from quiver.server.api.adapter_catalog import AdapterCatalog
+from quiver.server.api.calls import CallLog, current_request_id
 from quiver.server.api.generation import GenerationBackend
 from quiver.server.api.metrics import ServerMetrics
+from quiver.server.api.serving_state import ServingState
 from quiver.server.http.admin import AdapterRoutes
 from quiver.server.http.chat import ChatCompletions
 from quiver.server.http.choices import TokenTexts
 from quiver.server.http.completions import Completions
 from quiver.server.http.errors import error_response
-from quiver.server.http.gate import ROUTE_ACCESS, Gate, ServingState
+from quiver.server.http.gate import ROUTE_ACCESS, Gate
 from quiver.server.http.translate import adapter_of
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,7 +42,7 @@ class HttpContext:
     generator: GenerationBackend
     catalog: AdapterCatalog
     policy: AccessPolicy
-    metrics: ServerMetrics
+    calls: CallLog  # call records (access lines, per-adapter series) and, as `calls.metrics`, the server's metrics
     state: ServingState
     base_id: str  # the base model's id in `model`
     fingerprint: str  # the base model's fingerprint (OpenAI's `system_fingerprint` is derived from it)
@@ -101,8 +103,9 @@ def build_app(ctx: HttpContext) -> Gate:
         ("/v1/models/{model:path}", models.get, ["GET"]),
         ("/v1/load_lora_adapter", adapters.load, ["POST"]),
         ("/v1/unload_lora_adapter", adapters.unload, ["POST"]),
-        ("/metrics", _metrics(ctx.metrics), ["GET"]),
+        ("/metrics", _metrics(ctx.calls.metrics), ["GET"]),
         ("/health", _health(ctx.state), ["GET"]),
+        ("/ready", _ready(ctx.state), ["GET"]),
     ]
     unguarded = {path for path, _, _ in routes} - ROUTE_ACCESS.keys()
     if unguarded:  # every route's access level is declared beside the gate's table: never by omission
@@ -110,7 +113,7 @@ def build_app(ctx: HttpContext) -> Gate:
     for path, endpoint, methods in routes:
         app.add_route(path, endpoint, methods=methods)
     app.add_exception_handler(HTTPException, _http_exception)  # 404 / 405 in OpenAI's shape
-    return Gate(app, ctx.policy, ctx.state, ctx.metrics, ctx.max_body_bytes)
+    return Gate(app, ctx.policy, ctx.state, ctx.calls, ctx.max_body_bytes)
 
 
 def _short(fingerprint: str) -> str:
@@ -126,15 +129,27 @@ def _metrics(metrics: ServerMetrics) -> Any:
 
 
 def _health(state: ServingState) -> Any:
+    """Liveness: 200 unless the engine died or stalled (what a restart cures); loading and draining are alive."""
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})  # the gate answers 503 while draining
+        return JSONResponse({"status": state.phase.value}, status_code=200 if state.live else 503)
 
     return health
+
+
+def _ready(state: ServingState) -> Any:
+    """Readiness: 200 only when a generation would be served now (as gRPC health's SERVING)."""
+    async def ready(request: Request) -> Response:
+        return JSONResponse({"status": state.phase.value}, status_code=200 if state.ready else 503)
+
+    return ready
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "invalid_request_error"
-    body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}", "type": kind, "param": None,
-                      "code": "not_found" if exc.status_code == 404 else None}}
+    error: dict[str, object] = {"message": f"{request.method} {request.url.path}: {exc.detail}", "type": kind,
+                                "param": None, "code": "not_found" if exc.status_code == 404 else None}
+    if (request_id := current_request_id()) is not None:
+        error["request_id"] = request_id
+    body = {"error": error}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405 keeps its Allow

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 
 from quiver.common import errors
+from quiver.server.api.calls import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,17 @@ _ERRORS: dict[type[errors.QuiverError], HttpError] = {
     errors.ModelLoadError: HttpError(400, "invalid_request_error", "failed_precondition"),
 }
 _INTERNAL = HttpError(500, "server_error", "internal_error")
+# An HTTP status as the gRPC code name that per-adapter series label calls with on both fronts.
+_STATUS_NAMES = {200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED",
+                 409: "ALREADY_EXISTS", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
+                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def status_name(status: int) -> str:
+    """`status` as a gRPC code name (500 and anything unlisted: INTERNAL or UNKNOWN)."""
+    if status in _STATUS_NAMES:
+        return _STATUS_NAMES[status]
+    return "INTERNAL" if status >= 500 else "UNKNOWN"
 
 
 def http_error(error: BaseException) -> HttpError:
@@ -75,7 +87,11 @@ def error_body(error: BaseException, params: Mapping[str, str] | None = None) ->
 
 
 def _body(message: str, kind: HttpError, param: str | None, code: str | None) -> dict[str, object]:
-    return {"error": {"message": message, "type": kind.type, "param": param, "code": code}}
+    error: dict[str, object] = {"message": message, "type": kind.type, "param": param, "code": code}
+    request_id = current_request_id()
+    if request_id is not None:  # the call's id (also in the x-request-id header), to quote when reporting it
+        error["request_id"] = request_id
+    return {"error": error}
 
 
 def error_response(error: BaseException, params: Mapping[str, str] | None = None) -> JSONResponse:

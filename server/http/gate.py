@@ -1,5 +1,7 @@
 """What every HTTP request passes before its route, as one pure ASGI middleware: the access policy (401), the body
-cap (413), drain (503), and its metrics (route, status, duration to the last byte of a stream).
+cap (413), the serving phase (503 while loading, draining or dead: server/api/serving_state.py), its call record
+(request id in and out as `x-request-id`, the access line: server/api/calls.py) and its metrics (route, status,
+duration to the last byte of a stream).
 
 The route, and so the access level, is found by the application's own router (`Route.matches`), so the gate and
 the router cannot disagree on which handler a path reaches; a path no route matches needs the API key (the router
@@ -14,21 +16,22 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
-from quiver.common.errors import InvalidArgument, QuiverError, TooLarge, Unavailable
+from quiver.common.errors import InvalidArgument, QuiverError, TooLarge
 from quiver.server.api.access import Access, AccessPolicy, bearer_token
-from quiver.server.api.metrics import ServerMetrics
-from quiver.server.http.errors import error_body
+from quiver.server.api.calls import REQUEST_ID_KEY, CallLog
+from quiver.server.api.serving_state import ServingState
+from quiver.server.http.errors import error_body, status_name
 
 # Route path (as declared) -> what it needs; a path no route matches needs the API key (fail closed).
 ROUTE_ACCESS: dict[str, Access] = {
     "/health": Access.OPEN,
+    "/ready": Access.OPEN,
     "/metrics": Access.OPEN,
     "/v1/models": Access.INFERENCE,
     "/v1/models/{model:path}": Access.INFERENCE,
@@ -38,15 +41,9 @@ ROUTE_ACCESS: dict[str, Access] = {
     "/v1/unload_lora_adapter": Access.ADMIN,
 }
 UNMATCHED = "other"
+# Routes that answer in every serving phase (probes and scrapes), and that are not calls worth an access line.
+ALWAYS_OPEN = frozenset({"/health", "/ready", "/metrics"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-@dataclass
-class ServingState:
-    """Shared by the gate and the server's lifecycle: whether new work is refused, and how much is in flight."""
-
-    draining: bool = False
-    in_flight: int = field(default=0)
 
 
 def route_of(routes: Sequence[BaseRoute], scope: Scope) -> str:
@@ -63,13 +60,13 @@ def route_of(routes: Sequence[BaseRoute], scope: Scope) -> str:
 
 
 class Gate:
-    def __init__(self, app: Starlette, policy: AccessPolicy, state: ServingState, metrics: ServerMetrics,
+    def __init__(self, app: Starlette, policy: AccessPolicy, state: ServingState, calls: CallLog,
                  max_body_bytes: int) -> None:
         self._app = app
         self._routes = app.router.routes
         self._policy = policy
         self._state = state
-        self._metrics = metrics
+        self._calls = calls
         self._max_body = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,6 +77,8 @@ class Gate:
             await self._app(scope, receive, send)
             return
         route = route_of(self._routes, scope)
+        headers = _headers(scope)
+        record = None if route in ALWAYS_OPEN else self._calls.begin("http", route, headers.get(REQUEST_ID_KEY))
         status = 500  # unless a response starts
         start = time.perf_counter()
 
@@ -87,26 +86,30 @@ class Gate:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if record is not None:
+                    message = {**message, "headers": [*message.get("headers", ()),
+                                                      (REQUEST_ID_KEY.encode(), record.request_id.encode())]}
             await send(message)
 
         self._state.in_flight += 1
         try:
-            refusal = self._refusal(route, scope)
+            refusal = self._refusal(route, scope, headers)
             if refusal is not None:
                 await _respond(timed_send, refusal)
             else:
                 await self._app(scope, self._capped(receive), timed_send)
         finally:
             self._state.in_flight -= 1
-            self._metrics.observe_http(route, status, time.perf_counter() - start)
+            self._calls.metrics.observe_http(route, status, time.perf_counter() - start)
+            if record is not None:
+                self._calls.end(record, status_name(status), str(status))
 
-    def _refusal(self, route: str, scope: Scope) -> QuiverError | None:
-        headers = _headers(scope)
+    def _refusal(self, route: str, scope: Scope, headers: Mapping[str, str]) -> QuiverError | None:
         try:
             if _CONTROL.search(scope["path"]):
                 raise InvalidArgument("path", "must not hold control characters")
-            if self._state.draining and route != "/metrics":
-                raise Unavailable("the server is shutting down")
+            if route not in ALWAYS_OPEN and (refusal := self._state.refusal()) is not None:
+                raise refusal
             self._policy.check(ROUTE_ACCESS.get(route, Access.INFERENCE), bearer_token(headers.get("authorization")))
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self._max_body:

@@ -1,8 +1,8 @@
 """The HTTP front on uvicorn, in the same process and event loop as the gRPC server.
 
-Quiver's own signal handlers drive shutdown (server/app.py), so uvicorn's are not installed. Stopping first
-drains: new requests answer 503 while those in flight get up to the grace period to finish, then uvicorn closes
-the listening socket and any connection still open.
+Quiver's own signal handlers drive shutdown (server/app.py), so uvicorn's are not installed. Stopping waits for
+the requests in flight (the serving state already refuses new ones: 503) up to the grace period, then uvicorn
+closes the listening socket and any connection still open.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
-from quiver.server.http.gate import ServingState
+from quiver.server.api.serving_state import ServingState
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.05
@@ -57,8 +57,7 @@ class HttpServer:
         return cls(server, task, state, sock.getsockname()[1])
 
     async def stop(self, grace: float | None) -> None:
-        """Refuse new requests (503), give those in flight `grace` seconds, then close."""
-        self._state.draining = True
+        """Give the requests in flight `grace` seconds (new ones are refused: the state is DRAINING), then close."""
         loop = asyncio.get_running_loop()
         end = loop.time() + (grace or 0)
         while self._state.in_flight and loop.time() < end:

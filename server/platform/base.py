@@ -57,6 +57,9 @@ class Platform:
         """A small host tensor on `device`, queued behind the device's work (uploads.upload)."""
         return host.to(device)
 
+    def synchronize(self, device: torch.device) -> None:
+        """Wait for the device's queued work, so a host clock measures it (a CPU's work is already done)."""
+
 
 PLATFORMS: dict[str, Platform] = {}  # device type -> its platform (stateless: one instance each)
 

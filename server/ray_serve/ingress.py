@@ -13,13 +13,14 @@ from typing import Any, TypeVar
 
 from quiver.common.errors import QuiverError
 from quiver.server.api.access import Access, bearer_token
+from quiver.server.api.calls import CallLog
 from quiver.server.api.core import access_policy, adapter_catalog, request_builder, served_model_name
 from quiver.server.api.metrics import ServerMetrics
+from quiver.server.api.serving_state import ServingState
 from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
 from quiver.server.grpc_front.interceptors import status_code
 from quiver.server.grpc_front.service import GenerationService
 from quiver.server.http.app import HttpContext, build_app
-from quiver.server.http.gate import ServingState
 from quiver.server.model.model_loader import load_model_view
 from quiver.server.ray_serve.remote import RemoteGenerator
 from quiver.v1 import generation_pb2 as pb
@@ -39,7 +40,7 @@ class Ingress:
         catalog = adapter_catalog(view, adapters, engine_config, self._base_id)
         self._generator = RemoteGenerator(request_builder(view, engine_config, catalog), engine)
         self._policy = access_policy(api_key, adapters)
-        self._http = HttpContext(self._generator, catalog, self._policy, ServerMetrics(), ServingState(),
+        self._http = HttpContext(self._generator, catalog, self._policy, CallLog(ServerMetrics()), ServingState(),
                                  self._base_id, view.fingerprint, view.context_length, max_request_bytes)
         self._service: GenerationService | None = None
 

@@ -114,13 +114,14 @@ def test_container_ports_and_probes_use_the_flags_ports(invocation: Invocation):
         if "httpGet" in probe:
             port = _container_port(container, probe["httpGet"]["port"])
             assert port == flags["--http-port"], f"{invocation.label}: {kind} is not on --http-port"
-            assert probe["httpGet"].get("path") == "/health", f"{invocation.label}: {kind}: Quiver's route is /health"
+            path = probe["httpGet"].get("path")
+            assert path in ("/health", "/ready"), f"{invocation.label}: {kind}: {path} is not a probe route"
         if "tcpSocket" in probe:
             assert _container_port(container, probe["tcpSocket"]["port"]) in flags.values(), invocation.label
     args = _parse(invocation)
     if invocation.command == "serve":  # the pod's grace covers the server's drain
         grace = invocation.pod["spec"].get("terminationGracePeriodSeconds", 30)
-        assert args.__dict__["ServerConfig.grace_seconds"] < grace, f"{invocation.label}: --grace-seconds >= the pod's"
+        assert args.__dict__["ServerConfig.drain_seconds"] < grace, f"{invocation.label}: --drain-seconds >= the pod's"
 
 
 @pytest.mark.parametrize("invocation", INVOCATIONS, ids=_ids(INVOCATIONS))

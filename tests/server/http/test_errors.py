@@ -22,9 +22,10 @@ COMPLETION = {"model": "prompt", "prompt": "w1 w2", "max_tokens": 4}
 def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code", "request_id"}
     error: dict[str, Any] = body["error"]
     assert error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]  # the call's id, to quote when reporting it
     return error
 
 

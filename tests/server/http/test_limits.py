@@ -56,7 +56,8 @@ def test_draining_is_503_while_running_requests_finish(loaded: Any, adapter_dirs
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
         stopping = asyncio.run_coroutine_threadsafe(srv.running.stop(30), srv.loop)
-        assert wait_for(lambda: httpx.get(srv.http + "/health").status_code == 503)
+        assert wait_for(lambda: httpx.get(srv.http + "/ready").status_code == 503)
+        assert httpx.get(srv.http + "/health").status_code == 200  # draining is alive: no restart
         refused = httpx.post(srv.http + "/v1/chat/completions", json=CHAT)
         assert error_of(refused, 503)["code"] == "unavailable"
         rest = [line for line in lines if line]  # the running stream still ends normally

@@ -92,7 +92,9 @@ def test_resident_adapters_gauge_is_bounded(busy: ServerThread, adapter_dirs: di
     resident = {s.labels["adapter"]: s.labels["kind"] for s in families["quiver_adapter_resident"][1]}
     # Four LoRA slots hold lora and the extras; with two series allowed, the two most recently used are named.
     assert resident == {"prefix@1": "prefix_tuning", "extra-2@1": "lora"}
-    assert value(families, "quiver_adapters_resident") == 6
+    by_tier = {s.labels["tier"]: s.value for s in families["quiver_adapters_resident"][1]}
+    assert by_tier["device"] == 6 and by_tier["host"] >= 4  # every adapter used is resident; the host holds the files
+    assert value(families, "quiver_lora_slots_used") == 4 and value(families, "quiver_lora_slots") == 4
     assert all(s.value == 1 for s in families["quiver_adapter_resident"][1])
 
 
