@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def serving(checkpoint: Path, store: Path, threads: int) -> Iterator[tuple[str, str]]:
-    """`quiver serve` in a subprocess on free loopback ports; yields (gRPC target, HTTP URL) once it answers."""
+    """`quiver serve` in a subprocess on free loopback ports; yields (gRPC target, HTTP URL) once it is ready."""
     grpc_port, http_port = _free_port(), _free_port()
     command = [sys.executable, "-c", "import sys; from quiver.clients.cli import main; sys.exit(main(sys.argv[1:]))",
                "serve", "--model", str(checkpoint), "--store", str(store),
@@ -67,7 +67,7 @@ def serving(checkpoint: Path, store: Path, threads: int) -> Iterator[tuple[str, 
             if server.poll() is not None:
                 raise RuntimeError(f"quiver serve exited with {server.returncode}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:  # /health answers while loading
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError("quiver serve did not start")

@@ -43,13 +43,14 @@ def test_inference_needs_the_key(keyed: ServerThread):
     bare = httpx.post(f"{keyed.http}/v1/chat/completions", json={"model": BASE_ID, "messages": []})
     assert bare.status_code == 401  # before the body is even read
     for path in ("/v1/completions/", "/v1/models/lora", "/v1/anything", "/v1/../v1/models"):
-        assert httpx.get(f"{keyed.http}{path}").status_code == 401, path  # fail closed: only /health and /metrics
+        assert httpx.get(f"{keyed.http}{path}").status_code == 401, path  # fail closed: only the probes and /metrics
     with _client(keyed, KEY) as client:
         assert client.completions.create(model=BASE_ID, prompt="w1 w2", max_tokens=3).choices[0].text
     with _client(keyed, ADMIN) as client:  # whoever may change adapters may use them
         assert [m.id for m in client.models.list()] == [BASE_ID]
     assert httpx.get(f"{keyed.http}/metrics").status_code == 200  # scrapers and probes need no key
     assert httpx.get(f"{keyed.http}/health").status_code == 200
+    assert httpx.get(f"{keyed.http}/ready").status_code == 200
 
 
 def test_grpc_needs_the_same_key(keyed: ServerThread):
