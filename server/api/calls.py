@@ -6,7 +6,8 @@ with the call's status (`CallLog.end`). In between, the record is the context va
 generation core fills it in (adapter, tokens, queue wait, time to first token) without any front passing it
 along, and error bodies carry the request id. The request id is the caller's `x-request-id` (metadata or header)
 when it is a plain token of at most 128 characters, else a new one; it is returned in the response's
-`x-request-id`. Prompt text is kept only with `--log-prompts`.
+`x-request-id`. Prompt text is kept only with `--log-prompts`: the prompt as the model reads it (decoded from its
+token ids, after any chat or adapter template).
 """
 
 from __future__ import annotations

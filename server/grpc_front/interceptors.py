@@ -121,7 +121,7 @@ def _wrap_stream(
             await call.open()
             async for item in behavior(request, context):
                 yield item
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # grpc closes a generator paused at a send: GeneratorExit
             call.cancelled()
             raise
         except Exception as e:
