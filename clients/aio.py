@@ -23,6 +23,7 @@ from quiver.clients.adapters_types import (
     registration_options,
 )
 from quiver.clients.errors import QuiverRpcError
+from quiver.clients.tls import channel_credentials
 from quiver.clients.types import (
     DEFAULT_TARGET,
     Generation,
@@ -46,7 +47,8 @@ class AsyncQuiverClient:
     Create it inside the event loop that will use it. `timeout` (seconds) is the deadline of each call
     (of the whole stream for `generate_stream`); `metadata` is sent with every call, `api_key` (as
     `authorization: Bearer <key>`) with every call of a server started with `--api-key`, and `admin_token` instead
-    of it with every adapter call. Every failed call raises `QuiverRpcError`;
+    of it with every adapter call. `tls_ca` (the CA of the server's certificate), `tls_cert` and `tls_key` (a client
+    certificate, for mutual TLS) make the channel TLS. Every failed call raises `QuiverRpcError`;
     arguments the wire cannot carry raise ValueError before anything is sent.
     """
 
@@ -58,8 +60,13 @@ class AsyncQuiverClient:
         metadata: Sequence[tuple[str, str]] = (),
         admin_token: str | None = None,
         api_key: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials is not None
+                         else grpc.aio.insecure_channel(target))
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._adapters = apb_grpc.AdapterServiceStub(self._channel)
         self._timeout = timeout

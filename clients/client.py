@@ -22,6 +22,7 @@ from quiver.clients.adapters_types import (
     registration_options,
 )
 from quiver.clients.errors import QuiverRpcError
+from quiver.clients.tls import channel_credentials
 from quiver.clients.types import (
     DEFAULT_TARGET,
     Generation,
@@ -44,7 +45,9 @@ class QuiverClient:
 
     `timeout` (seconds) is the deadline of each call (of the whole stream for `generate_stream`);
     `metadata` is sent with every call, `api_key` (as `authorization: Bearer <key>`) with every call of a server
-    started with `--api-key`, and `admin_token` instead of it with every adapter call. Every failed call raises
+    started with `--api-key`, and `admin_token` instead of it with every adapter call. `tls_ca` (the CA of the
+    server's certificate), `tls_cert` and `tls_key` (a client certificate, for mutual TLS) make the channel TLS.
+    Every failed call raises
     `QuiverRpcError`; arguments the wire cannot carry raise ValueError before anything is sent.
     """
 
@@ -56,8 +59,13 @@ class QuiverClient:
         metadata: Sequence[tuple[str, str]] = (),
         admin_token: str | None = None,
         api_key: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target)
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+        self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
+                         else grpc.insecure_channel(target))
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._adapters = apb_grpc.AdapterServiceStub(self._channel)
         self._timeout = timeout

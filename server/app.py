@@ -42,6 +42,7 @@ from quiver.server.lifecycle import Health, HealthMonitor, drain
 from quiver.server.logging_setup import configure_logging
 from quiver.server.model.model_loader import LoadedModel, load_base_model
 from quiver.server.platform.cpu_threads import reserve_for_engine
+from quiver.server.tls import Tls
 from quiver.v1 import adapters_pb2, adapters_pb2_grpc
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
@@ -153,16 +154,18 @@ async def open_ports(config: ServerConfig, adapter_config: AdapterConfig) -> Ope
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
     health = Health(servicer, SERVICE_NAMES)
     await health.follow(state)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    tls = Tls.of(config)
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, tls.grpc_credentials()) if tls else server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
+        raise OSError(f"cannot bind gRPC to {address}")
     await server.start()
     http: HttpServer | None = None
     switch = AppSwitch(LoadingApp(state, calls.metrics)) if config.http_port else None
     try:
         if switch is not None:
-            http = await HttpServer.start(switch, config.host, config.http_port, state)
-        metrics_port = calls.metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
+            http = await HttpServer.start(switch, config.host, config.http_port, state, tls)
+        metrics_port = calls.metrics.serve_http(config.host, config.metrics_port, tls) if config.metrics_port else None
     except BaseException:
         if http is not None:
             await http.stop(0)
@@ -331,5 +334,6 @@ def serve(model_config: ModelConfig, engine_config: EngineConfig, config: Server
           adapter_config: AdapterConfig) -> int:
     """Serve until SIGINT/SIGTERM, then drain; the exit status (0, or 1 when the engine died)."""
     configure_logging(config.log_format)
+    Tls.of(config)  # unusable TLS files stop the start here, naming their flag, before the model loads
     reserve_for_engine()
     return asyncio.run(serve_until_signal(model_config, engine_config, config, adapter_config))

@@ -223,6 +223,16 @@ class ServerConfig:
         metadata={"help": "key every inference call needs, as `Authorization: Bearer KEY` over HTTP and "
                   "`authorization` metadata over gRPC (default: $QUIVER_API_KEY; unset = open)"},
     )
+    tls_cert: str | None = field(
+        default=None,
+        metadata={"help": "PEM certificate chain: gRPC, HTTP and the metrics port serve TLS only (needs --tls-key)"},
+    )
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle: mutual TLS, every connection must present a client certificate it signed "
+                  "(needs --tls-cert)"},
+    )
     max_request_bytes: int = field(
         default=4 * 2**20, metadata={"help": "largest HTTP request body, in bytes (larger ones get 413)"}
     )
@@ -270,6 +280,10 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must not be empty")
         if self.max_request_bytes < 1:
             raise ValueError("--max-request-bytes must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
         for name in ("metrics_max_resident_adapters", "metrics_max_adapters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")

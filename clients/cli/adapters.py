@@ -24,6 +24,7 @@ from quiver.clients.cli.common import (
     add_server_argument,
     report_rpc_error,
     report_usage_error,
+    tls_options,
 )
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
@@ -64,8 +65,9 @@ class AdapterBackend(Protocol):
 class ServerBackend:
     """The actions as AdapterService calls; failures raise QuiverRpcError."""
 
-    def __init__(self, target: str, admin_token: str | None, api_key: str | None = None) -> None:
-        self._client = QuiverClient(target, admin_token=admin_token, api_key=api_key)
+    def __init__(self, target: str, admin_token: str | None, api_key: str | None = None,
+                 tls: dict[str, str | None] | None = None) -> None:
+        self._client = QuiverClient(target, admin_token=admin_token, api_key=api_key, **(tls or {}))
 
     def register(
         self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None
@@ -149,7 +151,7 @@ class StoreBackend:
 def open_backend(args: argparse.Namespace) -> AdapterBackend:
     if args.store is not None:
         return StoreBackend(args.store, getattr(args, "model", None))
-    return ServerBackend(args.server, args.admin_token, args.api_key)
+    return ServerBackend(args.server, args.admin_token, args.api_key, tls_options(args))
 
 
 # --- output -------------------------------------------------------------------------------------------

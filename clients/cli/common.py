@@ -32,6 +32,14 @@ def add_server_argument(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(API_KEY_ENV),
         help=f"the key of a server started with --api-key (default: ${API_KEY_ENV})",
     )
+    parser.add_argument("--tls-ca", help="PEM CA of the server's certificate: connect over TLS")
+    parser.add_argument("--tls-cert", help="PEM client certificate, for a server requiring mutual TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+
+
+def tls_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The client's TLS keyword arguments from the flags `add_server_argument` added."""
+    return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
 def report_rpc_error(error: QuiverRpcError) -> int:

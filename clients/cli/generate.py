@@ -7,7 +7,7 @@ import sys
 from contextlib import closing
 from typing import Any
 
-from quiver.clients.cli.common import add_server_argument, report_rpc_error, report_usage_error
+from quiver.clients.cli.common import add_server_argument, report_rpc_error, report_usage_error, tls_options
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
 from quiver.clients.types import TokenLogprob
@@ -71,7 +71,7 @@ def _write_logprobs(entries: list[TokenLogprob]) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         inputs = _inputs(args)
-        with QuiverClient(args.server, api_key=args.api_key) as client:
+        with QuiverClient(args.server, api_key=args.api_key, **tls_options(args)) as client:
             if args.stream:
                 logprobs: list[TokenLogprob] = []
                 with closing(client.generate_stream(**inputs)) as chunks:

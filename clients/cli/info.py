@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from quiver.clients.cli.common import add_server_argument, report_rpc_error
+from quiver.clients.cli.common import add_server_argument, report_rpc_error, report_usage_error, tls_options
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
 
@@ -20,10 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with QuiverClient(args.server, api_key=args.api_key) as client:
+        with QuiverClient(args.server, api_key=args.api_key, **tls_options(args)) as client:
             info = client.model_info()
     except QuiverRpcError as e:
         return report_rpc_error(e)
+    except ValueError as e:  # a TLS file that cannot be read
+        return report_usage_error(e)
     values = dataclasses.asdict(info)
     if args.json:
         print(json.dumps(values, indent=2))

@@ -43,3 +43,5 @@ def run(args: argparse.Namespace) -> int:
     except QuiverError as e:  # the model failed to load, or the configuration does not fit the store
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # a file a flag names cannot be used (--tls-*)
+        return report_usage_error(e)

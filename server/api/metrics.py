@@ -36,6 +36,7 @@ from quiver.server.engine.request import GenerationRequest
 
 if TYPE_CHECKING:
     from quiver.server.api.calls import CallRecord
+    from quiver.server.tls import Tls
 
 # Generation requests run from milliseconds (one token) to minutes (long outputs on CPU).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
@@ -207,8 +208,11 @@ class ServerMetrics:
         """The registry in Prometheus' text format (what /metrics serves)."""
         return generate_latest(self.registry)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics in a background thread; returns the bound port (useful when `port` is 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, tls: Tls | None = None) -> int:
+        """Serve /metrics in a background thread, over TLS when `tls` is given (mutual with its client CA); returns
+        the bound port (useful when `port` is 0)."""
+        options = {} if tls is None else {"certfile": tls.cert, "keyfile": tls.key, "client_cafile": tls.client_ca,
+                                           "client_auth_required": tls.client_ca is not None}
+        server, _thread = start_http_server(port, addr=host, registry=self.registry, **options)  # type: ignore[arg-type]
         bound: int = server.server_address[1]
         return bound

@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
 from quiver.server.api.serving_state import ServingState
+from quiver.server.tls import Tls
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.05
@@ -26,6 +29,15 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # Quiver's handlers, not uvicorn's
+
+
+def _ssl_options(tls: Tls | None) -> dict[str, Any]:
+    if tls is None:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
+    if tls.client_ca is not None:
+        options.update(ssl_ca_certs=tls.client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
 
 
 class HttpServer:
@@ -38,14 +50,16 @@ class HttpServer:
         self.port = port
 
     @classmethod
-    async def start(cls, app: ASGIApp, host: str, port: int, state: ServingState) -> HttpServer:
-        """Bind `host:port` (OSError when taken: before anything starts) and serve `app` on it."""
+    async def start(cls, app: ASGIApp, host: str, port: int, state: ServingState, tls: Tls | None = None
+                    ) -> HttpServer:
+        """Bind `host:port` (OSError when taken: before anything starts) and serve `app` on it, over TLS (mutual
+        with a client CA) when `tls` is given."""
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         sock = socket.create_server((host, port), family=family)
         # log_config=None: uvicorn's loggers propagate to the process's own logging instead of handlers of their
         # own bound to whatever sys.stderr was at start-up.
         config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, log_level="warning",
-                                timeout_graceful_shutdown=0)
+                                timeout_graceful_shutdown=0, **_ssl_options(tls))
         server = _Uvicorn(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
