@@ -145,7 +145,10 @@ async def open_ports(config: ServerConfig, adapter_config: AdapterConfig) -> Ope
     state = ServingState(Phase.LOADING)
     calls.metrics.ready.set_function(lambda: float(state.ready))
     policy = access_policy(config.api_key, adapter_config)
-    server = grpc.aio.server(interceptors=[StatusInterceptor(calls, state), AuthInterceptor(policy)])
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor(calls, state, config.max_streams_per_connection), AuthInterceptor(policy)],
+        options=[("grpc.max_receive_message_length", config.max_message_bytes)],
+    )
     services = _DeferredServices()
     server.add_generic_rpc_handlers((services,))
     servicer = health_aio.HealthServicer()

@@ -57,6 +57,11 @@ class EngineConfig:
     default_max_new_tokens: int = field(
         default=256, metadata={"help": "max_new_tokens of a request that sets none"}
     )
+    max_input_tokens: int = field(
+        default=0,
+        metadata={"help": "most prompt tokens a request may have, after its template (INVALID_ARGUMENT / 400 beyond; "
+                  "0: only the model's context length bounds it)"},
+    )
     max_running: int = field(
         default=32, metadata={"help": "most sequences decoded at once; later requests queue"}
     )
@@ -143,6 +148,8 @@ class EngineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
+        if self.max_input_tokens < 0:
+            raise ValueError("--max-input-tokens must be >= 0")
         if self.max_lora_gather_bytes < 0:
             raise ValueError("--max-lora-gather-bytes must be >= 0")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
@@ -236,6 +243,16 @@ class ServerConfig:
     max_request_bytes: int = field(
         default=4 * 2**20, metadata={"help": "largest HTTP request body, in bytes (larger ones get 413)"}
     )
+    max_message_bytes: int = field(
+        default=4 * 2**20,
+        metadata={"help": "largest gRPC message received, in bytes (RESOURCE_EXHAUSTED beyond; RegisterAdapter "
+                  "streams files in smaller chunks)"},
+    )
+    max_streams_per_connection: int = field(
+        default=256,
+        metadata={"help": "most gRPC calls one connection may have in flight; one more gets RESOURCE_EXHAUSTED at "
+                  "once (HTTP/1.1 connections carry one request at a time)"},
+    )
     metrics_max_resident_adapters: int = field(
         default=64,
         metadata={"help": "most adapters the quiver_adapter_resident gauge lists by name (the most recently used), "
@@ -278,8 +295,9 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise ValueError(f"--{name.replace('_', '-')} must not be empty")
-        if self.max_request_bytes < 1:
-            raise ValueError("--max-request-bytes must be >= 1")
+        for name in ("max_request_bytes", "max_message_bytes", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -53,6 +53,7 @@ def request_builder(model: ModelView, engine_config: EngineConfig, catalog: Adap
         context_length=model.context_length,
         max_new_tokens_limit=engine_config.max_new_tokens_limit,
         default_max_new_tokens=engine_config.default_max_new_tokens,
+        max_input_tokens=engine_config.max_input_tokens,
     )
     return RequestBuilder(model.tokenizer, limits, catalog.resolve)
 

@@ -43,6 +43,14 @@ class GenerationBackend(Protocol):
     def run(self, requests: Sequence[GenerationRequest]) -> EventSource: ...
 
 
+INLINE_PROMPT_CHARS = 2048
+
+
+def _size(spec: GenerationInput) -> int:
+    """Characters (or token ids) of a request's prompt."""
+    return len(spec.text or "") + sum(len(m.content) for m in spec.messages or ()) + len(spec.token_ids or ())
+
+
 class Generator:
     """Runs `GenerationInput`s on one engine."""
 
@@ -60,8 +68,13 @@ class Generator:
         record = CURRENT_CALL.get()
         if record is not None and spec.adapter:
             record.adapter = spec.adapter
-        # Tokenizing and templating take real CPU time on long prompts: keep them off the event loop.
-        request = await asyncio.to_thread(self._builder.build, spec)
+        # Tokenizing and templating take real CPU time on long prompts: those go off the event loop. A short one takes
+        # well under a millisecond, less than the hop to a worker thread while the engine keeps the cores busy.
+        if _size(spec) <= INLINE_PROMPT_CHARS:
+            request = self._builder.build(spec)
+        else:
+            request = await asyncio.to_thread(self._builder.build, spec)
+        self._engine.check_queue()  # after validation: a request that can never run hears why, not "retry later"
         if record is not None and record.keep_prompt:
             prompt = self._builder.tokenizer.decode(request.prompt_ids)
             record.prompt = prompt if record.prompt is None else f"{record.prompt}\n{prompt}"

@@ -32,6 +32,8 @@ class RequestLimits:
     context_length: int
     max_new_tokens_limit: int
     default_max_new_tokens: int
+    max_input_tokens: int = 0
+    """Most prompt tokens (after any template; 0: the context length is the only bound)."""
 
 
 # Sampling field -> (test a set value must pass, what the message says otherwise).
@@ -61,6 +63,10 @@ class RequestBuilder:
         self._tokenizer = tokenizer
         self._vocab_size = len(tokenizer)
         self._limits = limits
+        # No token spells more characters than its longest vocabulary entry, so a text longer than the prompt limit
+        # times that (with room for Unicode normalisation) cannot fit: refused without tokenizing it.
+        longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+        self._max_chars = 4 * longest * (limits.max_input_tokens or limits.context_length)
         self._resolve_adapter = resolve_adapter
 
     @property
@@ -90,6 +96,10 @@ class RequestBuilder:
         if len(given) != 1:
             raise InvalidArgument("input", "set exactly one of text, messages and token_ids")
         kind = given[0]
+        characters = len(request.text or "") + sum(len(m.content) for m in request.messages or ())
+        if characters > self._max_chars:
+            raise InvalidArgument(kind, f"prompt of {characters} characters is longer than this server's prompts "
+                                  f"can be ({self._limits.max_input_tokens or self._limits.context_length} tokens)")
         if request.text is not None:
             if not request.text:
                 raise InvalidArgument("text", "must not be empty")
@@ -98,14 +108,22 @@ class RequestBuilder:
         elif request.messages is not None:
             ids = self._chat_ids(request.messages, template)
         else:
+            self._check_input_tokens(kind, len(request.token_ids or ()))  # before copying a huge list
             ids = self._token_ids(request.token_ids or (), template)
         if not ids:
             raise InvalidArgument(kind, "tokenizes to no tokens")
+        self._check_input_tokens(kind, len(ids))
         if len(ids) + virtual >= self._limits.context_length:
             raise InvalidArgument(
                 kind, f"prompt is {len(ids) + virtual} tokens; the context holds {self._limits.context_length}"
             )
         return ids
+
+    def _check_input_tokens(self, kind: str, count: int) -> None:
+        limit = self._limits.max_input_tokens
+        if limit and count > limit:
+            raise InvalidArgument(kind, f"prompt is {count} tokens; this server accepts at most {limit} "
+                                  "(--max-input-tokens)")
 
     def _token_ids(self, ids: tuple[int, ...], template: str | None) -> list[int]:
         if template is not None:  # the adapter was trained on text around its template: ids cannot be templated

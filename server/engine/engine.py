@@ -142,13 +142,17 @@ class Engine:
         # Admitted ones (`ready`) hold a batch place; preempted ones wait to resume.
         return self._inbox.qsize() + len(self._admission) + len(self._scheduler.preempted)
 
+    def check_queue(self) -> None:
+        """ResourceExhausted when `max_queued` requests already wait (preempted ones do not count: they started)."""
+        if self._inbox.qsize() + len(self._admission) >= self._config.max_queued:
+            raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
+
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue `request`; `sink` is called from the engine thread with every event."""
         if self._stopping:
             raise Unavailable("the server is shutting down" if self.failure is None else
                               "the engine stopped after an internal error; the server is restarting")
-        if self._inbox.qsize() + len(self._admission) >= self._config.max_queued:  # preempted ones had started
-            raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
+        self.check_queue()
         self._scheduler.budget.check_alone(len(request.prompt_ids) + virtual_tokens(request.adapter)
                                        + request.max_new_tokens)
         sequence = RequestState.of(request, sink, self._tokenizer, next(self._arrivals))

@@ -49,13 +49,37 @@ def status_code(error: errors.QuiverError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class ConnectionStreams:
+    """Calls in flight per connection (by peer address and port), capped (`--max-streams-per-connection`): one call
+    over the cap is refused at once rather than queued behind the others (event-loop thread only)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: dict[str, int] = {}
+
+    def enter(self, peer: str) -> None:
+        count = self._open.get(peer, 0)
+        if count >= self._limit:
+            raise errors.ResourceExhausted(f"this connection already has {count} calls in flight "
+                                           "(--max-streams-per-connection)")
+        self._open[peer] = count + 1
+
+    def leave(self, peer: str) -> None:
+        count = self._open.pop(peer, 1) - 1
+        if count:
+            self._open[peer] = count
+
+
 class _Call:
     """Bookkeeping of one call: its outcome becomes a metric and an access line, its error a status."""
 
-    def __init__(self, method: str, calls: CallLog, state: ServingState, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: str, calls: CallLog, state: ServingState, streams: ConnectionStreams,
+                 context: grpc.aio.ServicerContext) -> None:
         self.method = method
         self.calls = calls
         self.state = state
+        self.streams = streams
+        self.peer: str | None = None  # set once the call counts against its connection
         self.context = context
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
@@ -69,6 +93,12 @@ class _Call:
         refusal = self.state.refusal()
         if refusal is not None:
             await self.fail(refusal)
+        peer = self.context.peer()
+        try:
+            self.streams.enter(peer)
+        except errors.ResourceExhausted as e:
+            await self.fail(e)
+        self.peer = peer
 
     async def fail(self, error: Exception) -> None:
         suffix = f" (request id {self.record.request_id})"
@@ -86,15 +116,20 @@ class _Call:
 
     def done(self) -> None:
         self.state.in_flight -= 1
+        if self.peer is not None:
+            self.streams.leave(self.peer)
         self.calls.metrics.observe_call(self.method, self.code.name, time.perf_counter() - self.start)
         self.calls.end(self.record, self.code.name)
 
 
+_Guard = tuple[CallLog, ServingState, ConnectionStreams]
+
+
 def _wrap_unary(
-    method: str, calls: CallLog, state: ServingState, behavior: Callable[[Any, Any], Awaitable[Any]]
+    method: str, guard: _Guard, behavior: Callable[[Any, Any], Awaitable[Any]]
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(method, calls, state, context)
+        call = _Call(method, *guard, context)
         try:
             await call.open()
             return await behavior(request, context)
@@ -113,10 +148,10 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, calls: CallLog, state: ServingState, behavior: Callable[[Any, Any], AsyncIterator[Any]]
+    method: str, guard: _Guard, behavior: Callable[[Any, Any], AsyncIterator[Any]]
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(method, calls, state, context)
+        call = _Call(method, *guard, context)
         try:
             await call.open()
             async for item in behavior(request, context):
@@ -180,9 +215,8 @@ def refusing_handler(method: str) -> grpc.RpcMethodHandler | None:
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Maps QuiverError to status codes, applies the serving phase, and records every Quiver call."""
 
-    def __init__(self, calls: CallLog, state: ServingState) -> None:
-        self._calls = calls
-        self._state = state
+    def __init__(self, calls: CallLog, state: ServingState, max_streams_per_connection: int = 256) -> None:
+        self._guard: _Guard = (calls, state, ConnectionStreams(max_streams_per_connection))
 
     async def intercept_service(
         self,
@@ -197,19 +231,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        calls, state = self._calls, self._state
+        guard = self._guard
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, calls, state, handler.unary_unary), **codec)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, guard, handler.unary_unary), **codec)
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, calls, state, handler.unary_stream), **codec
-            )
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, guard, handler.unary_stream), **codec)
         if handler.unary_stream is not None:  # writes with context.write instead of yielding
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_unary(method, calls, state, handler.unary_stream), **codec
-            )
+            return grpc.unary_stream_rpc_method_handler(_wrap_unary(method, guard, handler.unary_stream), **codec)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, calls, state, handler.stream_unary), **codec
-            )
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, guard, handler.stream_unary), **codec)
         return handler
