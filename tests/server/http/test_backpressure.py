@@ -8,6 +8,7 @@ the message's size), so that case has its own bound."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -83,7 +84,7 @@ def test_grpc_limits_answer_at_once_under_a_full_queue(full: tuple[ServerThread,
             "message size": (pb.GenerateRequest(text="w" * 70_000), grpc.StatusCode.RESOURCE_EXHAUSTED),
         }
         for name, (request, expected) in cases.items():
-            codes, median = timed(lambda request=request: grpc_code(stub, request))
+            codes, median = timed(functools.partial(grpc_code, stub, request))
             assert set(codes) == {expected}, (name, codes)
             assert median < (TRANSPORT_LIMIT_S if name == "message size" else LIMIT_S), (name, median)
 
