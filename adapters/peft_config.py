@@ -29,6 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
+from quiver.adapters.safetensors_check import capped_reasons
 from quiver.common.errors import FailedPrecondition, InvalidArgument
 
 CONFIG_FILE = "adapter_config.json"
@@ -162,7 +163,7 @@ def _is_number(value: Any) -> bool:
 def _is_regex(value: str) -> bool:
     try:
         re.compile(value)
-    except re.error:
+    except (re.error, RecursionError, OverflowError):  # deeply nested or huge repeats fail outside re.error
         return False
     return True
 
@@ -370,7 +371,7 @@ def read_peft_config(adapter_dir: Path) -> ParsedConfig:
     """Parse `adapter_dir/adapter_config.json`; raises InvalidArgument or FailedPrecondition."""
     try:
         raw = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep
         raise InvalidArgument(CONFIG_FILE, f"is not readable JSON: {e}") from e
     return parse_peft_config(raw)
 
@@ -386,14 +387,14 @@ def parse_peft_config(raw: Any) -> ParsedConfig:
     if entry is None:
         reasons = [f"peft_type {peft_type} is not supported (Quiver serves {', '.join(PEFT_TYPES)})"]
         reasons += _unsupported(raw, COMMON_RULES, frozenset(raw.keys()))
-        raise FailedPrecondition("unsupported adapter", reasons=reasons)
+        raise FailedPrecondition("unsupported adapter", reasons=capped_reasons(reasons))
     fields = _Fields(raw)
     spec = entry.parse(fields)
     hint = raw.get("base_model_name_or_path")
     if hint is not None and not isinstance(hint, str):
         fields.malformed.append(f"base_model_name_or_path must be a string, got {hint!r}")
     if fields.malformed:
-        raise InvalidArgument(CONFIG_FILE, "; ".join(fields.malformed))
+        raise InvalidArgument(CONFIG_FILE, "; ".join(capped_reasons(fields.malformed)))
     if reasons := _unsupported(raw, entry.rules, entry.inert):
-        raise FailedPrecondition("unsupported adapter", reasons=reasons)
+        raise FailedPrecondition("unsupported adapter", reasons=capped_reasons(reasons))
     return ParsedConfig(peft_type=peft_type, spec=spec, base_model_name_or_path=hint)

@@ -22,8 +22,8 @@ from quiver.adapters.metadata import (
     utc_now,
     validate_prompt_template,
 )
-from quiver.adapters.store import AdapterStore, RegisterMode, StoredAdapter
-from quiver.adapters.validation import ValidatedAdapter, ValidationLimits, validate_adapter
+from quiver.adapters.store import CONFIG_DIGEST, AdapterStore, RegisterMode, StoredAdapter
+from quiver.adapters.validation import ValidatedAdapter, ValidationLimits, check_upload, validate_adapter
 from quiver.common.errors import InvalidArgument
 
 CONFIG_FILE = "adapter_config.json"
@@ -51,7 +51,7 @@ def _own_metadata(source_dir: Path) -> dict[str, object]:
         return {}
     try:
         loaded = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep for the parser
         raise InvalidArgument(METADATA_FILE, f"not valid JSON: {e}") from e
     if not isinstance(loaded, dict):
         raise InvalidArgument(METADATA_FILE, "must hold a JSON object")
@@ -68,6 +68,7 @@ class AdapterRegistry:
 
     def register(self, source_dir: Path, options: RegistrationOptions) -> StoredAdapter:
         """Validate `source_dir` (every problem reported at once) and store it as a new version."""
+        check_upload(source_dir, self.limits)  # file kinds, links and sizes, before any file is read
         own = _own_metadata(source_dir)
         template = options.prompt_template
         if template is None and isinstance(own.get("prompt_template"), str):
@@ -91,7 +92,7 @@ class AdapterRegistry:
 
             def make_metadata(version: int) -> AdapterMetadata:
                 metadata = self._metadata(options, version, validated, size, digest, created, template)
-                return replace(metadata, extra={"config_sha256": config_digest})
+                return replace(metadata, extra={CONFIG_DIGEST: config_digest})
 
             return self.store.put(options.name, files, make_metadata, options.mode)
 

@@ -7,7 +7,9 @@ https://github.com/huggingface/safetensors): the header length is capped and mus
 keys are refused (two parsers could otherwise disagree on which tensor a name means); every entry needs dtype,
 shape and data_offsets; the offsets must tile the data region exactly (in bounds, no overlap, no gap) and match
 shape x dtype size; only float dtypes are accepted. Only then is the file loaded, and every value must be finite.
-All problems found are reported together as one InvalidArgument naming the file.
+A pickle or torch.save archive renamed to .safetensors is recognised by its first bytes and named as such.
+All problems found are reported together as one InvalidArgument naming the file; reasons echo attacker-chosen
+names, so each is shortened (`capped_reasons`) to keep the gRPC status message small.
 """
 
 from __future__ import annotations
@@ -38,15 +40,24 @@ PICKLE_SUFFIXES = frozenset(
 
 MAX_REASONS = 20
 """Problems beyond this many are summarised in one last reason, keeping the gRPC status message small."""
+MAX_REASON_CHARS = 300
+"""A longer reason (one naming a megabyte-long tensor name, say) keeps its start and end, the middle elided."""
+
+_FOREIGN_MAGIC = (
+    (b"\x80\x02", "a pickle"), (b"\x80\x03", "a pickle"), (b"\x80\x04", "a pickle"), (b"\x80\x05", "a pickle"),
+    (b"PK\x03\x04", "a zip archive (torch.save writes pickles in one)"),
+)
+"""First bytes of files that are not safetensors and are dangerous to load: named, never unpickled."""
 
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 def capped_reasons(reasons: list[str]) -> list[str]:
-    """`reasons`, or its first MAX_REASONS - 1 and a count of the rest."""
-    if len(reasons) <= MAX_REASONS:
-        return reasons
-    return [*reasons[: MAX_REASONS - 1], f"... and {len(reasons) - MAX_REASONS + 1} more problems"]
+    """`reasons` each cut to MAX_REASON_CHARS; beyond MAX_REASONS, the first MAX_REASONS - 1 and a count of the rest."""
+    if len(reasons) > MAX_REASONS:
+        reasons = [*reasons[: MAX_REASONS - 1], f"... and {len(reasons) - MAX_REASONS + 1} more problems"]
+    half = MAX_REASON_CHARS // 2
+    return [r if len(r) <= MAX_REASON_CHARS else f"{r[:half]} ... {r[-half:]}" for r in reasons]
 
 
 def foreign_weight_files(directory: Path) -> list[str]:
@@ -74,6 +85,23 @@ def load_checked_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def header_problems(path: Path) -> list[str]:
     """Everything wrong with the framing and header of a safetensors file, [] when it is sound."""
+    problems = _framing_problems(path)
+    if problems and (what := _foreign_format(path)) is not None:
+        # Sniffed only once the framing failed: a sound header's length field may start with the same bytes.
+        return [f"is {what}, not a safetensors file (refused without loading it)"]
+    return problems
+
+
+def _foreign_format(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            start = f.read(4)
+    except OSError:
+        return None
+    return next((what for magic, what in _FOREIGN_MAGIC if start.startswith(magic)), None)
+
+
+def _framing_problems(path: Path) -> list[str]:
     try:
         file_size = path.stat().st_size
         with path.open("rb") as f:

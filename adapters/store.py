@@ -8,6 +8,10 @@ and what was there before stays readable. Deletion is the same in reverse: a ren
 the version vanish at once, then its files are removed; readers that already opened or mmapped them keep
 working, since Linux keeps unlinked files alive while they are open.
 
+Serving reads a version through `StoredAdapter.opened()`, which first checks its files against what the metadata
+recorded at registration (the weights' SHA-256, the config's where the registry recorded it, and the files' total
+size): a file corrupted on disk fails that adapter with DATA_LOSS instead of serving wrong weights.
+
 Writers (put, delete) serialise on a threading.Lock and an advisory `flock` on `<root>/.lock`, so threads
 and processes (a server and a CLI) never interleave; whoever holds the lock owns `.staging/`, so anything
 found there is debris from a crashed writer and is removed. Readers take no lock: renames are atomic, and a
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from quiver.adapters.metadata import METADATA_FILE, AdapterMetadata
+from quiver.adapters.metadata import METADATA_FILE, AdapterMetadata, sha256_file
 from quiver.adapters.names import (
     MAX_VERSION,
     AdapterRef,
@@ -44,14 +48,23 @@ from quiver.adapters.names import (
     validate_name,
     validate_ref,
 )
-from quiver.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from quiver.common.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 
 RegisterMode = Literal["create", "new_version", "replace"]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
-REQUIRED_FILES = ("adapter_config.json", WEIGHTS_FILE)
+CONFIG_FILE = "adapter_config.json"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+CONFIG_DIGEST = "config_sha256"  # the config's SHA-256, which the registry records in metadata.extra
 STAGING_DIR = ".staging"  # adapter names start with [a-z0-9], so these never collide with one
 LOCK_FILE = ".lock"
 MAX_PAGE_SIZE = 1000
@@ -71,11 +84,12 @@ class StoredAdapter:
     """Directory holding the version's files (a remote store's: where its local cache keeps them, which may not be
     there yet: read through `opened()`); gone once the version is deleted."""
     fetch: Callable[[], AbstractContextManager[Path]] | None = field(default=None, compare=False, repr=False)
-    """A remote store's way to bring the files into `path` and keep them there while open; None when local."""
+    """The store's way to make the files ready in `path` while open: a remote store fetches them into its cache
+    (checksummed), the local store checksums them in place; None: `path` is used as it is."""
 
     @contextmanager
     def opened(self) -> Iterator[Path]:
-        """The directory holding the version's files, present (and, from a remote store, checksummed) while open."""
+        """The directory holding the version's files, present and checksummed while open (DataLoss if corrupt)."""
         if self.fetch is None:
             yield self.path
             return
@@ -165,7 +179,7 @@ class LocalAdapterStore:
             valid = self._valid_versions(name, existing)
             if valid and rule.refuse_existing:
                 raise AlreadyExists(f"adapter {name!r} already exists (latest version {valid[-1].metadata.version})")
-            version = max(existing, default=0) + 1
+            version = max(self._taken_numbers(name_dir), default=0) + 1  # a planted link's number is skipped too
             if version > MAX_VERSION:
                 raise ResourceExhausted(f"adapter {name!r} has used every version number")
             metadata = make_metadata(version)
@@ -293,7 +307,7 @@ class LocalAdapterStore:
             if isinstance(e, OSError) and e.errno in _DISK_FULL:
                 raise ResourceExhausted(f"adapter store {self.root} is out of disk space") from e
             raise
-        return StoredAdapter(metadata, final)
+        return _stored(metadata, final)
 
     def _discard(self, path: Path) -> None:
         """Make `path` vanish atomically (rename into .staging/), then delete its files."""
@@ -310,6 +324,15 @@ class LocalAdapterStore:
         """{version: directory} for the numerically named real directories under `name_dir`, complete or not."""
         return {parse_version(d): name_dir / d for d in _subdirs(name_dir) if _is_valid(parse_version, d)}
 
+    def _taken_numbers(self, name_dir: Path) -> builtins.list[int]:
+        """Every version number an entry under `name_dir` has, whatever it is (a new version is never renamed onto
+        one)."""
+        try:
+            with os.scandir(name_dir) as entries:
+                return [parse_version(e.name) for e in entries if _is_valid(parse_version, e.name)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _valid_versions(self, name: str, dirs: dict[int, Path]) -> builtins.list[StoredAdapter]:
         found = (self._read_version(path, name, version) for version, path in sorted(dirs.items()))
         return [stored for stored in found if stored is not None]
@@ -318,6 +341,8 @@ class LocalAdapterStore:
         """The version in `path`, or None (logged once) if its metadata is missing, invalid or for another name."""
         metadata_path = path / METADATA_FILE
         try:
+            if metadata_path.is_symlink():  # the store writes none: planted, and never followed
+                raise ValueError("its metadata is a symbolic link")
             if metadata_path.stat().st_size > _MAX_METADATA_BYTES:
                 raise ValueError(f"larger than {_MAX_METADATA_BYTES} bytes")
             metadata = AdapterMetadata.from_json(metadata_path.read_text(encoding="utf-8"))
@@ -328,7 +353,45 @@ class LocalAdapterStore:
                 self._warned.add(path)
                 log.warning("ignoring incomplete adapter version %s: %s", path, e)
             return None
-        return StoredAdapter(metadata, path)
+        return _stored(metadata, path)
+
+
+def _stored(metadata: AdapterMetadata, path: Path) -> StoredAdapter:
+    @contextmanager
+    def checked() -> Iterator[Path]:
+        verify_files(path, metadata)
+        yield path
+
+    return StoredAdapter(metadata, path, checked)
+
+
+def verify_files(path: Path, metadata: AdapterMetadata) -> None:
+    """Raise DataLoss unless the files in the version directory `path` are what `metadata` recorded when they were
+    stored: the weights' SHA-256, the config's (when recorded in extra), and every file's total size.
+
+    FileNotFoundError (not DataLoss) when the whole version was deleted meanwhile.
+    """
+    label = f"adapter {metadata.name}@{metadata.version}"
+    expected = {WEIGHTS_FILE: metadata.sha256}
+    if config_digest := metadata.extra.get(CONFIG_DIGEST):
+        expected[CONFIG_FILE] = config_digest
+    try:
+        with os.scandir(path) as entries:
+            files = [e for e in entries if e.name != METADATA_FILE]
+        if links := sorted(e.name for e in files if e.is_symlink()):  # the store writes none: planted
+            raise DataLoss(f"{label}: {', '.join(links)} in the store is a symbolic link")
+        total = sum(e.stat().st_size for e in files if e.is_file())
+        found = {file_name: sha256_file(path / file_name) for file_name in expected}
+    except FileNotFoundError as e:
+        if not (path / METADATA_FILE).is_file():
+            raise  # deleted: the caller reports NotFound
+        raise DataLoss(f"{label}: {e.filename} is missing from the store") from e
+    for file_name, digest in expected.items():
+        if found[file_name] != digest:
+            raise DataLoss(f"{label}: {file_name} fails its checksum in the store (sha256 {found[file_name]}; "
+                           f"registered as {digest})")
+    if total != metadata.size_bytes:
+        raise DataLoss(f"{label}: its files hold {total} bytes in the store; registered as {metadata.size_bytes}")
 
 
 def default_store_dir() -> Path:

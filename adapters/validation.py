@@ -2,10 +2,14 @@
 
 Checks run in a fixed order, each stage raising before the next runs, and every stage reporting all of its
 problems at once:
-  1. files      adapter_config.json and adapter_model.safetensors present; no pickle-based weights anywhere
-                (never opened)                                                        -> InvalidArgument
-  2. size       all files together within `max_adapter_bytes`                         -> TooLarge (RESOURCE_EXHAUSTED)
-  3. config     adapter_config.json parsed into a spec (peft_config.py)     -> InvalidArgument / FailedPrecondition
+  1. files      adapter_config.json and adapter_model.safetensors present as regular files; no pickle-based
+                weights anywhere (never opened); no symbolic link leading out of the directory (following one
+                would read, and store, a file the uploader picked anywhere on the server)  -> InvalidArgument
+  2. size       all files together within `max_adapter_bytes`, the JSON files within MAX_JSON_BYTES, both from
+                the directory listing before anything is read                         -> TooLarge (RESOURCE_EXHAUSTED)
+  3. config     adapter_config.json parsed into a spec (peft_config.py)     -> InvalidArgument / FailedPrecondition;
+                its regexes (PEFT matches them on every module path, and Python's re has no timeout) must not be
+                able to backtrack catastrophically                                    -> InvalidArgument
   4. tensors    safetensors framing, float dtypes, finite values (safetensors_check)  -> InvalidArgument
   5. fit        every tensor fits the base: LoRA A (r, in) / B (out, r) on a Linear of the base, ranks equal to
                 the config's and within `max_rank`; soft prompts (P, hidden_size); prefixes (P, L*2*H_kv*D);
@@ -14,16 +18,21 @@ problems at once:
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from re import _parser as _sre  # type: ignore[attr-defined]  # the stdlib's regex parser: re has no public AST
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
 from quiver.adapters.base_spec import EMBEDDING_LEAF_NAMES, BaseModelSpec
+from quiver.adapters.metadata import METADATA_FILE
 from quiver.adapters.peft_config import (
+    ALL_LINEAR,
     CONFIG_FILE,
     AdapterKind,
     AdapterSpec,
@@ -39,6 +48,15 @@ from quiver.common.errors import FailedPrecondition, InvalidArgument, TooLarge
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
+MAX_JSON_BYTES = 1 << 20
+"""Cap on adapter_config.json and quiver_adapter.json: PEFT writes a few kilobytes (tens with a per-module
+rank_pattern); both are parsed whole, so a bigger one is refused before it is read."""
+MAX_PATTERN_CHARS = 256
+"""Longest regex accepted in target_modules, exclude_modules, rank_pattern or alpha_pattern."""
+MAX_PATTERN_REPEATS = 3
+"""Repeats (*, +, {m,n}) in one regex: matching time grows like path length ** repeats."""
+MAX_TOTAL_REPEATS = 12
+"""Repeats across all of a config's regexes, each of which runs on every module path of the base."""
 
 # PEFT's LoRA keys: "base_model.model.<module path>.lora_A.weight" (".lora_A.default.weight" also accepted).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])(?:\.default)?\.weight$")
@@ -109,9 +127,9 @@ def validate_adapter(
     base_fingerprint_of_adapter: str | None = None,
 ) -> ValidatedAdapter:
     """Check the PEFT adapter in `adapter_dir` against `base`; raise on the first failing stage (module doc)."""
-    _check_files(adapter_dir)
-    size_bytes = _check_size(adapter_dir, limits)
+    size_bytes = check_upload(adapter_dir, limits)
     parsed = read_peft_config(adapter_dir)
+    _check_patterns(parsed.spec)
     tensors = load_checked_safetensors(adapter_dir / WEIGHTS_FILE)
     fit = FIT_CHECKS[parsed.spec.kind](parsed.spec, tensors, base, limits)
     reasons = _identity_problems(base, base_fingerprint_of_adapter) + fit.reasons
@@ -133,26 +151,52 @@ def validate_adapter(
     )
 
 
+def check_upload(adapter_dir: Path, limits: ValidationLimits) -> int:
+    """Stages 1 and 2, from the directory listing alone (nothing is opened): the adapter's total size in bytes.
+    Run before anything in `adapter_dir` is read."""
+    _check_files(adapter_dir)
+    return _check_size(adapter_dir, limits)
+
+
 def _check_files(adapter_dir: Path) -> None:
     if not adapter_dir.is_dir():
         raise InvalidArgument("adapter", f"{adapter_dir} is not a directory")
-    problems = [f"{name} is missing" for name in (CONFIG_FILE, WEIGHTS_FILE) if not (adapter_dir / name).is_file()]
+    problems = [_required_problem(adapter_dir / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
     problems += [
         f"{name} is a pickle-based or non-safetensors weights file, refused unopened (save with safetensors)"
         for name in foreign_weight_files(adapter_dir)
     ]
-    if problems:
-        raise InvalidArgument("adapter", "; ".join(problems))
+    problems += [f"{name} is a symbolic link leading out of the adapter directory" for name in _links_out(adapter_dir)]
+    if reasons := [p for p in problems if p]:
+        raise InvalidArgument("adapter", "; ".join(capped_reasons(reasons)))
+
+
+def _required_problem(path: Path) -> str:
+    if not os.path.lexists(path):
+        return f"{path.name} is missing"
+    return "" if path.is_file() else f"{path.name} is not a regular file"  # a FIFO would block the reader for ever
+
+
+def _links_out(adapter_dir: Path) -> Iterator[str]:
+    root = adapter_dir.resolve()
+    for path in sorted(adapter_dir.rglob("*")):  # rglob lists links but does not descend into linked directories
+        if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(root):
+            yield str(path.relative_to(adapter_dir))
 
 
 def _check_size(adapter_dir: Path, limits: ValidationLimits) -> int:
     # Every file counts, not only the weights: the limit bounds what an upload may make the server hold.
-    size = sum(path.lstat().st_size for path in adapter_dir.rglob("*") if path.is_file())
+    sizes = {path: path.lstat().st_size for path in adapter_dir.rglob("*") if path.is_file()}
+    size = sum(sizes.values())
+    reasons = [
+        f"{path.name} is {sizes[path]} bytes, over the {MAX_JSON_BYTES}-byte cap on JSON files"
+        for path in (adapter_dir / CONFIG_FILE, adapter_dir / METADATA_FILE)
+        if sizes.get(path, 0) > MAX_JSON_BYTES
+    ]
     if size > limits.max_adapter_bytes:
-        raise TooLarge(
-            "adapter too large",
-            reasons=[f"the adapter's files are {size} bytes, over max_adapter_bytes {limits.max_adapter_bytes}"],
-        )
+        reasons.insert(0, f"the adapter's files are {size} bytes, over max_adapter_bytes {limits.max_adapter_bytes}")
+    if reasons:
+        raise TooLarge("adapter too large", reasons=reasons)
     return size
 
 
@@ -160,6 +204,65 @@ def _identity_problems(base: BaseModelSpec, base_fingerprint_of_adapter: str | N
     if base_fingerprint_of_adapter is None or base_fingerprint_of_adapter == base.fingerprint:
         return []
     return [f"adapter was made for base {base_fingerprint_of_adapter}, this server's base is {base.fingerprint}"]
+
+
+# --- Regexes in the config --------------------------------------------------------------------------------------
+
+_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
+
+
+def _check_patterns(spec: AdapterSpec) -> None:
+    """Refuse regexes whose matching could backtrack catastrophically (e.g. `(.*.*)*Z` on a 30-character module
+    path runs for hours), before any is matched; InvalidArgument listing each."""
+    if not isinstance(spec, LoraSpec):
+        return
+    fields = {"target_modules": spec.target_modules, "exclude_modules": spec.exclude_modules}
+    patterns = [(name, value) for name, value in fields.items() if isinstance(value, str) and value != ALL_LINEAR]
+    patterns += [(f"{name} key", key) for name in ("rank_pattern", "alpha_pattern") for key in getattr(spec, name)]
+    reasons, total = [], 0
+    for name, pattern in patterns:
+        risk, repeats = _backtracking_risk(pattern)
+        total += repeats
+        if risk:
+            reasons.append(f"{name} regex {pattern!r} {risk}")
+    if total > MAX_TOTAL_REPEATS:
+        reasons.append(f"the regexes hold {total} repeats in all, over {MAX_TOTAL_REPEATS}: matching could backtrack")
+    if reasons:
+        raise InvalidArgument(CONFIG_FILE, "; ".join(capped_reasons(reasons)))
+
+
+def _backtracking_risk(pattern: str) -> tuple[str, int]:
+    """Why matching `pattern` could backtrack for ever ("" if it cannot), and how many repeats it holds.
+
+    Exponential: a repeat inside a repeat, or an alternation inside a repeat. Polynomial, bounded by
+    MAX_PATTERN_REPEATS: repeats one after another.
+    """
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"is longer than {MAX_PATTERN_CHARS} characters", 0
+    try:
+        pending = [(_sre.parse(pattern), False)]
+    except (re.error, RecursionError, OverflowError) as e:
+        return f"is not a valid regex: {e}", 0
+    repeats = 0
+    while pending:
+        items, under_repeat = pending.pop()
+        for op, av in items:
+            repeated = op in _REPEATS and av[1] > 1
+            if under_repeat and (repeated or op == _sre.BRANCH):
+                return "repeats a repeat or an alternation, so matching can backtrack for ever", repeats
+            repeats += repeated
+            pending += [(child, under_repeat or repeated) for child in _subpatterns(av)]
+    if repeats > MAX_PATTERN_REPEATS:
+        return f"has {repeats} repeats, over {MAX_PATTERN_REPEATS}: matching can backtrack for a long time", repeats
+    return "", repeats
+
+
+def _subpatterns(av: Any) -> Iterator[Any]:
+    """The parsed sub-expressions inside one parse node's argument (nested in tuples and lists)."""
+    if isinstance(av, _sre.SubPattern):
+        yield av
+    elif isinstance(av, tuple | list):
+        yield from (sub for item in av for sub in _subpatterns(item))
 
 
 # --- LoRA -----------------------------------------------------------------------------------------------------

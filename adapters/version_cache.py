@@ -4,7 +4,9 @@ once, checksummed, and evicted least recently used when the cache outgrows its b
 A version is keyed by its manifest's digest, so a version deleted and registered again under the same number
 (other files) never reuses the old directory. Fetching downloads into `<root>/.tmp/`, checks every file's SHA-256
 and size against the manifest (a mismatch is DataLoss: that adapter fails, nothing is kept), fsyncs, then renames
-the directory into place, so a directory in the cache is always whole.
+the directory into place, so a directory in the cache is always whole. A cache disk that fills up fails the fetch
+with RESOURCE_EXHAUSTED, leaving nothing behind. Every open checksums the cached files again: a copy corrupted on
+the local disk is fetched anew (DataLoss only if the store's own copy is corrupt).
 
 Several processes may share one root (Ray Serve's replicas on a node do): each version has a lock file in
 `<root>/.locks/`. A fetch holds it exclusively, so a version downloads once however many threads or processes
@@ -28,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from quiver.common.errors import DataLoss
+from quiver.common.errors import DataLoss, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
 _TMP = ".tmp"
 _LOCKS = ".locks"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _intact(directory: Path, files: Mapping[str, RemoteFile]) -> bool:
+    """Whether `directory` holds every file as the manifest lists it (size and SHA-256)."""
+    if not directory.is_dir():
+        return False
+    for name, expected in files.items():
+        try:
+            if (directory / name).stat().st_size != expected.size:
+                return False
+            with open(directory / name, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != expected.sha256:
+                    return False
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+    return True
+
+
 class VersionCache:
     """Size-bounded LRU of fetched versions under `root`, safe across threads and processes."""
 
@@ -99,15 +118,21 @@ class VersionCache:
 
     @contextmanager
     def opened(self, key: str, files: Mapping[str, RemoteFile], download: Download, label: str) -> Iterator[Path]:
-        """The version's directory, fetched first if absent, kept (never evicted) while open."""
+        """The version's directory, fetched first if absent, kept (never evicted) while open.
+
+        The cached files are checksummed at every open: a copy corrupted on the local disk is fetched again.
+        """
         target = self.path(key)
         with open(self.root / _LOCKS / key, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH)  # readers share it; eviction needs it exclusively
-            if target.is_dir():
+            if _intact(target, files):
                 os.utime(target)  # most recently used
             else:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch of a version at a time, across threads and processes
-                if not target.is_dir():  # another fetch may have finished while this one waited
+                if not _intact(target, files):  # another fetch may have finished while this one waited
+                    if target.is_dir():  # no reader has it open: they hold the lock shared
+                        log.warning("the cached copy of adapter %s is corrupt; fetching it again", label)
+                        shutil.rmtree(target)
                     self._fetch(target, files, download, label)
                 fcntl.flock(lock, fcntl.LOCK_SH)
             self._evict()
@@ -116,8 +141,8 @@ class VersionCache:
     def _fetch(self, target: Path, files: Mapping[str, RemoteFile], download: Download, label: str) -> None:
         staging = self.root / _TMP / f"{target.name}.{os.getpid()}.{threading.get_ident()}"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
         try:
+            staging.mkdir()
             for name, expected in files.items():
                 with open(staging / name, "wb") as out:
                     hashing = _Hashing(out)
@@ -136,6 +161,10 @@ class VersionCache:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
             _fsync_dir(self.root)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise ResourceExhausted(f"adapter {label}: the adapter cache {self.root} is out of disk space") from e
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; else what a failure left
         log.info("fetched adapter %s into %s", label, target)

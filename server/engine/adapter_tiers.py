@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quiver.adapters.store import StoredAdapter
+from quiver.adapters.store import CONFIG_DIGEST, StoredAdapter
 from quiver.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from quiver.server.engine.kinds import KINDS
 from quiver.server.engine.lora.slots import LoraSlots
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 
 
-CONFIG_DIGEST = "config_sha256"  # set by the registry in metadata.extra
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from quiver.adapters.store import StoredAdapter
+from quiver.adapters.store import CONFIG_DIGEST, StoredAdapter
 from quiver.common.errors import QuiverError, ResourceExhausted, Unavailable
 from quiver.server.api.generation_input import GenerationInput
 from quiver.server.api.request_builder import RequestBuilder
@@ -35,7 +35,7 @@ def adapter_id(stored: StoredAdapter) -> str:
     """`name@version#digest`: a version number may be reused after a delete, so the id also carries what tells two
     publications apart (weights, config, registration time), and a replica never mistakes one for the other."""
     m = stored.metadata
-    publication = f"{m.sha256}|{m.extra.get('config_sha256', '')}|{m.created_at}"
+    publication = f"{m.sha256}|{m.extra.get(CONFIG_DIGEST, '')}|{m.created_at}"
     return f"{m.name}@{m.version}#{hashlib.sha256(publication.encode()).hexdigest()[:16]}"
 
 
