@@ -16,6 +16,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
+from quiver.clients.cli.config_render import SECRET_FIELDS
 from quiver.clients.cli.config_sources import LIST_SEPARATOR, env_name, field_types, flag_name, resolve
 
 T = TypeVar("T")
@@ -145,9 +146,14 @@ def add_sourced_config_arguments(parser: argparse.ArgumentParser, sections: Mapp
     add_log_level(parser)
 
 
-def sourced_configs_from_args(args: argparse.Namespace, sections: Mapping[str, type]) -> dict[str, Any]:
+def sourced_configs_from_args(args: argparse.Namespace, sections: Mapping[str, type], *,
+                              secrets_from_env: bool = True) -> dict[str, Any]:
     """Logging set up, then section -> config, each field from its flag, else $QUIVER_<FIELD>, else the --config
-    file, else its default; an invalid value raises ValueError naming its source (flag, variable or file key)."""
+    file, else its default; an invalid value raises ValueError naming its source (flag, variable or file key).
+    Without `secrets_from_env`, $QUIVER_API_KEY and $QUIVER_ADMIN_TOKEN stay for the server processes to read
+    themselves (Ray Serve's replicas), so they never travel in an application's arguments."""
     setup_logging(args)
     flags = {section: _given_flags(args, cls) for section, cls in sections.items()}
-    return resolve(sections, flags, os.environ, args.config)
+    environ = os.environ if secrets_from_env else {
+        k: v for k, v in os.environ.items() if k not in {env_name(f) for f in SECRET_FIELDS}}
+    return resolve(sections, flags, environ, args.config)

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        configs = sourced_configs_from_args(args, SECTIONS)
+        # The replicas read $QUIVER_API_KEY / $QUIVER_ADMIN_TOKEN themselves: secrets stay out of Serve's app args.
+        configs = sourced_configs_from_args(args, SECTIONS, secrets_from_env=False)
     except ValueError as e:
         return report_usage_error(e)
     if args.print_config:

@@ -139,6 +139,19 @@ def test_the_secrets_variables_keep_working(monkeypatch: pytest.MonkeyPatch) -> 
     assert configs("--api-key", "from-flag")["server"].api_key == "from-flag"
 
 
+def test_serve_ray_leaves_the_secret_variables_to_its_replicas(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve's application arguments are visible in its dashboard and config: the replicas read the secrets'
+    variables from their own environment instead (server/api/core.py access_policy)."""
+    monkeypatch.setenv("QUIVER_ADMIN_TOKEN", SECRETS[0])
+    monkeypatch.setenv("QUIVER_API_KEY", SECRETS[1])
+    monkeypatch.setenv("QUIVER_ENGINE_REPLICAS", "3")
+    text = printed(capsys, command="serve-ray")
+    assert "# admin_token = (unset)" in text and "# api_key = (unset)" in text
+    assert tomllib.loads(text)["ray"]["engine_replicas"] == 3  # every other variable still applies
+    assert "# admin_token = (set, redacted)" in printed(capsys)  # `quiver serve` runs the server itself
+
+
 def test_flags_only_commands_ignore_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """`quiver train` shares field names with `serve` (model, device, admin_token): it reads no QUIVER_<FIELD>."""
     monkeypatch.setenv("QUIVER_EPOCHS", "9")
