@@ -303,7 +303,19 @@ def _unsupported(raw: Mapping[str, Any], rules: Mapping[str, Rule], inert: froze
 Parser = Callable[[_Fields], AdapterSpec]
 
 
+MAX_ALPHA = 10_000.0  # far above any trained LoRA's (typically <= 2 r); a huge finite alpha turns logits to NaN
+
+
 def _parse_lora(f: _Fields) -> LoraSpec:
+    spec = _lora_spec(f)
+    alphas = {"lora_alpha": spec.lora_alpha, **{f"alpha_pattern[{k!r}]": v for k, v in spec.alpha_pattern.items()}}
+    for name, alpha in alphas.items():
+        if abs(alpha) > MAX_ALPHA:
+            f.malformed.append(f"{name} must be at most {MAX_ALPHA:g} in magnitude, got {alpha!r}")
+    return spec
+
+
+def _lora_spec(f: _Fields) -> LoraSpec:
     return LoraSpec(
         r=f.positive_int("r", default=8),
         lora_alpha=f.number("lora_alpha", default=8.0),

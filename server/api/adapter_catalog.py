@@ -90,14 +90,17 @@ class AdapterCatalog:
         path = Path(raw)
         if not path.is_absolute() or "\x00" in raw:
             raise InvalidArgument(field, "must be an absolute path")
-        resolved = path.resolve()
-        if not any(resolved.is_relative_to(root) for root in self._import_roots):
-            raise InvalidArgument(field, "is not under any of the server's import roots")
-        if not resolved.is_dir():
-            raise InvalidArgument(field, "is not a directory")
-        for child in resolved.iterdir():
-            if child.is_symlink() and not child.resolve().is_relative_to(resolved):
-                raise InvalidArgument(field, f"{child.name} links outside the adapter directory")
+        try:
+            resolved = path.resolve()
+            if not any(resolved.is_relative_to(root) for root in self._import_roots):
+                raise InvalidArgument(field, "is not under any of the server's import roots")
+            if not resolved.is_dir():
+                raise InvalidArgument(field, "is not a directory")
+            for child in resolved.iterdir():
+                if child.is_symlink() and not child.resolve().is_relative_to(resolved):
+                    raise InvalidArgument(field, f"{child.name} links outside the adapter directory")
+        except OSError as e:  # a name too long, a loop of links, no permission: the path is the caller's mistake
+            raise InvalidArgument(field, f"cannot be read: {e.strerror or type(e).__name__}") from None
         return resolved
 
     def page(self, page_size: int, page_token: str = "") -> tuple[builtins.list[StoredAdapter], str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from quiver.common.errors import QuiverError, ResourceExhausted
+from quiver.common.errors import FailedPrecondition, QuiverError, ResourceExhausted
 from quiver.server.engine.adapter_tiers import DeviceAdapter
 from quiver.server.engine.detokenizer import TextStream
 from quiver.server.engine.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
@@ -70,7 +70,12 @@ class RequestState:
         """Record `token` and send its event; returns whether the sequence goes on. A negative token (logits
         with a NaN: `sample_next`) fails the request instead."""
         if token < 0:
-            self.fail(RuntimeError("the model's next-token logits for this request hold NaN"))
+            adapter = self.request.adapter
+            if adapter is not None:  # the adapter's weights or scale make the model's numbers blow up
+                self.fail(FailedPrecondition(f"adapter {adapter.metadata.name}@{adapter.metadata.version} makes "
+                                             "the model's next-token logits NaN for this request"))
+            else:
+                self.fail(RuntimeError("the model's next-token logits for this request hold NaN"))
             return False
         self.seen[self.n_seen] = token
         self.n_seen += 1

@@ -14,6 +14,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -104,7 +105,7 @@ class _Call:
         suffix = f" (request id {self.record.request_id})"
         if isinstance(error, errors.QuiverError):
             self.code = status_code(error)
-            await self.context.abort(self.code, error.message + suffix)
+            await self.context.abort(self.code, _capped(error.message) + suffix)
         log.error("internal error in %s", self.method, exc_info=error)
         self.code = grpc.StatusCode.INTERNAL
         await self.context.abort(self.code, f"internal error: {type(error).__name__}{suffix}")
@@ -123,6 +124,54 @@ class _Call:
 
 
 _Guard = tuple[CallLog, ServingState, ConnectionStreams]
+_MAX_DETAILS = 4096  # grpc refuses trailing metadata over 16 KiB, which would turn a status into another one
+
+
+def _capped(message: str) -> str:
+    """`message` within the details' budget (a message may quote what the client sent)."""
+    return message if len(message) <= _MAX_DETAILS else message[: _MAX_DETAILS - 20] + " ... (truncated)"
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request deserializer gives for bytes that are not the method's message (the handler refuses it)."""
+
+    problem: str
+
+    def error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument("request", f"is not a valid message: {self.problem}")
+
+
+def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` that returns `_Undecodable` instead of raising: grpc would answer UNKNOWN (or INTERNAL inside a
+    client stream) for what is the client's malformed message."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, bad UTF-8 in a string field: whatever the bytes were, they are wrong
+            return _Undecodable(str(e)[:200] or type(e).__name__)
+
+    return decode
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream whose undecodable message raises InvalidArgument where the handler reads it."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.error()
+        yield request
+
+
+def _checked(request: Any) -> Any:
+    """A unary request, or a client stream wrapped by `_checked_stream`; an undecodable one raises InvalidArgument."""
+    if isinstance(request, _Undecodable):
+        raise request.error()
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
 
 
 def _wrap_unary(
@@ -132,7 +181,7 @@ def _wrap_unary(
         call = _Call(method, *guard, context)
         try:
             await call.open()
-            return await behavior(request, context)
+            return await behavior(_checked(request), context)
         except asyncio.CancelledError:
             call.cancelled()
             raise
@@ -154,7 +203,7 @@ def _wrap_stream(
         call = _Call(method, *guard, context)
         try:
             await call.open()
-            async for item in behavior(request, context):
+            async for item in behavior(_checked(request), context):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):  # grpc closes a generator paused at a send: GeneratorExit
             call.cancelled()
@@ -228,7 +277,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         codec = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _decoding(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         guard = self._guard

@@ -31,6 +31,24 @@ class _Uvicorn(uvicorn.Server):
         yield  # Quiver's handlers, not uvicorn's
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port`, made with proto IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted
+    connections only then, and without it Nagle's algorithm holds each response's body behind its head until the
+    client's delayed ACK (about 40 ms per response)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _ssl_options(tls: Tls | None) -> dict[str, Any]:
     if tls is None:
         return {}
@@ -54,8 +72,7 @@ class HttpServer:
                     ) -> HttpServer:
         """Bind `host:port` (OSError when taken: before anything starts) and serve `app` on it, over TLS (mutual
         with a client CA) when `tls` is given."""
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        sock = socket.create_server((host, port), family=family)
+        sock = _listening_socket(host, port)
         # log_config=None: uvicorn's loggers propagate to the process's own logging instead of handlers of their
         # own bound to whatever sys.stderr was at start-up.
         config = uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, log_level="warning",

@@ -61,7 +61,8 @@ def test_grpc_deadlines_end_every_generation_and_free_the_batch(roomy: ServerThr
     assert {code for code, _, _ in outcomes} == {grpc.StatusCode.DEADLINE_EXCEEDED}
     slowest = max(seconds for _, seconds, _ in outcomes)
     assert slowest < ENDED_BY_S, slowest
-    assert all(0 < tokens < 2000 for _, _, tokens in outcomes)  # they ran, and were cut
+    assert all(tokens < 2000 for _, _, tokens in outcomes)  # every one was cut...
+    assert any(tokens > 0 for _, _, tokens in outcomes)  # ...while the batch ran
     assert wait_for(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=5)
     freed = time.perf_counter() - ended
     median = sorted(seconds for _, seconds, _ in outcomes)[CALLS // 2]
