@@ -205,3 +205,11 @@ def test_unreadable_json_is_invalid_argument(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA",')
     with pytest.raises(InvalidArgument, match=r"adapter_config\.json"):
         read_peft_config(tmp_path)
+
+
+@pytest.mark.parametrize("raw", [{"lora_alpha": 1e30}, {"lora_alpha": -2e4}, {"alpha_pattern": {"q_proj": 1e300}}])
+def test_a_huge_alpha_is_refused_before_it_can_turn_logits_to_nan(raw: dict[str, Any]) -> None:
+    """Found by fuzzing: finite but huge alphas registered, then every generation under the adapter gave NaN."""
+    with pytest.raises(InvalidArgument, match="at most 10000 in magnitude"):
+        parse_peft_config(lora_config(**raw))
+    assert isinstance(parse_peft_config(lora_config(lora_alpha=1024)).spec, LoraSpec)  # large but sane is fine
