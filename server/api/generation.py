@@ -68,9 +68,10 @@ class Generator:
         record = CURRENT_CALL.get()
         if record is not None and spec.adapter:
             record.adapter = spec.adapter
-        # Tokenizing and templating take real CPU time on long prompts: those go off the event loop. A short one takes
-        # well under a millisecond, less than the hop to a worker thread while the engine keeps the cores busy.
-        if _size(spec) <= INLINE_PROMPT_CHARS:
+        # Tokenizing and templating take real CPU time on long prompts, and resolving an adapter reads its store (a
+        # disk, or S3): those go off the event loop. A short base-model prompt takes well under a millisecond, less
+        # than the hop to a worker thread while the engine keeps the cores busy.
+        if not spec.adapter and _size(spec) <= INLINE_PROMPT_CHARS:
             request = self._builder.build(spec)
         else:
             request = await asyncio.to_thread(self._builder.build, spec)
