@@ -37,7 +37,11 @@ def roomy(loaded: Any, adapter_dirs: dict[str, Path], tmp_path_factory: pytest.T
 async def _deadline_calls(target: str) -> list[tuple[grpc.StatusCode, float, int]]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        await stub.ModelInfo(pb.ModelInfoRequest())  # connected before the clock starts
+        # Connected, and the engine warmed on a batch of this size (a CPU's first forward of a new shape builds its
+        # kernels), before the clock starts: the deadlines then cut generations that are running.
+        warm = pb.StoppingCriteria(max_new_tokens=2, ignore_eos=True)
+        await asyncio.gather(*(stub.Generate(pb.GenerateRequest(text=f"w{i % 50} w2", stopping=warm), timeout=60)
+                               for i in range(CALLS)))
 
         async def one(i: int) -> tuple[grpc.StatusCode, float, int]:
             request = pb.GenerateStreamRequest(text=f"w{i % 50} w2",
@@ -62,7 +66,7 @@ def test_grpc_deadlines_end_every_generation_and_free_the_batch(roomy: ServerThr
     slowest = max(seconds for _, seconds, _ in outcomes)
     assert slowest < ENDED_BY_S, slowest
     assert all(tokens < 2000 for _, _, tokens in outcomes)  # every one was cut...
-    assert any(tokens > 0 for _, _, tokens in outcomes)  # ...while the batch ran
+    assert sum(tokens > 0 for _, _, tokens in outcomes) > CALLS // 2  # ...most while running
     assert wait_for(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=5)
     freed = time.perf_counter() - ended
     median = sorted(seconds for _, seconds, _ in outcomes)[CALLS // 2]
