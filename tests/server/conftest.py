@@ -6,7 +6,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -69,6 +69,9 @@ class ServerThread:
     """A real Quiver server (gRPC and HTTP) on its own event loop in a background thread; `server` overrides
     ServerConfig fields (ports default to free ones; http_port=0 turns HTTP off)."""
 
+    open: ClassVar[list[ServerThread]] = []
+    """Servers started and not yet closed: `no_server_left_running` closes a module's leftovers and fails it."""
+
     def __init__(self, loaded: Any, store: Path, engine_config: Any = None, adapter_config: Any = None,
                  **server: Any) -> None:
         import asyncio
@@ -83,13 +86,36 @@ class ServerThread:
         config = ServerConfig(**{"host": "127.0.0.1", **ports, **server})
         adapter_config = adapter_config or AdapterConfig(store=str(store))
         start = start_server(loaded, engine_config or EngineConfig(), config, adapter_config)
-        self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)
+        try:
+            self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)
+        except BaseException:
+            self._stop_loop()
+            raise
+        ServerThread.open.append(self)
         self.target = f"127.0.0.1:{self.running.port}"
         self.http = f"http://127.0.0.1:{self.running.http_port}"
 
     def close(self) -> None:
+        """Stop the server (its engine gives the shared model its modules back); idempotent."""
         import asyncio
 
+        if self not in ServerThread.open:
+            return
+        ServerThread.open.remove(self)
         asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(timeout=60)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_server_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module that leaves a server running (a fixture that failed before its cleanup, say) is closed here and
+    fails, so the leak is reported where it happened instead of as every later module's "model in use"."""
+    yield
+    left = list(ServerThread.open)
+    for server in left:
+        server.close()
+    assert not left, f"{request.module.__name__} left {len(left)} server(s) running"

@@ -71,10 +71,12 @@ def server(base_dir: Path, adapter_dir: Path, store_dir: Path, tmp_path_factory:
     cache = tmp_path_factory.mktemp("cache")
     loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))
     srv = ServerThread(loaded, store_dir, adapter_config=AdapterConfig(store=str(store_dir), admin_token=TOKEN))
-    with QuiverClient(srv.target, timeout=60, admin_token=TOKEN) as client:
-        client.register_adapter(adapter_dir, NAME)
-    yield srv
-    srv.close()
+    try:
+        with QuiverClient(srv.target, timeout=60, admin_token=TOKEN) as client:
+            client.register_adapter(adapter_dir, NAME)
+        yield srv
+    finally:
+        srv.close()
 
 
 def test_report_through_the_server(server: ServerThread, dev_file: Path, tmp_path: Path):

@@ -67,9 +67,13 @@ def start(loaded: Any, store: Path, adapter_dirs: dict[str, Path], *, register: 
     adapter_config = AdapterConfig(store=str(store), admin_token=ADMIN, import_roots=roots, **(adapters or {}))
     srv = ServerThread(loaded, store, EngineConfig(max_lora_rank=8, **(engine or {})), adapter_config, **server)
     if register:
-        with QuiverClient(srv.target, admin_token=ADMIN) as client:
-            for name, path in adapter_dirs.items():
-                client.register_adapter(path, name)
+        try:
+            with QuiverClient(srv.target, admin_token=ADMIN) as client:
+                for name, path in adapter_dirs.items():
+                    client.register_adapter(path, name)
+        except BaseException:
+            srv.close()
+            raise
     return srv
 
 

@@ -44,12 +44,16 @@ def full(loaded: Any, adapter_dirs: dict[str, Path], tmp_path_factory: pytest.Te
     stub = pb_grpc.GenerationServiceStub(busy)
     streams = [stub.GenerateStream(pb.GenerateStreamRequest(text="w1 w2", stopping=LONG), timeout=120)
                for _ in range(3)]
-    assert wait_for(lambda: srv.running.engine.num_running == 1 and srv.running.engine.num_waiting == 2)
-    yield srv, busy
-    for stream in streams:
-        stream.cancel()
-    busy.close()
-    srv.close()
+    try:
+        engine = srv.running.engine
+        assert wait_for(lambda: engine.num_running == 1 and engine.num_waiting == 2), (engine.num_running,
+                                                                                       engine.num_waiting)
+        yield srv, busy
+    finally:
+        for stream in streams:
+            stream.cancel()
+        busy.close()
+        srv.close()
 
 
 def timed(attempt: Callable[[], Any], tries: int = 5) -> tuple[list[Any], float]:

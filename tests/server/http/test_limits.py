@@ -52,18 +52,20 @@ def test_full_queue_is_429(loaded: Any, adapter_dirs: dict[str, Path], tmp_path:
 def test_draining_is_503_while_running_requests_finish(loaded: Any, adapter_dirs: dict[str, Path], tmp_path: Path):
     srv = start(loaded, tmp_path / "store", adapter_dirs)
     body = {"model": "lora", "prompt": "w1 w2", "max_tokens": 300, "stream": True}
-    with httpx.Client(timeout=60) as c, c.stream("POST", srv.http + "/v1/completions", json=body) as response:
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
-        stopping = asyncio.run_coroutine_threadsafe(srv.running.stop(30), srv.loop)
-        assert wait_for(lambda: httpx.get(srv.http + "/ready").status_code == 503)
-        assert httpx.get(srv.http + "/health").status_code == 200  # draining is alive: no restart
-        refused = httpx.post(srv.http + "/v1/chat/completions", json=CHAT)
-        assert error_of(refused, 503)["code"] == "unavailable"
-        rest = [line for line in lines if line]  # the running stream still ends normally
-    assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
-    stopping.result(timeout=30)
-    srv.close = lambda: None  # type: ignore[method-assign]
+    try:
+        with httpx.Client(timeout=60) as c, c.stream("POST", srv.http + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            stopping = asyncio.run_coroutine_threadsafe(srv.running.stop(30), srv.loop)
+            assert wait_for(lambda: httpx.get(srv.http + "/ready").status_code == 503)
+            assert httpx.get(srv.http + "/health").status_code == 200  # draining is alive: no restart
+            refused = httpx.post(srv.http + "/v1/chat/completions", json=CHAT)
+            assert error_of(refused, 503)["code"] == "unavailable"
+            rest = [line for line in lines if line]  # the running stream still ends normally
+        assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
+        stopping.result(timeout=30)
+    finally:
+        srv.close()  # stopping an already stopped server again only ends its loop
 
 
 def test_http_port_zero_turns_http_off(loaded: Any, adapter_dirs: dict[str, Path], tmp_path: Path):

@@ -38,17 +38,19 @@ def busy(loaded: Any, adapter_dirs: dict[str, Path], tmp_path_factory: pytest.Te
          ) -> Iterator[ServerThread]:
     """A server with two adapters named in metrics, five LoRAs (copies) and the three kinds, after traffic."""
     srv = start(loaded, tmp_path_factory.mktemp("store"), adapter_dirs, metrics_max_adapters=2)
-    with QuiverClient(srv.target, admin_token=ADMIN) as client:
-        for name in ("hot-a", "hot-b", "cold-c", "cold-d", "cold-e"):
-            client.register_adapter(adapter_dirs["lora"], name)
-        with pytest.raises(QuiverRpcError):
-            client.register_adapter(adapter_dirs["lora"].parent, "not-an-adapter")  # a directory of adapters
-        for adapter in ["hot-a"] * 4 + ["hot-b"] * 4 + ["cold-c", "cold-d", "cold-e", "prompt", "prefix", ""]:
-            client.generate(f"w1 w2 {CANARY}", adapter=adapter, max_new_tokens=3)
-        with pytest.raises(QuiverRpcError):
-            client.generate("w1", adapter="missing", max_new_tokens=1)
-    yield srv
-    srv.close()
+    try:
+        with QuiverClient(srv.target, admin_token=ADMIN) as client:
+            for name in ("hot-a", "hot-b", "cold-c", "cold-d", "cold-e"):
+                client.register_adapter(adapter_dirs["lora"], name)
+            with pytest.raises(QuiverRpcError):
+                client.register_adapter(adapter_dirs["lora"].parent, "not-an-adapter")  # a directory of adapters
+            for adapter in ["hot-a"] * 4 + ["hot-b"] * 4 + ["cold-c", "cold-d", "cold-e", "prompt", "prefix", ""]:
+                client.generate(f"w1 w2 {CANARY}", adapter=adapter, max_new_tokens=3)
+            with pytest.raises(QuiverRpcError):
+                client.generate("w1", adapter="missing", max_new_tokens=1)
+        yield srv
+    finally:
+        srv.close()
 
 
 def test_engine_series_count_the_traffic(busy: ServerThread):
