@@ -186,6 +186,7 @@ async def attach(ports: OpenPorts, loaded: LoadedModel, engine_config: EngineCon
         base_id = served_model_name(config.served_model_name, loaded.view)
         catalog = adapter_catalog(loaded.view, adapter_config, engine_config, base_id)
         catalog.on_registration = metrics.observe_registration
+        catalog.on_deletion = engine.host_adapters.drop
         metrics.registered.set_function(lambda: float(catalog.count_servable()))
         builder = request_builder(loaded.view, engine_config, catalog)
         generator = Generator(engine, builder, metrics)

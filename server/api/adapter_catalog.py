@@ -35,6 +35,8 @@ class AdapterCatalog:
         self._reserved = reserved
         self.on_registration: Callable[[str | None, QuiverError | None], None] | None = None
         """Told of every registration: the adapter's kind when accepted, the error when refused (metrics)."""
+        self.on_deletion: Callable[[builtins.list[StoredAdapter]], None] | None = None
+        """Told of every deletion's adapters (the engine drops them from its host tier)."""
         self._servable_count: tuple[float, int] | None = None  # (when counted, count)
 
     def resolve(self, ref: str, field: str = "adapter") -> StoredAdapter:
@@ -126,6 +128,8 @@ class AdapterCatalog:
         """Delete one version (`name@version`) or every version of a name; running requests finish on theirs."""
         deleted = self.registry.store.delete(parse_ref(ref, field=field))
         self._servable_count = None
+        if self.on_deletion is not None:
+            self.on_deletion(deleted)
         return deleted
 
     def taken_reserved(self) -> builtins.list[str]:

@@ -27,9 +27,6 @@ from quiver.server.engine.observer import EngineObserver, Tier
 log = logging.getLogger(__name__)
 
 
-
-
-
 @dataclass
 class TierStats:
     """Running totals of one tier, read by the metrics endpoint (plain ints: a torn read is harmless)."""
@@ -163,6 +160,16 @@ class HostAdapterCache:
                 self._bytes -= evicted.nbytes
                 self.stats.evictions += 1
         return adapter
+
+    def drop(self, deleted: list[StoredAdapter]) -> int:
+        """Forget adapters deleted from the store, so churn does not keep dead weights until the LRU reaches them;
+        how many were held. Requests already submitted hold their own reference (through their fetch's future),
+        so they finish on the version they started with."""
+        keys = {AdapterKey.of(stored) for stored in deleted}
+        with self._lock:
+            dropped = [self._entries.pop(key) for key in keys if key in self._entries]
+            self._bytes -= sum(adapter.nbytes for adapter in dropped)
+        return len(dropped)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

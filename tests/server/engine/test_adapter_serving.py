@@ -118,6 +118,21 @@ def test_host_cache_evicts_by_bytes(loras: list[StoredAdapter]):
         cache.close()
 
 
+def test_host_cache_drops_deleted_adapters_and_keeps_what_requests_hold(loras: list[StoredAdapter]):
+    cache = HostAdapterCache(max_bytes=1 << 30)
+    try:
+        held = [cache.fetch(stored).result(timeout=30) for stored in loras[:3]]
+        before = cache.nbytes
+        assert cache.drop([loras[0], loras[1], loras[4]]) == 2  # lora-4 was never loaded
+        assert cache.resident == 1 and cache.nbytes == before - held[0].nbytes - held[1].nbytes
+        assert held[0].tensors  # a request's reference still holds the weights it runs on
+        assert cache.fetch(loras[2]).done() and cache.stats.hits == 1  # the one not deleted is still cached
+        assert cache.fetch(loras[0]).result(timeout=30).key == held[0].key  # a dropped one loads again
+        assert (cache.stats.loads, cache.stats.misses) == (4, 4)
+    finally:
+        cache.close()
+
+
 def test_device_slots_pin_and_evict_lru(loaded: Any, loras: list[StoredAdapter]):
     slots = LoraSlots(loaded.model, num_slots=2, max_rank=8)
     try:

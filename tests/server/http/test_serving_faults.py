@@ -141,3 +141,24 @@ def test_running_requests_finish_on_the_version_they_started_with(
             assert how == "new_version" or rpc_code(client, "x@1") == grpc.StatusCode.NOT_FOUND
     finally:
         srv.close()
+
+
+# --- deletion frees the host tier -------------------------------------------------------------------------------
+
+
+def test_deleting_an_adapter_drops_it_from_the_host_tier(served: Served):
+    from .test_operations_metrics import samples, value
+
+    def host() -> tuple[float, float]:
+        s = samples(served.server)
+        return value(s, "quiver_adapters_resident", tier="host"), value(s, "quiver_adapter_bytes", tier="host")
+
+    with QuiverClient(served.server.target, admin_token=ADMIN) as client:
+        for adapter in ("lora", "prompt"):
+            tokens(client, adapter, max_new_tokens=2)
+        resident, held = host()
+        assert resident == 2
+        client.delete_adapter("lora")
+        assert host()[0] == 1 and host()[1] < held  # at once, not when the LRU would have reached it
+        assert rpc_code(client, "lora") == grpc.StatusCode.NOT_FOUND
+        tokens(client, "prompt", max_new_tokens=2)  # the other one still served from the tier
