@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from safetensors.torch import load_file
-
 from quiver.adapters.peft_config import LoraSpec, read_peft_config
+from quiver.adapters.safetensors_check import load_safetensors
 from quiver.server.engine.kinds.base import AdapterKind, HostTensors
 from quiver.server.engine.lora.slots import lora_pairs
 
@@ -23,7 +22,7 @@ class Lora(AdapterKind):
     uses_lora_slot: ClassVar[bool] = True
 
     def load_host(self, path: Path) -> HostTensors:
-        tensors = load_file(str(path / WEIGHTS_FILE))
+        tensors = load_safetensors(path / WEIGHTS_FILE)
         spec = read_peft_config(path).spec
         assert isinstance(spec, LoraSpec), "validated at registration"
         return tensors, {module: spec.scaling_for(module) for module in lora_pairs(tensors)}

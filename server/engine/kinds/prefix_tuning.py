@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from safetensors.torch import load_file
-
 from quiver.adapters.prefix import PREFIX_FILE, PREFIX_KEY
+from quiver.adapters.safetensors_check import load_safetensors
 from quiver.server.engine.kinds.base import AdapterKind, HostTensors, PrefillParts
 
 if TYPE_CHECKING:
@@ -20,7 +19,7 @@ class PrefixTuning(AdapterKind):
     tensor_field: ClassVar[str | None] = "prefix"
 
     def load_host(self, path: Path) -> HostTensors:
-        return {"prefix": load_file(str(path / PREFIX_FILE))[PREFIX_KEY]}, {}  # (L, 2, H_kv, P, D)
+        return {"prefix": load_safetensors(path / PREFIX_FILE)[PREFIX_KEY]}, {}  # (L, 2, H_kv, P, D)
 
     def parts(self, adapter: DeviceAdapter) -> PrefillParts:
         return PrefillParts(prefix=adapter.prefix)

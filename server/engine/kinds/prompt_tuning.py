@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from safetensors.torch import load_file
-
+from quiver.adapters.safetensors_check import load_safetensors
 from quiver.server.engine.kinds.base import AdapterKind, HostTensors, PrefillParts
 
 if TYPE_CHECKING:
@@ -23,7 +22,7 @@ class PromptTuning(AdapterKind):
     soft_prompt: ClassVar[bool] = True
 
     def load_host(self, path: Path) -> HostTensors:
-        return {"prompt": load_file(str(path / WEIGHTS_FILE))[PROMPT_KEY]}, {}  # (P, H)
+        return {"prompt": load_safetensors(path / WEIGHTS_FILE)[PROMPT_KEY]}, {}  # (P, H)
 
     def parts(self, adapter: DeviceAdapter) -> PrefillParts:
         return PrefillParts(soft=adapter.prompt)
