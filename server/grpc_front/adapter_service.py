@@ -15,7 +15,7 @@ from quiver.adapters.metadata import AdapterMetadata
 from quiver.adapters.names import parse_ref
 from quiver.adapters.registry import RegistrationOptions
 from quiver.adapters.store import RegisterMode
-from quiver.common.errors import InvalidArgument, TooLarge
+from quiver.common.errors import InvalidArgument, QuiverError, TooLarge
 from quiver.server.api.adapter_catalog import AdapterCatalog
 from quiver.v1 import adapters_pb2 as pb
 from quiver.v1 import adapters_pb2_grpc as pb_grpc
@@ -98,6 +98,15 @@ class _Upload:
             self._current = None
 
 
+async def _discard(requests: AsyncIterator[pb.RegisterAdapterRequest], max_bytes: int) -> None:
+    """Read and drop what is left of a refused upload, up to `max_bytes` of messages."""
+    left = max_bytes
+    async for request in requests:
+        left -= request.ByteSize()
+        if left < 0:
+            return
+
+
 class AdapterService(pb_grpc.AdapterServiceServicer):
     """Implements quiver.v1.AdapterService over the adapter catalog."""
 
@@ -114,6 +123,19 @@ class AdapterService(pb_grpc.AdapterServiceServicer):
         return pb.RegisterAdapterResponse(adapter=adapter_info(stored.metadata))
 
     async def _receive(
+        self, requests: AsyncIterator[pb.RegisterAdapterRequest], directory: Path
+    ) -> RegistrationOptions:
+        """The upload's options, its files written into `directory`. A refusal before the client has sent
+        everything waits for the rest (discarded, at most --max-adapter-bytes of it) before answering: grpc.aio
+        clients (grpcio 1.7x-1.8x, grpc/grpc#36066) otherwise often report a write that raced the answer as
+        `INTERNAL: Internal error from Core` in place of the server's status."""
+        try:
+            return await self._read(requests, directory)
+        except QuiverError:
+            await _discard(requests, self._max_upload_bytes)
+            raise
+
+    async def _read(
         self, requests: AsyncIterator[pb.RegisterAdapterRequest], directory: Path
     ) -> RegistrationOptions:
         options: RegistrationOptions | None = None

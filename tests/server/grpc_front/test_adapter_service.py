@@ -327,3 +327,32 @@ def test_a_server_that_fails_to_start_gives_the_model_back(loaded: Any, store: P
             asyncio.run(start_server(loaded, EngineConfig(), config, adapter_config(store)))
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, EngineConfig())  # not "in use"
     engine.stop()
+
+
+def test_async_clients_get_the_servers_status_for_uploads_refused_early(server: ServerThread, base_dir: Path,
+                                                                         tmp_path: Path):
+    """grpc.aio clients often turn a write that races the server's early answer into `INTERNAL: Internal error
+    from Core` (grpc/grpc#36066); the server waits for the rest of a refused upload, so they see its status."""
+    import asyncio
+
+    from quiver.clients.aio import AsyncQuiverClient
+    from quiver.clients.errors import QuiverRpcError
+
+    lora = make_lora(base_dir, tmp_path / "lora", r=2, target_modules=["q_proj"], seed=1)
+    big = make_lora(base_dir, tmp_path / "big", r=2, target_modules=["q_proj"], seed=2)
+    (big / "padding.txt").write_bytes(b"x" * (MAX_BYTES + 1))
+
+    async def codes() -> list[grpc.StatusCode]:
+        out = []
+        async with AsyncQuiverClient(server.target, admin_token=TOKEN, timeout=30) as client:
+            for i in range(120):
+                directory, name = (lora, "Bad Name!") if i % 4 else (big, "too-big")
+                try:
+                    await client.register_adapter(directory, name, chunk_size=1024 if i % 4 else 1 << 16)
+                except QuiverRpcError as e:
+                    out.append(e.code)
+        return out
+
+    seen = asyncio.run(codes())
+    assert seen.count(grpc.StatusCode.INVALID_ARGUMENT) == 90, seen
+    assert seen.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 30, seen
