@@ -36,6 +36,7 @@ from quiver.training.general_set import GENERAL_SET, accuracy
 log = logging.getLogger(__name__)
 
 SERVER_ENV = "QUIVER_SERVER"  # as quiver.clients.cli.common: the default --server
+API_KEY_ENV = "QUIVER_API_KEY"  # as quiver.clients.cli.common: the default --api-key
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu")
 GENERAL_METRIC = "general_accuracy"
 SAMPLES = 5  # predictions quoted in the report
@@ -82,6 +83,16 @@ class EvalConfig:
     )
     concurrency: int = field(default=8, metadata={"help": "requests in flight at once (the server batches them)"})
     timeout: float = field(default=600.0, metadata={"help": "deadline of each request, in seconds"})
+    api_key: str | None = field(
+        default=None, metadata={"help": f"the key of a server started with --api-key (default: ${API_KEY_ENV})"}
+    )
+    tls_ca: str | None = field(
+        default=None, metadata={"help": "PEM CA of the server's certificate: connect over TLS"}
+    )
+    tls_cert: str | None = field(
+        default=None, metadata={"help": "PEM client certificate, for a server requiring mutual TLS"}
+    )
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -98,6 +109,8 @@ class EvalConfig:
             raise ValueError("--timeout must be > 0")
         if (self.input_field is None) != (self.output_field is None):
             raise ValueError("--input-field and --output-field must be given together")
+        if self.local and (self.tls_ca or self.tls_cert or self.tls_key):
+            raise ValueError("--tls-* are for --server: the local server (--model/--store) is plaintext in-process")
 
     @property
     def local(self) -> bool:
@@ -107,6 +120,11 @@ class EvalConfig:
     def target(self) -> str:
         """The remote server's address."""
         return self.server or os.environ.get(SERVER_ENV, DEFAULT_TARGET)
+
+    def client(self, target: str) -> QuiverClient:
+        """A client of the server at `target` with this config's deadline, key and TLS files."""
+        return QuiverClient(target, timeout=self.timeout, api_key=self.api_key or os.environ.get(API_KEY_ENV),
+                            tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
 
     def out_path(self) -> Path:
         return Path(self.out) if self.out else Path(f"eval-{self.adapter}.json")
@@ -289,10 +307,10 @@ def evaluate(config: EvalConfig, local_server: LocalServer | None = None) -> Eva
     if config.local:
         if local_server is None:
             raise ValueError("evaluating without --server needs a local server (the CLI passes one)")
-        with local_server(config.model, config.store) as target, QuiverClient(target, timeout=config.timeout) as c:
+        with local_server(config.model, config.store) as target, config.client(target) as c:
             report = evaluate_with(c, config, "local")
     else:
-        with QuiverClient(config.target(), timeout=config.timeout) as client:
+        with config.client(config.target()) as client:
             report = evaluate_with(client, config, config.target())
     write_report(report, config.out_path())
     return report

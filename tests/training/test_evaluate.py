@@ -130,6 +130,32 @@ def test_cli_local_mode_limits_rows(base_dir: Path, server: ServerThread, store_
     assert len(written["samples"]) == 2 and GENERAL_METRIC not in written["metrics"]
 
 
+def test_cli_evaluates_through_a_tls_server_with_an_api_key(base_dir: Path, adapter_dir: Path, dev_file: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from ..tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    store = tmp_path / "store"
+    loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none",
+                                         cache_dir=str(tmp_path / "cache")))
+    srv = ServerThread(loaded, store, adapter_config=AdapterConfig(store=str(store), admin_token=TOKEN),
+                       api_key="k3y", tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    try:
+        with QuiverClient(srv.target, timeout=60, admin_token=TOKEN, tls_ca=str(pki.ca)) as client:
+            client.register_adapter(adapter_dir, NAME)
+        common = ["eval", "--data", str(dev_file), "--adapter", NAME, "--server", f"localhost:{srv.running.port}",
+                  "--limit", "1", "--max-new-tokens", "2", "--no-general", "--out", str(tmp_path / "e.json"),
+                  *FIELDS]
+        assert main([*common, "--tls-ca", str(pki.ca), "--api-key", "k3y"]) == 0
+        assert json.loads((tmp_path / "e.json").read_text())["counts"]["dev_rows"] == 1
+        assert main([*common, "--tls-ca", str(pki.ca)]) == 1  # TLS right, no key
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main([*common, "--tls-ca", str(pki.other_ca), "--api-key", "k3y", "--timeout", "5"]) == 1
+        assert "UNAVAILABLE" in capsys.readouterr().err  # a CA that did not sign the server's certificate
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
