@@ -30,7 +30,7 @@ from quiver.server.api.generation import Generator
 from quiver.server.api.metrics import ServerMetrics
 from quiver.server.api.router_metrics import RouterMetricsCollector
 from quiver.server.api.serving_state import Phase, ServingState
-from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
+from quiver.server.config import TRANSPORT_CEILING, AdapterConfig, EngineConfig, ModelConfig, ServerConfig
 from quiver.server.engine.engine import Engine
 from quiver.server.grpc_front.adapter_service import AdapterService
 from quiver.server.grpc_front.interceptors import StatusInterceptor, refusing_handler
@@ -146,8 +146,9 @@ async def open_ports(config: ServerConfig, adapter_config: AdapterConfig) -> Ope
     calls.metrics.ready.set_function(lambda: float(state.ready))
     policy = access_policy(config.api_key, adapter_config)
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor(calls, state, config.max_streams_per_connection), AuthInterceptor(policy)],
-        options=[("grpc.max_receive_message_length", config.max_message_bytes)],
+        interceptors=[StatusInterceptor(calls, state, config.max_streams_per_connection, config.max_message_bytes),
+                      AuthInterceptor(policy)],
+        options=[("grpc.max_receive_message_length", TRANSPORT_CEILING * config.max_message_bytes)],
     )
     services = _DeferredServices()
     server.add_generic_rpc_handlers((services,))

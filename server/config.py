@@ -14,6 +14,12 @@ LoraBackendChoice = Literal["auto", "torch", "triton"]
 LogFormat = Literal["text", "json"]
 
 LORA_GATHER_BYTES = 512 * 2**20  # --max-lora-gather-bytes' default, also LoraSlots' own
+TRANSPORT_CEILING = 4
+"""grpc core's own message cap, in multiples of --max-message-bytes. Between the two, Quiver refuses a message at
+once, before decoding it (server/grpc_front/interceptors.py); beyond, grpc core does, which takes it 0.1-0.2 s
+(measured the same with a bare grpc server), and which bounds what one message can make the process hold."""
+MAX_MESSAGE_BYTES = (2**31 - 1) // TRANSPORT_CEILING
+"""--max-message-bytes' upper bound: grpc takes its cap as an int32."""
 
 
 @dataclass
@@ -298,6 +304,8 @@ class ServerConfig:
         for name in ("max_request_bytes", "max_message_bytes", "max_streams_per_connection"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_message_bytes > MAX_MESSAGE_BYTES:
+            raise ValueError(f"--max-message-bytes must be <= {MAX_MESSAGE_BYTES} (grpc counts in an int32)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

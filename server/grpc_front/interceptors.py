@@ -138,17 +138,27 @@ class _Undecodable:
 
     problem: str
 
-    def error(self) -> errors.InvalidArgument:
+    def error(self) -> errors.QuiverError:
         return errors.InvalidArgument("request", f"is not a valid message: {self.problem}")
 
 
-def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+@dataclass(frozen=True)
+class _Oversized(_Undecodable):
+    """A message over --max-message-bytes, left undecoded."""
+
+    def error(self) -> errors.QuiverError:
+        return errors.TooLarge(self.problem)
+
+
+def _decoding(deserializer: Callable[[bytes], Any] | None, max_bytes: int) -> Callable[[bytes], Any] | None:
     """`deserializer` that returns `_Undecodable` instead of raising: grpc would answer UNKNOWN (or INTERNAL inside a
-    client stream) for what is the client's malformed message."""
+    client stream) for what is the client's malformed message; and `_Oversized`, undecoded, past `max_bytes`."""
     if deserializer is None:
         return None
 
     def decode(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Oversized(f"a message of {len(data)} bytes exceeds {max_bytes} (--max-message-bytes)")
         try:
             return deserializer(data)
         except Exception as e:  # DecodeError, bad UTF-8 in a string field: whatever the bytes were, they are wrong
@@ -264,8 +274,10 @@ def refusing_handler(method: str) -> grpc.RpcMethodHandler | None:
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Maps QuiverError to status codes, applies the serving phase, and records every Quiver call."""
 
-    def __init__(self, calls: CallLog, state: ServingState, max_streams_per_connection: int = 256) -> None:
+    def __init__(self, calls: CallLog, state: ServingState, max_streams_per_connection: int = 256,
+                 max_message_bytes: int = 4 * 2**20) -> None:
         self._guard: _Guard = (calls, state, ConnectionStreams(max_streams_per_connection))
+        self._max_message_bytes = max_message_bytes
 
     async def intercept_service(
         self,
@@ -277,7 +289,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         codec = {
-            "request_deserializer": _decoding(handler.request_deserializer),
+            "request_deserializer": _decoding(handler.request_deserializer, self._max_message_bytes),
             "response_serializer": handler.response_serializer,
         }
         guard = self._guard
