@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quiver.server.engine.pooling import EmbedSpec
+
 
 @dataclass(frozen=True)
 class ChatMessage:
@@ -46,3 +48,5 @@ class GenerationInput:
     """None: no log-probabilities; n: each generated token's and the n most likely ones at its position."""
     prompt_logprobs: int | None = None
     """None: none; n: each prompt token's log-probability (the first has none) and the n most likely ones."""
+    embed: EmbedSpec | None = None
+    """An embedding instead of a generation: the input's pooled hidden states (server/api/embeddings.py)."""

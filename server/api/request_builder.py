@@ -79,6 +79,8 @@ class RequestBuilder:
         template = adapter.metadata.prompt_template if adapter else None
         virtual = virtual_tokens(adapter)
         prompt_ids = self._prompt_ids(request, template, virtual)
+        if request.embed is not None:  # a prefill-only row
+            return GenerationRequest(tuple(prompt_ids), SamplingParams(), 0, (), adapter, embed=request.embed)
         max_new_tokens = self._max_new_tokens(request.max_new_tokens, len(prompt_ids) + virtual)
         return GenerationRequest(
             prompt_ids=tuple(prompt_ids),

@@ -38,10 +38,10 @@ class ChunkedPrefill:
     def advance(self, forward: ModelForward) -> Prefilled | None:
         """Feed the next chunk; returns the prefilled row after the last chunk, None before. A row that asked for
         its prompt's log-probabilities gets them for the whole prompt, gathered over the chunks."""
-        ids, adapter, want = self._row.ids, self._row.adapter, self._row.prompt_logprobs
+        ids, adapter, want, pooled = self._row.ids, self._row.adapter, self._row.prompt_logprobs, self._row.pooled
         if self._done is None:
             first = max(1, self._budget - self._soft)  # a soft prompt shares the first chunk
-            done = prefill(forward, [PrefillRow(ids[:first], adapter, want)])
+            done = prefill(forward, [PrefillRow(ids[:first], adapter, want, pooled)])
             self._fed = min(first, ids.numel())
             # The next chunk's update makes room for itself plus this block: exactly the rest of the prompt, so
             # no later chunk copies the cache (as torch.cat would) and none reserves more than the prompt needs.
@@ -49,7 +49,12 @@ class ChunkedPrefill:
             self._done = replace(done, cache=growing(done.cache, max(1, rest - self._budget)))
         else:
             chunk = ids[self._fed : self._fed + self._budget]
-            self._done = extend(forward, self._done, PrefillRow(chunk, adapter, want))
+            earlier = self._done.pooled
+            self._done = extend(forward, self._done, PrefillRow(chunk, adapter, want, pooled))
+            if earlier is not None and earlier[0] is not None and self._done.pooled is not None:
+                later = self._done.pooled[0]
+                assert later is not None, "a pooled row's chunks are pooled"
+                self._done = replace(self._done, pooled=[earlier[0].then(later)])
             self._fed += chunk.numel()
         if self._done.prompt_logprobs is not None:
             self._scores.extend(self._done.prompt_logprobs[0] or ())

@@ -221,6 +221,11 @@ class Engine:
         outcome = self._runner.run(plan, self._tokens)
         for row, error in outcome.failed:
             self._finish_all([row], error)
+        embedded, self._runner.embedded = self._runner.embedded, []
+        for row, part in embedded:  # prefill-only rows: answered now, they never join the batch
+            if not row.done:
+                row.emit_embedding(part)
+            self._scheduler.retire(row)
         if outcome.chunk_ended:
             self._scheduler.chunk_finished()
 

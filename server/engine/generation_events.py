@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from quiver.server.engine.logprobs import TokenLogprob
 
 
@@ -30,6 +32,7 @@ class GenerationEvent:
     # In the first event, when the request asked: one per prompt token, None for the first (nothing predicts it)
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
     queue_seconds: float | None = None  # in the first event: from submission to the first prefill
+    embedding: torch.Tensor | None = None  # an embedding request's only event: (H,) float32 on the CPU
 
 
 Sink = Callable[[GenerationEvent], None]

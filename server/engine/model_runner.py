@@ -24,7 +24,8 @@ from quiver.server.engine.decode_step import decode_step_for
 from quiver.server.engine.lora.slots import LoraSlots
 from quiver.server.engine.model_forward import ModelForward
 from quiver.server.engine.observer import EngineObserver, Phase
-from quiver.server.engine.prefill import Prefilled, PrefillRow, prefill
+from quiver.server.engine.pooling import PooledPart
+from quiver.server.engine.prefill import Prefilled, PrefillRow, prefill, select_prefilled
 from quiver.server.engine.sequence import RequestState
 from quiver.server.engine.step_scheduler import StepPlan
 from quiver.server.platform.base import Platform
@@ -58,6 +59,8 @@ class ModelRunner:
                                   decode_step_for(model, plain=config.plain_decode_step))
         self._rows: list[RequestState] = []  # replaced, never mutated: other threads read it
         self._chunk: tuple[RequestState, ChunkedPrefill] | None = None
+        self.embedded: list[tuple[RequestState, PooledPart]] = []
+        """Embedding rows prefilled this step, with their hidden states: never in the batch; the engine answers."""
 
     @property
     def rows(self) -> Sequence[RequestState]:
@@ -168,10 +171,18 @@ class ModelRunner:
             self._observer.queued(row.queue_seconds)
         # The prompt, and for a preempted row the tokens it generated before (their cache was dropped).
         scored = row.request.prompt_logprobs if row.scores_prompt else None
-        return PrefillRow(row.seen[: row.n_seen].to(self._device, copy=True), row.adapter, scored)
+        return PrefillRow(row.seen[: row.n_seen].to(self._device, copy=True), row.adapter, scored,
+                          pooled=row.request.embed is not None)
 
     def _join(self, rows: list[RequestState], out: Prefilled) -> list[tuple[RequestState, BaseException]]:
-        """Add prefilled `rows` to the running batch."""
+        """Add prefilled `rows` to the running batch; embedding rows, done, are kept aside for the engine to answer."""
+        if out.pooled is not None:
+            embedded = [i for i, part in enumerate(out.pooled) if part is not None]
+            self.embedded += [(rows[i], part) for i, part in enumerate(out.pooled) if part is not None]
+            keep = [i for i in range(len(rows)) if i not in embedded]
+            if not keep:
+                return []
+            rows, out = [rows[i] for i in keep], select_prefilled(out, keep)
         for i, (row, logits) in enumerate(zip(rows, out.logits, strict=True)):
             row.logits = logits
             if out.prompt_logprobs is not None:

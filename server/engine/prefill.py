@@ -28,6 +28,7 @@ from quiver.server.engine.decode_step import sdpa_full_attention
 from quiver.server.engine.kinds import KINDS, PrefillParts
 from quiver.server.engine.logprobs import TokenLogprob, prompt_token_logprobs
 from quiver.server.engine.model_forward import ModelForward
+from quiver.server.engine.pooling import PooledPart, last_hidden_states, pool_rows
 from quiver.server.platform.uploads import upload
 
 PromptLogprobs = tuple[TokenLogprob | None, ...]
@@ -40,8 +41,7 @@ class PrefillRow:
     ids: torch.Tensor
     adapter: DeviceAdapter | None
     prompt_logprobs: int | None = None  # n: each prompt token's log-probability after the first, n top ones
-
-
+    pooled: bool = False  # an embedding row: its hidden states over its tokens are kept (pooling.py)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class Prefilled:
     lengths: list[int]  # valid entries per row = the row's next position id
     # Per row that asked: log-probabilities of its prompt tokens, None for the first (nothing predicts it)
     prompt_logprobs: list[PromptLogprobs | None] | None = None
+    # Per row: an embedding row's hidden states over its tokens (None for the others); None when no row pooled
+    pooled: list[PooledPart | None] | None = None
 
 
 def _parts_of(adapter: DeviceAdapter | None) -> PrefillParts:
@@ -113,8 +115,12 @@ def prefill(forward: ModelForward, rows: Sequence[PrefillRow]) -> Prefilled:
     cache = _prefix_cache(parts, past, pmax, b)
     scored = any(row.prompt_logprobs is not None for row in rows)
     # Every position's logits only when a row asked for its prompt's log-probabilities: (B, T, V) is large.
-    out = forward([r.adapter for r in rows], t, **inputs, attention_mask=_attention_mask(model, mask, t, padded),
-                  position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=0 if scored else 1)
+    pooling = any(row.pooled for row in rows)
+    with last_hidden_states(model, pooling) as hidden:
+        out = forward([r.adapter for r in rows], t, **inputs, attention_mask=_attention_mask(model, mask, t, padded),
+                      position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=0 if scored else 1)
+    pooled = pool_rows(hidden[0], [(t - n, t) if row.pooled else None for row, n in zip(rows, prompt, strict=True)]
+                       ) if pooling else None
     scores = [_prompt_scores(out.logits[i, t - n:], row) for i, (row, n) in enumerate(zip(rows, prompt, strict=True))
               ] if scored else None
     lengths = [p + n for p, n in zip(past, new, strict=True)]
@@ -125,7 +131,22 @@ def prefill(forward: ModelForward, rows: Sequence[PrefillRow]) -> Prefilled:
         for layer in cache_layers(cache):
             layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
         mask = mask[:, trim:]
-    return Prefilled(out.logits[:, -1].float(), cache, mask, lengths, scores)
+    return Prefilled(out.logits[:, -1].float(), cache, mask, lengths, scores, pooled)
+
+
+def select_prefilled(done: Prefilled, keep: Sequence[int]) -> Prefilled:
+    """The rows `keep` of a prefilled group (the others, embedding rows, leave), their cache columns that are
+    padding in every kept row dropped."""
+    index = torch.tensor(keep, device=done.mask.device)
+    lengths = [done.lengths[i] for i in keep]
+    trim = done.mask.shape[1] - max(lengths)
+    cache = DynamicCache()
+    for layer, old in enumerate(cache_layers(done.cache)):
+        cache.update(old.keys.index_select(0, index)[:, :, trim:], old.values.index_select(0, index)[:, :, trim:],
+                     layer)
+    scores = [done.prompt_logprobs[i] for i in keep] if done.prompt_logprobs is not None else None
+    return Prefilled(done.logits.index_select(0, index), cache, done.mask.index_select(0, index)[:, trim:], lengths,
+                     scores)
 
 
 def _prompt_scores(logits: torch.Tensor, row: PrefillRow, before: torch.Tensor | None = None) -> PromptLogprobs | None:
@@ -210,7 +231,9 @@ def extend(forward: ModelForward, done: Prefilled, row: PrefillRow) -> Prefilled
     mask = torch.cat([done.mask, done.mask.new_ones(1, t)], dim=1)  # (1, L + T)
     positions = torch.arange(start, start + t, device=ids.device)[None]  # (1, T)
     scored = row.prompt_logprobs is not None
-    out = forward([adapter], t, input_ids=ids[None], attention_mask=mask, position_ids=positions,
-                  past_key_values=done.cache, use_cache=True, logits_to_keep=0 if scored else 1)
+    with last_hidden_states(forward.model, row.pooled) as hidden:
+        out = forward([adapter], t, input_ids=ids[None], attention_mask=mask, position_ids=positions,
+                      past_key_values=done.cache, use_cache=True, logits_to_keep=0 if scored else 1)
     scores = [_prompt_scores(out.logits[0], row, before=done.logits[0])] if scored else None
-    return Prefilled(out.logits[:, -1].float(), done.cache, mask, [start + t], scores)
+    pooled = pool_rows(hidden[0], [(0, t)]) if row.pooled else None
+    return Prefilled(out.logits[:, -1].float(), done.cache, mask, [start + t], scores, pooled)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from quiver.adapters.store import StoredAdapter
 from quiver.server.engine.kinds import KINDS
+from quiver.server.engine.pooling import EmbedSpec
 from quiver.server.engine.sampling import SamplingParams
 
 
@@ -22,6 +23,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: no log-probabilities; n: each token's and the n most likely ones
     prompt_logprobs: int | None = None  # None: none; n: each prompt token's (after the first) and n most likely
     ignore_eos: bool = False  # end only at max_new_tokens or a stop sequence
+    embed: EmbedSpec | None = None  # an embedding row (max_new_tokens 0): prefilled, pooled, never decoded
 
 
 def virtual_tokens(adapter: StoredAdapter | None) -> int:

@@ -14,6 +14,7 @@ from quiver.server.engine.adapter_tiers import DeviceAdapter
 from quiver.server.engine.detokenizer import TextStream
 from quiver.server.engine.generation_events import FinishReason, GenerationEvent, RequestHandle, Sink
 from quiver.server.engine.logprobs import TokenLogprob
+from quiver.server.engine.pooling import PooledPart
 from quiver.server.engine.request import GenerationRequest, prefill_positions, virtual_tokens
 from quiver.server.engine.sampling import RowSampler
 
@@ -97,6 +98,13 @@ class RequestState:
         self.prompt_logprobs = ()
         self._queue_reported = True
         return self.send(event) and finish is None
+
+    def emit_embedding(self, part: PooledPart) -> None:
+        """An embedding row's one event: its vector, and the end of the request."""
+        spec = self.request.embed
+        assert spec is not None, "only embedding rows are pooled"
+        self.send(GenerationEvent("", (), len(self.request.prompt_ids), 0, FinishReason.LENGTH,
+                                  queue_seconds=self.queue_seconds, embedding=part.vector(spec)))
 
     def send(self, event: GenerationEvent) -> bool:
         """Hand `event` to the sink; False (and the request cancelled) when its receiver is gone."""

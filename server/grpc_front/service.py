@@ -8,10 +8,12 @@ from typing import TypeAlias
 import grpc
 
 from quiver.common.errors import InvalidArgument
+from quiver.server.api.embeddings import Embedder, EmbeddingInput
 from quiver.server.api.generation import GenerationBackend
 from quiver.server.api.generation_input import ChatMessage, GenerationInput
 from quiver.server.engine.generation_events import FinishReason, GenerationEvent
 from quiver.server.engine.logprobs import TokenLogprob
+from quiver.server.engine.pooling import EmbedSpec, Pooling
 from quiver.server.engine.request import GenerationRequest
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
@@ -52,6 +54,24 @@ def generation_input(request: WireRequest) -> GenerationInput:
     )
 
 
+_POOLING = {pb.POOLING_UNSPECIFIED: Pooling.MEAN, pb.POOLING_MEAN: Pooling.MEAN, pb.POOLING_LAST: Pooling.LAST}
+EMBED_FIELD_NAMES = {"input": "inputs"}
+
+
+def embedding_input(request: pb.EmbedRequest) -> EmbeddingInput:
+    """The core's view of an EmbedRequest."""
+    if request.pooling not in _POOLING:
+        raise InvalidArgument("pooling", f"unknown pooling {request.pooling}")
+    inputs: list[str | tuple[int, ...]] = []
+    for i, one in enumerate(request.inputs):
+        kind = one.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgument(f"inputs[{i}]", "set text or tokens")
+        inputs.append(one.text if kind == "text" else tuple(one.tokens.ids))
+    normalize = request.normalize if request.HasField("normalize") else True
+    return EmbeddingInput(tuple(inputs), request.adapter, EmbedSpec(_POOLING[request.pooling], normalize))
+
+
 def _usage(event: GenerationEvent) -> pb.Usage:
     return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
 
@@ -75,6 +95,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     def __init__(self, generator: GenerationBackend, model_info: pb.ModelInfoResponse) -> None:
         self._generator = generator
+        self._embedder = Embedder(generator)
         self._model_info = model_info
 
     async def _prepare(self, request: WireRequest) -> GenerationRequest:
@@ -112,6 +133,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 message.finish_reason = _FINISH_REASONS[event.finish_reason]
                 message.usage.CopyFrom(_usage(event))
             yield message
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        try:
+            done = await self._embedder.embed(embedding_input(request))
+        except InvalidArgument as e:
+            raise e.renamed(EMBED_FIELD_NAMES) from None
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=v, prompt_tokens=n) for v, n in zip(done.vectors, done.prompt_tokens,
+                                                                                  strict=True)],
+            usage=pb.Usage(prompt_tokens=done.total_tokens),
+        )
 
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext

@@ -28,6 +28,7 @@ from quiver.server.http.admin import AdapterRoutes
 from quiver.server.http.chat import ChatCompletions
 from quiver.server.http.choices import TokenTexts
 from quiver.server.http.completions import Completions
+from quiver.server.http.embeddings import Embeddings
 from quiver.server.http.errors import error_response
 from quiver.server.http.gate import ROUTE_ACCESS, Gate
 from quiver.server.http.translate import adapter_of
@@ -99,6 +100,7 @@ def build_app(ctx: HttpContext) -> Gate:
         ("/v1/completions", Completions(ctx.generator, ctx.base_id, texts).handle, ["POST"]),
         ("/v1/chat/completions", ChatCompletions(ctx.generator, ctx.base_id, texts, _short(ctx.fingerprint)).handle,
          ["POST"]),
+        ("/v1/embeddings", Embeddings(ctx.generator, ctx.base_id).handle, ["POST"]),
         ("/v1/models", models.list, ["GET"]),
         ("/v1/models/{model:path}", models.get, ["GET"]),
         ("/v1/load_lora_adapter", adapters.load, ["POST"]),

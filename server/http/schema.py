@@ -101,6 +101,21 @@ class ChatCompletionRequest(_Sampling):
     web_search_options: dict[str, Any] | None = None
 
 
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings; `pooling` and `normalize` are Quiver's (through the `openai` client's `extra_body`)."""
+
+    model_config = _STRICT
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str = "float"  # "float" or "base64" (little-endian float32, what the `openai` client asks for)
+    user: str | None = None
+    pooling: str = "mean"  # "mean" or "last"
+    normalize: bool = True
+    # Accepted only at its neutral value: a model's hidden size is what it is.
+    dimensions: int | None = None
+
+
 class LoadLoraRequest(BaseModel):
     """POST /v1/load_lora_adapter, as vLLM's runtime adapter loading (any PEFT kind, despite the name)."""
 

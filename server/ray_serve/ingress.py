@@ -72,6 +72,9 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:
         return await self._unary(grpc_context, lambda service: service.Generate(request, grpc_context))
 
+    async def Embed(self, request: pb.EmbedRequest, grpc_context: Any) -> pb.EmbedResponse:
+        return await self._unary(grpc_context, lambda service: service.Embed(request, grpc_context))
+
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: Any) -> pb.ModelInfoResponse:
         return await self._unary(grpc_context, lambda service: service.ModelInfo(request, grpc_context))
 

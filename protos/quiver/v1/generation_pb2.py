@@ -24,43 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aquiver/v1/generation.proto\x12\tquiver.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.quiver.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xce\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"n\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.quiver.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xc1\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.quiver.v1.ChatMessagesH\x00\x12%\n\x06tokens\x18\x07 \x01(\x0b\x32\x13.quiver.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.quiver.v1.SamplingParameters\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.quiver.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xe1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.quiver.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.quiver.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\"\xc7\x02\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.quiver.v1.ChatMessagesH\x00\x12%\n\x06tokens\x18\x07 \x01(\x0b\x32\x13.quiver.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.quiver.v1.SamplingParameters\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.quiver.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xe7\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.quiver.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.quiver.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\"\x12\n\x10ModelInfoRequest\"\xf0\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xf9\x01\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.quiver.v1.GenerateRequest\x1a\x1b.quiver.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .quiver.v1.GenerateStreamRequest\x1a!.quiver.v1.GenerateStreamResponse0\x01\x12\x46\n\tModelInfo\x12\x1b.quiver.v1.ModelInfoRequest\x1a\x1c.quiver.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aquiver/v1/generation.proto\x12\tquiver.v1\"L\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.quiver.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x91\x01\n\x0c\x45mbedRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.quiver.v1.EmbedInput\x12#\n\x07pooling\x18\x03 \x01(\x0e\x32\x12.quiver.v1.Pooling\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"2\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"Z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.quiver.v1.Embedding\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.quiver.v1.Usage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.quiver.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xce\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"n\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.quiver.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xc1\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.quiver.v1.ChatMessagesH\x00\x12%\n\x06tokens\x18\x07 \x01(\x0b\x32\x13.quiver.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.quiver.v1.SamplingParameters\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.quiver.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xe1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.quiver.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.quiver.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\"\xc7\x02\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.quiver.v1.ChatMessagesH\x00\x12%\n\x06tokens\x18\x07 \x01(\x0b\x32\x13.quiver.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.quiver.v1.SamplingParameters\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.quiver.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xe7\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.quiver.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.quiver.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.quiver.v1.TokenLogprob\"\x12\n\x10ModelInfoRequest\"\xf0\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08*F\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x10\n\x0cPOOLING_LAST\x10\x02*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xb5\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.quiver.v1.GenerateRequest\x1a\x1b.quiver.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .quiver.v1.GenerateStreamRequest\x1a!.quiver.v1.GenerateStreamResponse0\x01\x12\x46\n\tModelInfo\x12\x1b.quiver.v1.ModelInfoRequest\x1a\x1c.quiver.v1.ModelInfoResponse\x12:\n\x05\x45mbed\x12\x17.quiver.v1.EmbedRequest\x1a\x18.quiver.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'quiver.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2066
-  _globals['_FINISHREASON']._serialized_end=2199
-  _globals['_CHATMESSAGE']._serialized_start=41
-  _globals['_CHATMESSAGE']._serialized_end=85
-  _globals['_CHATMESSAGES']._serialized_start=87
-  _globals['_CHATMESSAGES']._serialized_end=143
-  _globals['_TOKENIDS']._serialized_start=145
-  _globals['_TOKENIDS']._serialized_end=168
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=171
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=377
-  _globals['_STOPPINGCRITERIA']._serialized_start=379
-  _globals['_STOPPINGCRITERIA']._serialized_end=489
-  _globals['_TOPLOGPROB']._serialized_start=491
-  _globals['_TOPLOGPROB']._serialized_end=538
-  _globals['_TOKENLOGPROB']._serialized_start=540
-  _globals['_TOKENLOGPROB']._serialized_end=625
-  _globals['_USAGE']._serialized_start=627
-  _globals['_USAGE']._serialized_end=684
-  _globals['_GENERATEREQUEST']._serialized_start=687
-  _globals['_GENERATEREQUEST']._serialized_end=1008
-  _globals['_GENERATERESPONSE']._serialized_start=1011
-  _globals['_GENERATERESPONSE']._serialized_end=1236
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1239
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1566
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1569
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1800
-  _globals['_MODELINFOREQUEST']._serialized_start=1802
-  _globals['_MODELINFOREQUEST']._serialized_end=1820
-  _globals['_MODELINFORESPONSE']._serialized_start=1823
-  _globals['_MODELINFORESPONSE']._serialized_end=2063
-  _globals['_GENERATIONSERVICE']._serialized_start=2202
-  _globals['_GENERATIONSERVICE']._serialized_end=2451
+  _globals['_POOLING']._serialized_start=2435
+  _globals['_POOLING']._serialized_end=2505
+  _globals['_FINISHREASON']._serialized_start=2508
+  _globals['_FINISHREASON']._serialized_end=2641
+  _globals['_EMBEDINPUT']._serialized_start=41
+  _globals['_EMBEDINPUT']._serialized_end=117
+  _globals['_EMBEDREQUEST']._serialized_start=120
+  _globals['_EMBEDREQUEST']._serialized_end=265
+  _globals['_EMBEDDING']._serialized_start=267
+  _globals['_EMBEDDING']._serialized_end=317
+  _globals['_EMBEDRESPONSE']._serialized_start=319
+  _globals['_EMBEDRESPONSE']._serialized_end=409
+  _globals['_CHATMESSAGE']._serialized_start=411
+  _globals['_CHATMESSAGE']._serialized_end=455
+  _globals['_CHATMESSAGES']._serialized_start=457
+  _globals['_CHATMESSAGES']._serialized_end=513
+  _globals['_TOKENIDS']._serialized_start=515
+  _globals['_TOKENIDS']._serialized_end=538
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=541
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=747
+  _globals['_STOPPINGCRITERIA']._serialized_start=749
+  _globals['_STOPPINGCRITERIA']._serialized_end=859
+  _globals['_TOPLOGPROB']._serialized_start=861
+  _globals['_TOPLOGPROB']._serialized_end=908
+  _globals['_TOKENLOGPROB']._serialized_start=910
+  _globals['_TOKENLOGPROB']._serialized_end=995
+  _globals['_USAGE']._serialized_start=997
+  _globals['_USAGE']._serialized_end=1054
+  _globals['_GENERATEREQUEST']._serialized_start=1057
+  _globals['_GENERATEREQUEST']._serialized_end=1378
+  _globals['_GENERATERESPONSE']._serialized_start=1381
+  _globals['_GENERATERESPONSE']._serialized_end=1606
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1609
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1936
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1939
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2170
+  _globals['_MODELINFOREQUEST']._serialized_start=2172
+  _globals['_MODELINFOREQUEST']._serialized_end=2190
+  _globals['_MODELINFORESPONSE']._serialized_start=2193
+  _globals['_MODELINFORESPONSE']._serialized_end=2433
+  _globals['_GENERATIONSERVICE']._serialized_start=2644
+  _globals['_GENERATIONSERVICE']._serialized_end=2953
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class GenerationServiceStub:
                 request_serializer=quiver_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=quiver_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/quiver.v1.GenerationService/Embed',
+                request_serializer=quiver_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=quiver_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -78,6 +83,15 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds inputs: the base model's last hidden states (after the final norm, before the LM head), pooled per
+        input, under an adapter of any kind or none. Each input is a prefill-only row of the same batch as
+        generations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=quiver_dot_v1_dot_generation__pb2.ModelInfoRequest.FromString,
                     response_serializer=quiver_dot_v1_dot_generation__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=quiver_dot_v1_dot_generation__pb2.EmbedRequest.FromString,
+                    response_serializer=quiver_dot_v1_dot_generation__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class GenerationService:
             '/quiver.v1.GenerationService/ModelInfo',
             quiver_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
             quiver_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quiver.v1.GenerationService/Embed',
+            quiver_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
+            quiver_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,73 @@
+"""The embedding service every front calls: a list of inputs, pooled under one adapter (or the base model).
+
+Each input becomes a prefill-only row of the engine's continuous batch (server/engine/pooling.py), validated and
+tokenized by the same `RequestBuilder` as a generation, so an adapter's prompt template, the prompt limits and
+every error are the generation path's. gRPC's `Embed` and HTTP's `/v1/embeddings` only translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from quiver.common.errors import InvalidArgument
+from quiver.server.api.generation import GenerationBackend
+from quiver.server.api.generation_input import GenerationInput
+from quiver.server.engine.pooling import EmbedSpec
+
+MAX_INPUTS = 256
+"""Inputs in one embedding request (OpenAI allows 2,048; each is a row of the batch, so fewer keep a request from
+filling the queue on its own)."""
+
+
+@dataclass(frozen=True)
+class EmbeddingInput:
+    """What a client asked to embed: texts (each formatted by the adapter's prompt template) or token id lists."""
+
+    inputs: tuple[str | tuple[int, ...], ...]
+    adapter: str = ""
+    spec: EmbedSpec = field(default_factory=EmbedSpec)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]  # one per input, in order
+    prompt_tokens: list[int]  # each input's tokens, templates included
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.prompt_tokens)
+
+
+class Embedder:
+    """Runs `EmbeddingInput`s on a generation backend (a local engine, or Ray Serve's replicas)."""
+
+    def __init__(self, backend: GenerationBackend) -> None:
+        self._backend = backend
+
+    async def embed(self, request: EmbeddingInput) -> Embeddings:
+        if not request.inputs:
+            raise InvalidArgument("input", "give at least one input")
+        if len(request.inputs) > MAX_INPUTS:
+            raise InvalidArgument("input", f"at most {MAX_INPUTS} inputs per request, got {len(request.inputs)}")
+        specs = [_generation_input(one, request) for one in request.inputs]
+        prepared = await asyncio.gather(*(self._backend.prepare(spec) for spec in specs), return_exceptions=True)
+        for i, outcome in enumerate(prepared):
+            if isinstance(outcome, InvalidArgument):  # named by the input it is about: `input[2]: text: ...`
+                field = f"input[{i}]" if len(specs) > 1 else "input"
+                raise InvalidArgument(field, f"{outcome.field}: {outcome.problem}") from outcome
+            if isinstance(outcome, BaseException):
+                raise outcome
+        requests = [r for r in prepared if not isinstance(r, BaseException)]
+        vectors: list[list[float] | None] = [None] * len(requests)
+        async for i, event in self._backend.run(requests):
+            if event.embedding is not None:
+                vectors[i] = event.embedding.tolist()
+        assert all(v is not None for v in vectors), "every embedding row ends with its vector"
+        return Embeddings([v for v in vectors if v is not None], [len(r.prompt_ids) for r in requests])
+
+
+def _generation_input(one: str | tuple[int, ...], request: EmbeddingInput) -> GenerationInput:
+    if isinstance(one, str):
+        return GenerationInput(adapter=request.adapter, text=one, embed=request.spec)
+    return GenerationInput(adapter=request.adapter, token_ids=one, embed=request.spec)
