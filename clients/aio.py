@@ -26,11 +26,15 @@ from quiver.clients.errors import QuiverRpcError
 from quiver.clients.tls import channel_credentials
 from quiver.clients.types import (
     DEFAULT_TARGET,
+    Embeddings,
     Generation,
     GenerationChunk,
     ModelInfo,
+    Pooling,
+    build_embed_request,
     build_request,
     chunk_from_response,
+    embeddings_from_response,
     generation_from_response,
     model_info_from_response,
 )
@@ -179,6 +183,24 @@ class AsyncQuiverClient:
         except grpc.RpcError as e:
             raise QuiverRpcError.from_grpc(e) from e
         return model_info_from_response(response)
+
+    async def embed(
+        self,
+        inputs: str | Sequence[int] | Sequence[str | Sequence[int]],
+        *,
+        adapter: str = "",
+        pooling: Pooling = "mean",
+        normalize: bool = True,
+    ) -> Embeddings:
+        """Embeds one input (a text or a list of token ids) or a list of them: the base model's last hidden
+        states pooled over each input's tokens (`mean` or `last`), under `adapter` if given (its prompt template
+        applies to texts), scaled to unit length unless `normalize` is False."""
+        request = build_embed_request(inputs, adapter, pooling, normalize)
+        try:
+            response = await self._stub.Embed(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        return embeddings_from_response(response)
 
     # --- adapters -------------------------------------------------------------------------------------
 

@@ -198,3 +198,39 @@ def _logprobs(entries: Iterable[pb.TokenLogprob]) -> list[TokenLogprob]:
 
 def model_info_from_response(response: pb.ModelInfoResponse) -> ModelInfo:
     return ModelInfo(**{f.name: getattr(response, f.name) for f in dataclasses.fields(ModelInfo)})
+
+
+Pooling = Literal["mean", "last"]
+_POOLINGS: dict[str, pb.Pooling.ValueType] = {"mean": pb.POOLING_MEAN, "last": pb.POOLING_LAST}
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The vectors of an Embed call, one per input in order, and each input's prompt tokens (templates
+    included)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: list[int]
+
+
+def build_embed_request(inputs: str | Sequence[int] | Sequence[str | Sequence[int]], adapter: str, pooling: str,
+                        normalize: bool) -> pb.EmbedRequest:
+    """An EmbedRequest: `inputs` is one text, one list of token ids, or a list of either. ValueError for arguments
+    the wire cannot carry."""
+    if pooling not in _POOLINGS:
+        raise ValueError(f"pooling: must be one of {sorted(_POOLINGS)}, got {pooling!r}")
+    one_input = isinstance(inputs, str) or bool(inputs and all(isinstance(x, int) for x in inputs))
+    several: Sequence[str | Sequence[int]] = [inputs] if one_input else inputs  # type: ignore[list-item,assignment]
+    messages = []
+    for one in several:
+        if isinstance(one, str):
+            messages.append(pb.EmbedInput(text=one))
+        elif all(isinstance(x, int) and 0 <= x < 2**32 for x in one):
+            messages.append(pb.EmbedInput(tokens=pb.TokenIds(ids=one)))
+        else:
+            raise ValueError("inputs: each must be a text or a list of token ids in [0, 2**32)")
+    return pb.EmbedRequest(adapter=adapter, inputs=messages, pooling=_POOLINGS[pooling], normalize=normalize)
+
+
+def embeddings_from_response(response: pb.EmbedResponse) -> Embeddings:
+    return Embeddings([list(e.values) for e in response.embeddings], [e.prompt_tokens for e in response.embeddings])

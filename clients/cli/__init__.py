@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "serve": "quiver.clients.cli.serve",
     "serve-ray": "quiver.clients.cli.serve_ray",
     "generate": "quiver.clients.cli.generate",
+    "embed": "quiver.clients.cli.embed",
     "info": "quiver.clients.cli.info",
     "adapters": "quiver.clients.cli.adapters",
     "train": "quiver.clients.cli.train",

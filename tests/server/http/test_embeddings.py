@@ -122,3 +122,39 @@ def test_errors_are_the_generation_paths(served: ServerThread):
         reply = httpx.post(f"{served.http}/v1/embeddings", json=body, timeout=30)
         assert reply.status_code == status, (body, reply.text)
         assert reply.json()["error"]["param"] == param, (body, reply.text)
+
+
+def test_python_clients_and_the_cli(served: ServerThread, loaded: Any, references: dict[str, Any],
+                                    capsys: pytest.CaptureFixture[str]):
+    import asyncio
+    import json
+
+    from quiver.clients.aio import AsyncQuiverClient
+    from quiver.clients.cli import main
+    from quiver.clients.client import QuiverClient
+    from quiver.clients.errors import QuiverRpcError
+
+    want = [expected(loaded, references["prompt"], t) for t in TEXTS]
+    with QuiverClient(served.target, timeout=30) as client:
+        done = client.embed(TEXTS, adapter="prompt")
+        one = client.embed(TEXTS[0], adapter="prompt", pooling="last", normalize=False)
+        with pytest.raises(QuiverRpcError) as failed:
+            client.embed("w1", adapter="missing")
+        assert failed.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ValueError, match="pooling"):
+            client.embed("w1", pooling="max")  # type: ignore[arg-type]
+    assert all(close(got, w) for got, w in zip(done.vectors, want, strict=True))
+    assert close(one.vectors[0], expected(loaded, references["prompt"], TEXTS[0], last=True, normalize=False))
+
+    async def embed_async() -> list[list[float]]:
+        async with AsyncQuiverClient(served.target, timeout=30) as client:
+            return (await client.embed(TEXTS, adapter="prompt")).vectors
+
+    assert all(close(got, w) for got, w in zip(asyncio.run(embed_async()), want, strict=True))
+
+    assert main(["embed", "--server", served.target, "--adapter", "prompt", *TEXTS]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert all(close(line["embedding"], w) for line, w in zip(lines, want, strict=True))
+    assert main(["embed", "--server", served.target, "--adapter", "missing", "w1"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
