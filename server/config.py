@@ -276,6 +276,11 @@ class ServerConfig:
         metadata={"help": "at SIGTERM/SIGINT: seconds running generations get to finish while new calls are refused "
                   "(UNAVAILABLE / 503); those still running then end with UNAVAILABLE. A second signal stops at once"},
     )
+    malloc_arenas: int = field(
+        default=2,
+        metadata={"help": "most glibc malloc arenas (0: glibc's default, 8 per core): fewer keep less freed memory "
+                  "from the server's many threads (server/platform/allocator.py)"},
+    )
     engine_stall_seconds: float = field(
         default=60.0,
         metadata={"help": "health turns NOT_SERVING (and /health 503) when the engine has work but has not finished "
@@ -310,7 +315,7 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-        for name in ("metrics_max_resident_adapters", "metrics_max_adapters"):
+        for name in ("metrics_max_resident_adapters", "metrics_max_adapters", "malloc_arenas"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         for name in ("drain_seconds", "engine_stall_seconds"):
