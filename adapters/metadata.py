@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +33,10 @@ MAX_TEMPLATE_CHARS = 65536
 MAX_EXTRA_ENTRIES = 64
 MAX_EXTRA_KEY_CHARS = 128
 MAX_EXTRA_VALUE_CHARS = 1024
+MAX_LABELS = 1024
+MAX_LABEL_CHARS = 128
+
+AdapterTask = Literal["generate", "classify"]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _HASH_CHUNK = 1 << 20
@@ -89,13 +93,22 @@ class AdapterMetadata:
     """Hard prompt the server wraps around each request's text: `{input}` exactly once, `{{`/`}}` for braces."""
     extra: dict[str, str] = field(default_factory=dict, hash=False)
     """Free-form string labels from the client."""
+    labels: tuple[str, ...] = ()
+    """A classification adapter's class names, by the head's output index (its `id2label`); empty for the others:
+    labels are what make an adapter a classifier (`task`)."""
 
     def __post_init__(self) -> None:
         # Copies, so a caller mutating its own list or dict cannot change a frozen record.
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "extra", dict(self.extra))
         for check in _CHECKS:
             check(self)
+
+    @property
+    def task(self) -> AdapterTask:
+        """What the adapter's rows produce: tokens, or each label's probability."""
+        return "classify" if self.labels else "generate"
 
     def apply_template(self, text: str) -> str:
         """The request text wrapped in this adapter's prompt template, or unchanged when there is none."""
@@ -105,6 +118,7 @@ class AdapterMetadata:
         """The metadata file's content: sorted keys, indented, with the schema version."""
         document: dict[str, Any] = asdict(self)
         document["target_modules"] = list(self.target_modules)
+        document["labels"] = list(self.labels)
         document["schema_version"] = SCHEMA_VERSION
         return json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
@@ -112,6 +126,18 @@ class AdapterMetadata:
     def from_json(cls, text: str) -> AdapterMetadata:
         """Parse a metadata file; any deviation from the schema raises ValueError listing every problem."""
         return metadata_from_json(text)
+
+
+def validate_labels(labels: Sequence[str], field_name: str = "labels") -> tuple[str, ...]:
+    """`labels` if they are distinct non-empty names of at most MAX_LABEL_CHARS, at most MAX_LABELS of them."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(field_name, f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+            raise InvalidArgument(f"{field_name}[{i}]", f"must be 1-{MAX_LABEL_CHARS} printable characters")
+    if len(set(labels)) != len(labels):
+        raise InvalidArgument(field_name, "must be distinct")
+    return tuple(labels)
 
 
 def validate_prompt_template(template: str) -> str:
@@ -213,11 +239,16 @@ def _check_client_text(m: AdapterMetadata) -> None:
             raise InvalidArgument("extra", f"label {key!r} must be a string of at most {MAX_EXTRA_VALUE_CHARS} chars")
 
 
+def _check_labels(m: AdapterMetadata) -> None:
+    validate_labels(m.labels)
+
+
 _CHECKS: tuple[Callable[[AdapterMetadata], None], ...] = (
     _check_identity,
     _check_sizes,
     _check_provenance,
     _check_client_text,
+    _check_labels,
 )
 
 
@@ -258,6 +289,7 @@ JSON_TYPES: dict[str, Callable[[object], bool]] = {
     "description": _is_str,
     "prompt_template": _optional(_is_str),
     "extra": _is_str_dict,
+    "labels": _is_str_list,
 }
 
 
@@ -280,6 +312,7 @@ def metadata_from_json(text: str) -> AdapterMetadata:
     if problems:
         raise ValueError(f"{METADATA_FILE}: " + "; ".join(problems))
     document["target_modules"] = tuple(document["target_modules"])
+    document["labels"] = tuple(document.get("labels", ()))
     try:
         return AdapterMetadata(**document)
     except InvalidArgument as e:

@@ -14,8 +14,9 @@ Supported (PEFT's on-disk format, as `save_pretrained` writes it):
 
 Everything else is refused with FailedPrecondition listing every unsupported feature at once (other peft types,
 DoRA, modules_to_save, biases, fan_in_fan_out, QA-LoRA, Megatron, trainable tokens, target_parameters, layer
-replication, LoRA variants, initialisations that rewrite the base weights, task types other than CAUSAL_LM,
-unknown fields set to a non-default value). Malformed JSON or wrongly typed fields are InvalidArgument.
+replication, LoRA variants, initialisations that rewrite the base weights, task types other than CAUSAL_LM and
+SEQ_CLS, unknown fields set to a non-default value). A SEQ_CLS adapter's `modules_to_save` may name only its
+classification head. Malformed JSON or wrongly typed fields are InvalidArgument.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
+from quiver.adapters.metadata import AdapterTask
 from quiver.adapters.safetensors_check import capped_reasons
 from quiver.common.errors import FailedPrecondition, InvalidArgument
 
@@ -242,9 +244,17 @@ def _unset(value: Any) -> bool:
 
 _SAFE_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
+HEAD_MODULES = frozenset({"score", "classifier"})
+"""The classification heads PEFT trains with a SEQ_CLS adapter (its `modules_to_save` default): the only fully
+trained modules Quiver serves, as a per-row head (adapters/classifier_head.py)."""
+
 COMMON_RULES: dict[str, Rule] = {
-    "task_type": (lambda v: v in (None, "CAUSAL_LM"), "only CAUSAL_LM adapters are served"),
-    "modules_to_save": (_unset, "modules_to_save (fully trained copies of base modules) is not supported"),
+    "task_type": (lambda v: v in (None, "CAUSAL_LM", "SEQ_CLS"), "only CAUSAL_LM and SEQ_CLS adapters are served"),
+    "modules_to_save": (
+        lambda v: _unset(v) or (isinstance(v, list) and set(v) <= HEAD_MODULES),
+        "modules_to_save (fully trained copies of base modules) is supported only for a SEQ_CLS adapter's "
+        f"classification head ({' or '.join(sorted(HEAD_MODULES))})",
+    ),
 }
 LORA_RULES: dict[str, Rule] = {
     "use_dora": (_unset, "DoRA (use_dora) is not supported"),
@@ -297,6 +307,14 @@ def _unsupported(raw: Mapping[str, Any], rules: Mapping[str, Rule], inert: froze
         if not _unset(raw[name]):
             reasons.append(f"unknown field {name}={raw[name]!r}: Quiver cannot tell what it changes")
     return reasons
+
+
+def _head_without_task(raw: Mapping[str, Any]) -> list[str]:
+    """A classification head (allowed by COMMON_RULES) in an adapter that does not say it classifies."""
+    saved = raw.get("modules_to_save")
+    if _unset(saved) or raw.get("task_type") == "SEQ_CLS" or not COMMON_RULES["modules_to_save"][0](saved):
+        return []
+    return [f"modules_to_save {saved!r} is a classification head: it needs task_type SEQ_CLS"]
 
 
 # --- Parsers, one per peft_type -------------------------------------------------------------------------------
@@ -377,6 +395,8 @@ class ParsedConfig:
     """The typed hyperparameters."""
     base_model_name_or_path: str | None
     """PEFT's hint of the base the adapter was trained on; informational, never required."""
+    task: AdapterTask = "generate"
+    """"classify" for a SEQ_CLS adapter (a LoRA or soft prompt with a trained classification head)."""
 
 
 def read_peft_config(adapter_dir: Path) -> ParsedConfig:
@@ -398,7 +418,7 @@ def parse_peft_config(raw: Any) -> ParsedConfig:
     entry = PEFT_TYPES.get(peft_type)
     if entry is None:
         reasons = [f"peft_type {peft_type} is not supported (Quiver serves {', '.join(PEFT_TYPES)})"]
-        reasons += _unsupported(raw, COMMON_RULES, frozenset(raw.keys()))
+        reasons += _unsupported(raw, COMMON_RULES, frozenset(raw.keys())) + _head_without_task(raw)
         raise FailedPrecondition("unsupported adapter", reasons=capped_reasons(reasons))
     fields = _Fields(raw)
     spec = entry.parse(fields)
@@ -407,6 +427,8 @@ def parse_peft_config(raw: Any) -> ParsedConfig:
         fields.malformed.append(f"base_model_name_or_path must be a string, got {hint!r}")
     if fields.malformed:
         raise InvalidArgument(CONFIG_FILE, "; ".join(capped_reasons(fields.malformed)))
-    if reasons := _unsupported(raw, entry.rules, entry.inert):
+    reasons = _unsupported(raw, entry.rules, entry.inert) + _head_without_task(raw)
+    task: AdapterTask = "classify" if raw.get("task_type") == "SEQ_CLS" else "generate"
+    if reasons:
         raise FailedPrecondition("unsupported adapter", reasons=capped_reasons(reasons))
-    return ParsedConfig(peft_type=peft_type, spec=spec, base_model_name_or_path=hint)
+    return ParsedConfig(peft_type=peft_type, spec=spec, base_model_name_or_path=hint, task=task)

@@ -20,6 +20,7 @@ from quiver.adapters.metadata import (
     AdapterMetadata,
     sha256_file,
     utc_now,
+    validate_labels,
     validate_prompt_template,
 )
 from quiver.adapters.store import CONFIG_DIGEST, AdapterStore, RegisterMode, StoredAdapter
@@ -42,6 +43,21 @@ class RegistrationOptions:
     """Free text kept with the adapter."""
     prompt_template: str | None = None
     """Hard prompt with one `{input}`; overrides the one in the adapter's own Quiver metadata."""
+    labels: tuple[str, ...] | None = None
+    """A classification adapter's class names by head output; overrides its own Quiver metadata's. Without either,
+    transformers' defaults (LABEL_0, LABEL_1, ...)."""
+
+
+def _labels(options: RegistrationOptions, own: dict[str, object]) -> tuple[str, ...] | None:
+    """The labels the registration gives, else the adapter's own metadata's, validated; None when neither has."""
+    if options.labels is not None:
+        return validate_labels(options.labels, "options.labels")
+    shipped = own.get("labels")
+    if shipped is None:
+        return None
+    if not isinstance(shipped, list):
+        raise InvalidArgument(METADATA_FILE, "labels must be a list of strings")
+    return validate_labels(shipped, f"{METADATA_FILE}: labels")
 
 
 def _own_metadata(source_dir: Path) -> dict[str, object]:
@@ -76,10 +92,15 @@ class AdapterRegistry:
         if template is not None:
             validate_prompt_template(template)
         claimed = own.get("base_fingerprint")
+        labels = _labels(options, own)
         validated = validate_adapter(
             source_dir, self.base, self.limits,
-            base_fingerprint_of_adapter=claimed if isinstance(claimed, str) else None,
+            base_fingerprint_of_adapter=claimed if isinstance(claimed, str) else None, labels=labels,
         )
+        if validated.num_labels is None and labels is not None:
+            raise InvalidArgument("options.labels", "labels are for a classification (SEQ_CLS) adapter")
+        if validated.num_labels is not None and labels is None:
+            labels = tuple(f"LABEL_{i}" for i in range(validated.num_labels))
         with tempfile.TemporaryDirectory(prefix="quiver-derived-") as tmp:
             files = {CONFIG_FILE: source_dir / CONFIG_FILE, WEIGHTS_FILE: source_dir / WEIGHTS_FILE}
             for file_name, tensors in validated.extra_files.items():
@@ -92,7 +113,7 @@ class AdapterRegistry:
 
             def make_metadata(version: int) -> AdapterMetadata:
                 metadata = self._metadata(options, version, validated, size, digest, created, template)
-                return replace(metadata, extra={CONFIG_DIGEST: config_digest})
+                return replace(metadata, extra={CONFIG_DIGEST: config_digest}, labels=labels or ())
 
             return self.store.put(options.name, files, make_metadata, options.mode)
 

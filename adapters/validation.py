@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from quiver.adapters.base_spec import EMBEDDING_LEAF_NAMES, BaseModelSpec
+from quiver.adapters.classifier_head import HEAD_WEIGHT, head_problems, split_head
 from quiver.adapters.metadata import METADATA_FILE
 from quiver.adapters.peft_config import (
     ALL_LINEAR,
@@ -105,6 +106,8 @@ class ValidatedAdapter:
     """Files to store beside the adapter: for prefix tuning {PREFIX_FILE: {PREFIX_KEY: (L, 2, H_kv, P, D)}}."""
     lora_scalings: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     """LoRA module path -> scale of B A x (alpha / r, or alpha / sqrt(r); rank/alpha patterns resolved)."""
+    num_labels: int | None = None
+    """A classification adapter's head outputs (SEQ_CLS); None for generation adapters."""
 
 
 @dataclass
@@ -125,14 +128,22 @@ def validate_adapter(
     limits: ValidationLimits,
     *,
     base_fingerprint_of_adapter: str | None = None,
+    labels: tuple[str, ...] | None = None,
 ) -> ValidatedAdapter:
     """Check the PEFT adapter in `adapter_dir` against `base`; raise on the first failing stage (module doc)."""
     size_bytes = check_upload(adapter_dir, limits)
     parsed = read_peft_config(adapter_dir)
     _check_patterns(parsed.spec)
     tensors = load_checked_safetensors(adapter_dir / WEIGHTS_FILE)
-    fit = FIT_CHECKS[parsed.spec.kind](parsed.spec, tensors, base, limits)
-    reasons = _identity_problems(base, base_fingerprint_of_adapter) + fit.reasons
+    head: dict[str, torch.Tensor] = {}
+    head_reasons: list[str] = []
+    if parsed.task == "classify":  # the head is checked on its own; the rest is the adapter of its kind
+        head, body = split_head(tensors)
+        head_reasons = head_problems(head, base.hidden_size, None if labels is None else len(labels))
+    else:
+        body = tensors
+    fit = FIT_CHECKS[parsed.spec.kind](parsed.spec, body, base, limits)
+    reasons = _identity_problems(base, base_fingerprint_of_adapter) + fit.reasons + head_reasons
     if reasons:
         raise FailedPrecondition(
             f"adapter does not fit base model {base.architecture or base.model_type}", reasons=capped_reasons(reasons)
@@ -148,6 +159,7 @@ def validate_adapter(
         size_bytes=size_bytes,
         extra_files=fit.extra_files,
         lora_scalings=MappingProxyType(fit.lora_scalings),
+        num_labels=head[HEAD_WEIGHT].shape[0] if head else None,
     )
 
 

@@ -60,6 +60,8 @@ class AdapterInfo:
     """Free text given at registration."""
     prompt_template: str | None
     """Hard prompt with one `{input}` the server formats requests into; None when the adapter has none."""
+    labels: tuple[str, ...] = ()
+    """A classification adapter's class names by head output; empty for generation adapters."""
 
     @property
     def ref(self) -> str:
@@ -87,12 +89,12 @@ class AdapterDetails:
 
 
 def registration_options(
-    name: str, mode: RegisterMode, description: str, prompt_template: str | None
+    name: str, mode: RegisterMode, description: str, prompt_template: str | None, labels: Sequence[str] = ()
 ) -> apb.RegistrationOptions:
     """The options message of RegisterAdapter and ImportAdapter; ValueError for a mode the wire lacks."""
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {', '.join(_MODES)}, got {mode!r}")
-    options = apb.RegistrationOptions(name=name, mode=_MODES[mode], description=description)
+    options = apb.RegistrationOptions(name=name, mode=_MODES[mode], description=description, labels=list(labels))
     if prompt_template is not None:
         options.prompt_template = prompt_template  # `optional`: an empty template is sent, not dropped.
     return options
@@ -133,6 +135,7 @@ def adapter_info_from_proto(info: apb.AdapterInfo) -> AdapterInfo:
         created_at=info.created_at,
         description=info.description,
         prompt_template=info.prompt_template or None,
+        labels=tuple(info.labels),
     )
 
 

@@ -26,14 +26,17 @@ from quiver.clients.errors import QuiverRpcError
 from quiver.clients.tls import channel_credentials
 from quiver.clients.types import (
     DEFAULT_TARGET,
+    Classification,
     Embeddings,
     Generation,
     GenerationChunk,
     ModelInfo,
     Pooling,
+    build_classify_request,
     build_embed_request,
     build_request,
     chunk_from_response,
+    classifications_from_response,
     embeddings_from_response,
     generation_from_response,
     model_info_from_response,
@@ -202,6 +205,18 @@ class AsyncQuiverClient:
             raise QuiverRpcError.from_grpc(e) from e
         return embeddings_from_response(response)
 
+    async def classify(
+        self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]], *, adapter: str
+    ) -> list[Classification]:
+        """Classifies one input (a text or a list of token ids) or a list of them with `adapter`, a classification
+        (SEQ_CLS) adapter: every label's probability per input, in order (`.label` is the most likely)."""
+        request = build_classify_request(inputs, adapter)
+        try:
+            response = await self._stub.Classify(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        return classifications_from_response(response)
+
     # --- adapters -------------------------------------------------------------------------------------
 
     async def register_adapter(
@@ -212,15 +227,17 @@ class AsyncQuiverClient:
         mode: RegisterMode = "create",
         description: str = "",
         prompt_template: str | None = None,
+        labels: Sequence[str] = (),
         chunk_size: int = 1 << 20,
     ) -> AdapterInfo:
-        """Uploads the adapter directory `path` (its plain files, not subdirectories) and registers it as `name`.
+        """Uploads the adapter directory `path` (its plain files, not subdirectories) and registers it as `name`;
+        `labels` names a classification adapter's classes (default: its own metadata's, else LABEL_0, ...).
 
         Files are read lazily on worker threads, `chunk_size` bytes per message. A directory that cannot be
         listed raises OSError before the call starts; a file that cannot be read raises its OSError (the call
         is cancelled).
         """
-        upload = Upload(path, registration_options(name, mode, description, prompt_template), chunk_size)
+        upload = Upload(path, registration_options(name, mode, description, prompt_template, labels), chunk_size)
         try:
             response = await self._adapters.RegisterAdapter(
                 upload.in_threads(), timeout=self._timeout, metadata=self._admin_metadata

@@ -25,14 +25,17 @@ from quiver.clients.errors import QuiverRpcError
 from quiver.clients.tls import channel_credentials
 from quiver.clients.types import (
     DEFAULT_TARGET,
+    Classification,
     Embeddings,
     Generation,
     GenerationChunk,
     ModelInfo,
     Pooling,
+    build_classify_request,
     build_embed_request,
     build_request,
     chunk_from_response,
+    classifications_from_response,
     embeddings_from_response,
     generation_from_response,
     model_info_from_response,
@@ -201,6 +204,18 @@ class QuiverClient:
             raise QuiverRpcError.from_grpc(e) from e
         return embeddings_from_response(response)
 
+    def classify(
+        self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]], *, adapter: str
+    ) -> list[Classification]:
+        """Classifies one input (a text or a list of token ids) or a list of them with `adapter`, a classification
+        (SEQ_CLS) adapter: every label's probability per input, in order (`.label` is the most likely)."""
+        request = build_classify_request(inputs, adapter)
+        try:
+            response = self._stub.Classify(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise QuiverRpcError.from_grpc(e) from e
+        return classifications_from_response(response)
+
     # --- adapters -------------------------------------------------------------------------------------
 
     def register_adapter(
@@ -211,14 +226,16 @@ class QuiverClient:
         mode: RegisterMode = "create",
         description: str = "",
         prompt_template: str | None = None,
+        labels: Sequence[str] = (),
         chunk_size: int = 1 << 20,
     ) -> AdapterInfo:
-        """Uploads the adapter directory `path` (its plain files, not subdirectories) and registers it as `name`.
+        """Uploads the adapter directory `path` (its plain files, not subdirectories) and registers it as `name`;
+        `labels` names a classification adapter's classes (default: its own metadata's, else LABEL_0, ...).
 
         Files are read lazily, `chunk_size` bytes per message. A directory that cannot be listed raises
         OSError before the call starts; a file that cannot be read raises its OSError (the call is cancelled).
         """
-        upload = Upload(path, registration_options(name, mode, description, prompt_template), chunk_size)
+        upload = Upload(path, registration_options(name, mode, description, prompt_template, labels), chunk_size)
         try:
             response = self._adapters.RegisterAdapter(
                 iter(upload), timeout=self._timeout, metadata=self._admin_metadata

@@ -234,3 +234,28 @@ def build_embed_request(inputs: str | Sequence[int] | Sequence[str | Sequence[in
 
 def embeddings_from_response(response: pb.EmbedResponse) -> Embeddings:
     return Embeddings([list(e.values) for e in response.embeddings], [e.prompt_tokens for e in response.embeddings])
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One input's classification: every label's probability, in the adapter head's order."""
+
+    probabilities: dict[str, float]
+    prompt_tokens: int
+
+    @property
+    def label(self) -> str:
+        """The most likely label."""
+        return max(self.probabilities, key=self.probabilities.__getitem__)
+
+
+def build_classify_request(inputs: str | Sequence[int] | Sequence[str | Sequence[int]], adapter: str
+                           ) -> pb.ClassifyRequest:
+    """A ClassifyRequest (inputs as `build_embed_request` takes them); ValueError for what the wire cannot carry."""
+    if not adapter:
+        raise ValueError("adapter: name the classification adapter")
+    return pb.ClassifyRequest(adapter=adapter, inputs=build_embed_request(inputs, adapter, "mean", True).inputs)
+
+
+def classifications_from_response(response: pb.ClassifyResponse) -> list[Classification]:
+    return [Classification({p.label: p.probability for p in r.labels}, r.prompt_tokens) for r in response.results]

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "serve-ray": "quiver.clients.cli.serve_ray",
     "generate": "quiver.clients.cli.generate",
     "embed": "quiver.clients.cli.embed",
+    "classify": "quiver.clients.cli.classify",
     "info": "quiver.clients.cli.info",
     "adapters": "quiver.clients.cli.adapters",
     "train": "quiver.clients.cli.train",

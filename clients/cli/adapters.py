@@ -50,7 +50,8 @@ class AdapterBackend(Protocol):
     """Where the actions run: a server, or a store directory."""
 
     def register(
-        self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None
+        self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None,
+        labels: tuple[str, ...] = (),
     ) -> AdapterInfo: ...
 
     def iter_adapters(self) -> Iterator[AdapterInfo]: ...
@@ -70,10 +71,11 @@ class ServerBackend:
         self._client = QuiverClient(target, admin_token=admin_token, api_key=api_key, **(tls or {}))
 
     def register(
-        self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None
+        self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None,
+        labels: tuple[str, ...] = (),
     ) -> AdapterInfo:
         return self._client.register_adapter(
-            directory, name, mode=mode, description=description, prompt_template=prompt_template
+            directory, name, mode=mode, description=description, prompt_template=prompt_template, labels=labels
         )
 
     def iter_adapters(self) -> Iterator[AdapterInfo]:
@@ -109,12 +111,14 @@ class StoreBackend:
         self._model = model
 
     def register(
-        self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None
+        self, directory: Path, name: str, mode: RegisterMode, description: str, prompt_template: str | None,
+        labels: tuple[str, ...] = (),
     ) -> AdapterInfo:
         from quiver.adapters.registry import RegistrationOptions, open_registry
 
         registry = open_registry(self._store_location, self._model)
-        options = RegistrationOptions(name=name, mode=mode, description=description, prompt_template=prompt_template)
+        options = RegistrationOptions(name=name, mode=mode, description=description, prompt_template=prompt_template,
+                                      labels=labels or None)
         return info_from_metadata(registry.register(directory, options).metadata)
 
     def iter_adapters(self) -> Iterator[AdapterInfo]:
@@ -160,6 +164,7 @@ def open_backend(args: argparse.Namespace) -> AdapterBackend:
 def _json_values(info: AdapterInfo) -> dict[str, Any]:
     values = dataclasses.asdict(info)
     values["target_modules"] = list(info.target_modules)
+    values["labels"] = list(info.labels)
     return values
 
 
@@ -200,7 +205,9 @@ def _print_table(adapters: list[AdapterInfo]) -> None:
 
 
 def _register(backend: AdapterBackend, args: argparse.Namespace) -> None:
-    info = backend.register(Path(args.dir), args.name, MODES[args.mode], args.description, args.prompt_template)
+    labels = tuple(args.labels.split(",")) if args.labels else ()
+    info = backend.register(Path(args.dir), args.name, MODES[args.mode], args.description, args.prompt_template,
+                            labels)
     print(info.ref)
 
 
@@ -261,6 +268,8 @@ def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-template", metavar="TEXT", help="hard prompt with one {input}; overrides the adapter's own"
     )
+    parser.add_argument("--labels", metavar="A,B,...",
+                        help="a classification (SEQ_CLS) adapter's class names, by head output; overrides its own")
     parser.add_argument("--model", metavar="MODEL", help="with --store: base model to validate against (default model)")
 
 

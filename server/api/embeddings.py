@@ -1,4 +1,5 @@
-"""The embedding service every front calls: a list of inputs, pooled under one adapter (or the base model).
+"""The embedding and classification service every front calls: a list of inputs, pooled under one adapter (or the
+base model), or classified by a classification adapter's head.
 
 Each input becomes a prefill-only row of the engine's continuous batch (server/engine/pooling.py), validated and
 tokenized by the same `RequestBuilder` as a generation, so an adapter's prompt template, the prompt limits and
@@ -8,7 +9,7 @@ every error are the generation path's. gRPC's `Embed` and HTTP's `/v1/embeddings
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quiver.common.errors import InvalidArgument
 from quiver.server.api.generation import GenerationBackend
@@ -45,7 +46,18 @@ class Embedder:
     def __init__(self, backend: GenerationBackend) -> None:
         self._backend = backend
 
+    async def classify(self, request: EmbeddingInput) -> Classifications:
+        """Each input's label probabilities under `request.adapter`, a classification adapter."""
+        if not request.adapter:
+            raise InvalidArgument("adapter", "name the classification adapter")
+        done, labels = await self._run(replace(request, spec=EmbedSpec.classification()))
+        return Classifications(labels, done.vectors, done.prompt_tokens)
+
     async def embed(self, request: EmbeddingInput) -> Embeddings:
+        return (await self._run(request))[0]
+
+    async def _run(self, request: EmbeddingInput) -> tuple[Embeddings, tuple[str, ...]]:
+        """The rows' output vectors and the adapter's labels (empty for a generation adapter or the base)."""
         if not request.inputs:
             raise InvalidArgument("input", "give at least one input")
         if len(request.inputs) > MAX_INPUTS:
@@ -64,7 +76,20 @@ class Embedder:
             if event.embedding is not None:
                 vectors[i] = event.embedding.tolist()
         assert all(v is not None for v in vectors), "every embedding row ends with its vector"
-        return Embeddings([v for v in vectors if v is not None], [len(r.prompt_ids) for r in requests])
+        adapter = requests[0].adapter
+        labels = adapter.metadata.labels if adapter is not None else ()
+        return Embeddings([v for v in vectors if v is not None], [len(r.prompt_ids) for r in requests]), labels
+
+
+@dataclass(frozen=True)
+class Classifications:
+    labels: tuple[str, ...]  # the adapter's, in its head's order
+    probabilities: list[list[float]]  # one per input, in order: one per label, summing to 1
+    prompt_tokens: list[int]  # each input's tokens, templates included
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.prompt_tokens)
 
 
 def _generation_input(one: str | tuple[int, ...], request: EmbeddingInput) -> GenerationInput:

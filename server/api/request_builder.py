@@ -78,6 +78,7 @@ class RequestBuilder:
         adapter = self._resolve_adapter(request.adapter) if request.adapter else None
         template = adapter.metadata.prompt_template if adapter else None
         virtual = virtual_tokens(adapter)
+        _check_task(request, adapter)
         prompt_ids = self._prompt_ids(request, template, virtual)
         if request.embed is not None:  # a prefill-only row
             return GenerationRequest(tuple(prompt_ids), SamplingParams(), 0, (), adapter, embed=request.embed)
@@ -168,6 +169,18 @@ class RequestBuilder:
                 f"({self._limits.context_length} tokens)",
             )
         return value
+
+
+def _check_task(request: GenerationInput, adapter: StoredAdapter | None) -> None:
+    """A classification needs a classification adapter, and a classification adapter only classifies or embeds
+    (its head is not a language model's)."""
+    classifier = adapter is not None and adapter.metadata.task == "classify"
+    if request.embed is not None and request.embed.classify and not classifier:
+        what = f"adapter {request.adapter!r} is not" if adapter is not None else "the base model has no"
+        raise FailedPrecondition(f"{what} a classification head: classify with a SEQ_CLS adapter")
+    if request.embed is None and classifier:
+        raise FailedPrecondition(f"adapter {request.adapter!r} is a classification adapter: use Classify "
+                                 "(or Embed), not generation")
 
 
 # Below this a temperature only overflows the softmax; such requests decode greedily, as in vLLM.

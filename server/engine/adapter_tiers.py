@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quiver.adapters.classifier_head import split_head
+from quiver.adapters.registry import WEIGHTS_FILE
+from quiver.adapters.safetensors_check import load_safetensors
 from quiver.adapters.store import CONFIG_DIGEST, StoredAdapter
 from quiver.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from quiver.server.engine.kinds import KINDS
 from quiver.server.engine.lora.slots import LoraSlots
 from quiver.server.engine.observer import EngineObserver, Tier
+from quiver.server.engine.pooling import ClassifierHead
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class HostAdapter:
     scalings: dict[str, float]  # LoRA module path -> alpha / r (or alpha / sqrt(r))
     rank: int
     nbytes: int
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # a classifier's {HEAD_WEIGHT: (L, H), HEAD_BIAS?}
 
 
 def load_host_adapter(stored: StoredAdapter) -> HostAdapter:
@@ -76,13 +81,15 @@ def load_host_adapter(stored: StoredAdapter) -> HostAdapter:
     kind = stored.metadata.kind
     with stored.opened() as path:  # a remote store's files are fetched (and checksummed) into its local cache here
         tensors, scalings = KINDS[kind].load_host(path)
+        head = split_head(load_safetensors(path / WEIGHTS_FILE))[0] if stored.metadata.task == "classify" else {}
     return HostAdapter(
         key=AdapterKey.of(stored),
         kind=kind,
         tensors=tensors,
         scalings=scalings,
         rank=stored.metadata.rank or 0,
-        nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+        nbytes=sum(t.numel() * t.element_size() for t in [*tensors.values(), *head.values()]),
+        head=head,
     )
 
 
@@ -186,6 +193,7 @@ class DeviceAdapter:
     rank: int = 0
     prompt: torch.Tensor | None = None  # (P, H) soft prompt
     prefix: torch.Tensor | None = None  # (L, 2, H_kv, P, D) key/value prefix
+    head: ClassifierHead | None = None  # a classification adapter's output layer
     refs: int = field(default=0)
 
 
@@ -278,6 +286,9 @@ class DeviceAdapters:
     def _load(self, host: HostAdapter) -> DeviceAdapter | None:
         start = time.perf_counter()
         entry = self._place(host)
+        if entry is not None and host.head:  # small (labels x hidden): counted with the tensors, never refused
+            entry.head = ClassifierHead.of(host.head, self._device)
+            self._tensor_bytes += entry.head.nbytes
         if entry is not None:
             self._entries[host.key] = entry
             self.stats.loads += 1
@@ -318,6 +329,7 @@ class DeviceAdapters:
             if entry.refs == 0 and (entry.lora_slot > 0) == lora:
                 del self._entries[key]
                 self.stats.evictions += 1
+                self._tensor_bytes -= entry.head.nbytes if entry.head is not None else 0
                 if entry.lora_slot:
                     # No row points at it (unpinned), and the next load overwrites every element: no zeroing.
                     self._free_slots.append(entry.lora_slot)

@@ -32,7 +32,8 @@ class GenerationEvent:
     # In the first event, when the request asked: one per prompt token, None for the first (nothing predicts it)
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
     queue_seconds: float | None = None  # in the first event: from submission to the first prefill
-    embedding: torch.Tensor | None = None  # an embedding request's only event: (H,) float32 on the CPU
+    # An embedding request's only event: (H,) float32 on the CPU; a classification request's: (labels,) probabilities
+    embedding: torch.Tensor | None = None
 
 
 Sink = Callable[[GenerationEvent], None]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from quiver.adapters.classifier_head import HEAD_BIAS, HEAD_WEIGHT
+
 
 class Pooling(enum.Enum):
     MEAN = "mean"  # the mean over the row's tokens
@@ -25,10 +27,40 @@ class Pooling(enum.Enum):
 
 @dataclass(frozen=True)
 class EmbedSpec:
-    """How an embedding request pools its row's hidden states."""
+    """How an embedding request pools its row's hidden states; with `classify`, the last token's go through the
+    row's adapter's classification head instead (`pooling` LAST, no normalisation), giving label probabilities."""
 
     pooling: Pooling = Pooling.MEAN
     normalize: bool = True  # scaled to unit L2 norm (cosine similarity = dot product)
+    classify: bool = False
+
+    @classmethod
+    def classification(cls) -> EmbedSpec:
+        return cls(Pooling.LAST, normalize=False, classify=True)
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """A classification adapter's output layer on the device: logits = hidden @ weight.T + bias."""
+
+    weight: torch.Tensor  # (L, H)
+    bias: torch.Tensor | None  # (L,)
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], device: torch.device) -> ClassifierHead:
+        """From a host adapter's head tensors (adapters/classifier_head.py), kept in float32: they are tiny."""
+        bias = tensors.get(HEAD_BIAS)
+        return cls(tensors[HEAD_WEIGHT].to(device, torch.float32),
+                   bias.to(device, torch.float32) if bias is not None else None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
+
+    def probabilities(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(L,) float32 on the CPU: softmax of the head's logits over a row's last hidden state (H,)."""
+        logits = torch.nn.functional.linear(hidden.to(self.weight.device, torch.float32), self.weight, self.bias)
+        return logits.softmax(dim=-1).cpu()
 
 
 @dataclass(frozen=True)

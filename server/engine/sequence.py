@@ -100,11 +100,19 @@ class RequestState:
         return self.send(event) and finish is None
 
     def emit_embedding(self, part: PooledPart) -> None:
-        """An embedding row's one event: its vector, and the end of the request."""
+        """An embedding row's one event: its vector (a classification row's: its label probabilities), and the end
+        of the request."""
         spec = self.request.embed
         assert spec is not None, "only embedding rows are pooled"
+        if not spec.classify:
+            vector = part.vector(spec)
+        elif self.adapter is not None and self.adapter.head is not None:
+            vector = self.adapter.head.probabilities(part.last)
+        else:  # the API layer sends classification rows only with a classifier
+            self.fail(FailedPrecondition("a classification request needs a classification adapter"))
+            return
         self.send(GenerationEvent("", (), len(self.request.prompt_ids), 0, FinishReason.LENGTH,
-                                  queue_seconds=self.queue_seconds, embedding=part.vector(spec)))
+                                  queue_seconds=self.queue_seconds, embedding=vector))
 
     def send(self, event: GenerationEvent) -> bool:
         """Hand `event` to the sink; False (and the request cancelled) when its receiver is gone."""

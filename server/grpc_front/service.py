@@ -145,6 +145,20 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             usage=pb.Usage(prompt_tokens=done.total_tokens),
         )
 
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        inputs = embedding_input(pb.EmbedRequest(adapter=request.adapter, inputs=request.inputs))
+        try:
+            done = await self._embedder.classify(inputs)
+        except InvalidArgument as e:
+            raise e.renamed(EMBED_FIELD_NAMES) from None
+        results = [
+            pb.Classification(labels=[pb.LabelProbability(label=label, probability=p)
+                                      for label, p in zip(done.labels, probabilities, strict=True)],
+                              prompt_tokens=tokens)
+            for probabilities, tokens in zip(done.probabilities, done.prompt_tokens, strict=True)
+        ]
+        return pb.ClassifyResponse(results=results, usage=pb.Usage(prompt_tokens=done.total_tokens))
+
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfoResponse:

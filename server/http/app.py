@@ -28,7 +28,7 @@ from quiver.server.http.admin import AdapterRoutes
 from quiver.server.http.chat import ChatCompletions
 from quiver.server.http.choices import TokenTexts
 from quiver.server.http.completions import Completions
-from quiver.server.http.embeddings import Embeddings
+from quiver.server.http.embeddings import Classify, Embeddings
 from quiver.server.http.errors import error_response
 from quiver.server.http.gate import ROUTE_ACCESS, Gate
 from quiver.server.http.translate import adapter_of
@@ -73,7 +73,7 @@ class _Models:
         m = stored.metadata
         return {"id": m.name, "object": "model", "created": _epoch(m.created_at), "owned_by": "quiver",
                 "root": f"{m.name}@{m.version}", "parent": self._ctx.base_id, "kind": m.kind,
-                "max_model_len": self._ctx.context_length}
+                "max_model_len": self._ctx.context_length, **({"labels": list(m.labels)} if m.labels else {})}
 
     async def list(self, request: Request) -> Response:
         adapters = await asyncio.to_thread(lambda: list(self._ctx.catalog.servable()))
@@ -101,6 +101,7 @@ def build_app(ctx: HttpContext) -> Gate:
         ("/v1/chat/completions", ChatCompletions(ctx.generator, ctx.base_id, texts, _short(ctx.fingerprint)).handle,
          ["POST"]),
         ("/v1/embeddings", Embeddings(ctx.generator, ctx.base_id).handle, ["POST"]),
+        ("/v1/classify", Classify(ctx.generator, ctx.base_id).handle, ["POST"]),
         ("/v1/models", models.list, ["GET"]),
         ("/v1/models/{model:path}", models.get, ["GET"]),
         ("/v1/load_lora_adapter", adapters.load, ["POST"]),

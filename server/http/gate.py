@@ -38,6 +38,7 @@ ROUTE_ACCESS: dict[str, Access] = {
     "/v1/completions": Access.INFERENCE,
     "/v1/chat/completions": Access.INFERENCE,
     "/v1/embeddings": Access.INFERENCE,
+    "/v1/classify": Access.INFERENCE,
     "/v1/load_lora_adapter": Access.ADMIN,
     "/v1/unload_lora_adapter": Access.ADMIN,
 }

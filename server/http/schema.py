@@ -116,6 +116,16 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
 
 
+class ClassifyRequest(BaseModel):
+    """POST /v1/classify, as vLLM's: `model` names a classification adapter."""
+
+    model_config = _STRICT
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    user: str | None = None
+
+
 class LoadLoraRequest(BaseModel):
     """POST /v1/load_lora_adapter, as vLLM's runtime adapter loading (any PEFT kind, despite the name)."""
 

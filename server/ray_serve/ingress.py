@@ -75,6 +75,9 @@ class Ingress:
     async def Embed(self, request: pb.EmbedRequest, grpc_context: Any) -> pb.EmbedResponse:
         return await self._unary(grpc_context, lambda service: service.Embed(request, grpc_context))
 
+    async def Classify(self, request: pb.ClassifyRequest, grpc_context: Any) -> pb.ClassifyResponse:
+        return await self._unary(grpc_context, lambda service: service.Classify(request, grpc_context))
+
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: Any) -> pb.ModelInfoResponse:
         return await self._unary(grpc_context, lambda service: service.ModelInfo(request, grpc_context))
 

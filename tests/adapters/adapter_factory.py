@@ -9,6 +9,8 @@ user would upload.
     make_p_tuning(base_dir, out_dir)
     peft_model_for(base_dir, config, seed=0)                -> the in-memory PeftModel (for reference outputs)
     load_peft_model(base_dir, adapter_dir)                  -> PeftModel.from_pretrained, in eval/inference mode
+    make_classifier(base_dir, out_dir, "lora", num_labels=3) -> a SEQ_CLS adapter with its trained head
+    load_peft_classifier(adapter_dir, num_labels)           -> AutoPeftModelForSequenceClassification, the reference
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 # Scale of the random adapter weights: large enough to change outputs, small enough to stay finite in fp16.
 RANDOM_SCALE = 0.1
@@ -131,3 +133,28 @@ def make_p_tuning(
 def load_peft_model(base_dir: Path, adapter_dir: Path) -> PeftModel:
     """The reference: PEFT itself loading a saved adapter onto the base, in inference mode."""
     return PeftModel.from_pretrained(load_base(base_dir), adapter_dir).eval()
+
+
+def make_classifier(base_dir: Path, out_dir: Path, method: str, *, num_labels: int = 3, seed: int = 0) -> Path:
+    """A SEQ_CLS adapter (`method` "lora" on every linear, or "prompt" tuning with 4 virtual tokens) and its head
+    (PEFT's `modules_to_save`), all randomised, saved as PEFT saves it."""
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, dtype=torch.float32)
+    config: PeftConfig = (LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear") if method == "lora"
+                          else PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * RANDOM_SCALE * 4)
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def load_peft_classifier(adapter_dir: Path, num_labels: int) -> Any:
+    """The reference: PEFT's AutoPeftModelForSequenceClassification loading a saved SEQ_CLS adapter (the base's
+    head sized for `num_labels`, then replaced by the adapter's)."""
+    from peft import AutoPeftModelForSequenceClassification
+
+    return AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=num_labels,
+                                                                  dtype=torch.float32).eval()

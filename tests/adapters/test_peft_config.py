@@ -131,7 +131,7 @@ def test_rslora_scaling_uses_sqrt() -> None:
         ("init_lora_weights", "pissa", "init_lora_weights"),
         ("init_lora_weights", "loftq", "init_lora_weights"),
         ("alora_invocation_tokens", [5], "alora_invocation_tokens"),
-        ("task_type", "SEQ_CLS", "CAUSAL_LM"),
+        ("task_type", "TOKEN_CLS", "SEQ_CLS"),
         ("some_future_field", 3, "some_future_field"),
     ],
 )
@@ -150,7 +150,8 @@ def test_inert_and_default_fields_accepted() -> None:
 
 
 def test_every_unsupported_feature_reported_at_once() -> None:
-    raw = lora_config(use_dora=True, modules_to_save=["lm_head"], bias="all", fan_in_fan_out=True, task_type="SEQ_CLS")
+    raw = lora_config(use_dora=True, modules_to_save=["lm_head"], bias="all", fan_in_fan_out=True,
+                      task_type="TOKEN_CLS")
     with pytest.raises(FailedPrecondition) as info:
         parse_peft_config(raw)
     text = " ".join(info.value.reasons)
@@ -213,3 +214,18 @@ def test_a_huge_alpha_is_refused_before_it_can_turn_logits_to_nan(raw: dict[str,
     with pytest.raises(InvalidArgument, match="at most 10000 in magnitude"):
         parse_peft_config(lora_config(**raw))
     assert isinstance(parse_peft_config(lora_config(lora_alpha=1024)).spec, LoraSpec)  # large but sane is fine
+
+
+def test_sequence_classification_adapters_parse_with_their_head() -> None:
+    parsed = parse_peft_config(lora_config(task_type="SEQ_CLS", modules_to_save=["classifier", "score"]))
+    assert parsed.task == "classify"
+    prompt = parse_peft_config({"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 2,
+                                "token_dim": 8, "modules_to_save": ["classifier", "score"]})
+    assert prompt.task == "classify"
+    assert parse_peft_config(lora_config(task_type="CAUSAL_LM")).task == "generate"
+
+
+def test_a_head_in_a_generation_adapter_is_refused() -> None:
+    with pytest.raises(FailedPrecondition) as info:
+        parse_peft_config(lora_config(task_type="CAUSAL_LM", modules_to_save=["score"]))
+    assert info.value.reasons == ["modules_to_save ['score'] is a classification head: it needs task_type SEQ_CLS"]

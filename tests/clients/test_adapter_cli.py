@@ -218,6 +218,7 @@ sha256: {"ab" * 32}
 created_at: {CREATED_AT}
 description: second
 prompt_template: "Summarize:\\n{{input}}"
+labels: 
 versions: 1,2
 """
 

@@ -28,7 +28,7 @@ REGISTER_MODE_NEW_VERSION: RegisterMode
 REGISTER_MODE_REPLACE: RegisterMode
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "peft_type", "base_fingerprint", "base_architecture", "size_bytes", "num_parameters", "rank", "num_virtual_tokens", "target_modules", "sha256", "created_at", "description", "prompt_template")
+    __slots__ = ("name", "version", "kind", "peft_type", "base_fingerprint", "base_architecture", "size_bytes", "num_parameters", "rank", "num_virtual_tokens", "target_modules", "sha256", "created_at", "description", "prompt_template", "labels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class AdapterInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: AdapterKind
@@ -59,19 +60,22 @@ class AdapterInfo(_message.Message):
     created_at: str
     description: str
     prompt_template: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., peft_type: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., base_architecture: _Optional[str] = ..., size_bytes: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rank: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., prompt_template: _Optional[str] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., peft_type: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., base_architecture: _Optional[str] = ..., size_bytes: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rank: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., prompt_template: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegistrationOptions(_message.Message):
-    __slots__ = ("name", "mode", "description", "prompt_template")
+    __slots__ = ("name", "mode", "description", "prompt_template", "labels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     mode: RegisterMode
     description: str
     prompt_template: str
-    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[RegisterMode, str]] = ..., description: _Optional[str] = ..., prompt_template: _Optional[str] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[RegisterMode, str]] = ..., description: _Optional[str] = ..., prompt_template: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file_name", "data")

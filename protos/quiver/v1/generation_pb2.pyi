@@ -232,3 +232,35 @@ class ModelInfoResponse(_message.Message):
     max_new_tokens_limit: int
     has_chat_template: bool
     def __init__(self, model_name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., architecture: _Optional[str] = ..., max_new_tokens_limit: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("adapter", "inputs")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    inputs: _containers.RepeatedCompositeFieldContainer[EmbedInput]
+    def __init__(self, adapter: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ...) -> None: ...
+
+class LabelProbability(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("labels", "prompt_tokens")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedCompositeFieldContainer[LabelProbability]
+    prompt_tokens: int
+    def __init__(self, labels: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("results", "usage")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Classification]
+    usage: Usage
+    def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class GenerationServiceStub:
                 request_serializer=quiver_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=quiver_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/quiver.v1.GenerationService/Classify',
+                request_serializer=quiver_dot_v1_dot_generation__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=quiver_dot_v1_dot_generation__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -92,6 +97,14 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Classifies inputs with a classification (SEQ_CLS) adapter: its head over each input's last hidden state, as
+        transformers' *ForSequenceClassification; each input is a prefill-only row of the same batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +127,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=quiver_dot_v1_dot_generation__pb2.EmbedRequest.FromString,
                     response_serializer=quiver_dot_v1_dot_generation__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=quiver_dot_v1_dot_generation__pb2.ClassifyRequest.FromString,
+                    response_serializer=quiver_dot_v1_dot_generation__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +243,33 @@ class GenerationService:
             '/quiver.v1.GenerationService/Embed',
             quiver_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
             quiver_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quiver.v1.GenerationService/Classify',
+            quiver_dot_v1_dot_generation__pb2.ClassifyRequest.SerializeToString,
+            quiver_dot_v1_dot_generation__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from quiver.adapters.classifier_head import split_head
 from quiver.adapters.peft_config import LoraSpec, read_peft_config
 from quiver.adapters.safetensors_check import load_safetensors
 from quiver.server.engine.kinds.base import AdapterKind, HostTensors
@@ -22,7 +23,7 @@ class Lora(AdapterKind):
     uses_lora_slot: ClassVar[bool] = True
 
     def load_host(self, path: Path) -> HostTensors:
-        tensors = load_safetensors(path / WEIGHTS_FILE)
+        _, tensors = split_head(load_safetensors(path / WEIGHTS_FILE))  # a SEQ_CLS adapter's head is not LoRA
         spec = read_peft_config(path).spec
         assert isinstance(spec, LoraSpec), "validated at registration"
         return tensors, {module: spec.scaling_for(module) for module in lora_pairs(tensors)}
