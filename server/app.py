@@ -41,7 +41,7 @@ from quiver.server.http.server import HttpServer
 from quiver.server.lifecycle import Health, HealthMonitor, drain
 from quiver.server.logging_setup import configure_logging
 from quiver.server.model.model_loader import LoadedModel, load_base_model
-from quiver.server.platform.allocator import limit_malloc_arenas
+from quiver.server.platform.allocator import MallocTrimmer, limit_malloc_arenas
 from quiver.server.platform.cpu_threads import reserve_for_engine
 from quiver.server.tls import Tls
 from quiver.v1 import adapters_pb2, adapters_pb2_grpc
@@ -343,4 +343,9 @@ def serve(model_config: ModelConfig, engine_config: EngineConfig, config: Server
     Tls.of(config)  # unusable TLS files stop the start here, naming their flag, before the model loads
     limit_malloc_arenas(config.malloc_arenas)  # before the threads that would each take an arena
     reserve_for_engine()
-    return asyncio.run(serve_until_signal(model_config, engine_config, config, adapter_config))
+    trimmer = MallocTrimmer.start(config.malloc_trim_seconds)
+    try:
+        return asyncio.run(serve_until_signal(model_config, engine_config, config, adapter_config))
+    finally:
+        if trimmer is not None:
+            trimmer.stop()

@@ -281,6 +281,11 @@ class ServerConfig:
         metadata={"help": "most glibc malloc arenas (0: glibc's default, 8 per core): fewer keep less freed memory "
                   "from the server's many threads (server/platform/allocator.py)"},
     )
+    malloc_trim_seconds: float = field(
+        default=10.0,
+        metadata={"help": "every this many seconds, freed memory inside glibc's heaps is given back to the system "
+                  "(malloc_trim; 0: never, the memory stays with the process for reuse)"},
+    )
     engine_stall_seconds: float = field(
         default=60.0,
         metadata={"help": "health turns NOT_SERVING (and /health 503) when the engine has work but has not finished "
@@ -318,7 +323,7 @@ class ServerConfig:
         for name in ("metrics_max_resident_adapters", "metrics_max_adapters", "malloc_arenas"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-        for name in ("drain_seconds", "engine_stall_seconds"):
+        for name in ("drain_seconds", "engine_stall_seconds", "malloc_trim_seconds"):
             value = getattr(self, name)
             if not value >= 0 or value == float("inf"):  # NaN fails too
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0")
