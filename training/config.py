@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-MethodName = Literal["lora", "qlora", "prompt-tuning", "prefix-tuning"]
+MethodName = Literal["lora", "qlora", "prompt-tuning", "prefix-tuning", "head"]
+Task = Literal["generate", "classify"]
 LrSchedule = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 TrainDtype = Literal["auto", "float32", "bfloat16", "float16"]
 TrainDevice = Literal["auto", "cpu"]
@@ -44,8 +45,16 @@ class DataConfig:
         metadata={"help": "held-out JSONL file (repeatable); without it --eval-fraction of the training rows "
                   "are held out"},
     )
+    task: Task = field(
+        default="generate",
+        metadata={"help": "generate: an adapter that writes the output; classify: a SEQ_CLS adapter with a head that "
+                  "picks one of the labels (--input-field, --label-field; methods head, lora, prompt-tuning)"},
+    )
     input_field: str | None = field(
-        default=None, metadata={"help": "row key holding the input text (with --output-field)"}
+        default=None, metadata={"help": "row key holding the input text (with --output-field, or --label-field)"}
+    )
+    label_field: str | None = field(
+        default=None, metadata={"help": "classify: row key holding each row's label (a string or an integer)"}
     )
     output_field: str | None = field(
         default=None, metadata={"help": "row key holding the target text (with --input-field)"}
@@ -69,6 +78,10 @@ class DataConfig:
             raise ValueError("--eval-fraction must be in [0, 1)")
         if self.max_length < 2:
             raise ValueError("--max-length must be >= 2")
+        if self.task == "classify" and (not self.input_field or not self.label_field or self.output_field):
+            raise ValueError("--task classify needs --input-field and --label-field (and no --output-field)")
+        if self.task == "generate" and self.label_field is not None:
+            raise ValueError("--label-field applies to --task classify only")
 
 
 @dataclass
@@ -78,7 +91,8 @@ class MethodConfig:
     method: MethodName = field(
         default="lora",
         metadata={"help": "lora; qlora = LoRA over an nf4-quantized base; prompt-tuning = a trained soft prompt; "
-                  "prefix-tuning = trained keys/values in every layer"},
+                  "prefix-tuning = trained keys/values in every layer; head = with --task classify, only a linear "
+                  "head on the frozen model's last hidden state (the feature-based approach)"},
     )
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})

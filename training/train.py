@@ -302,7 +302,7 @@ def plot_losses(history: dict[str, list[dict[str, float]]], path: Path, title: s
     return True
 
 
-def _write_json(path: Path, document: dict[str, Any]) -> None:
+def write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -323,7 +323,7 @@ def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: Tra
                   final_eval_loss: float | None, seconds: float) -> None:
     """quiver_adapter.json, metrics.json and loss.png beside the saved adapter."""
     state = trainer.state
-    _write_json(output / METADATA_FILE, {
+    write_json(output / METADATA_FILE, {
         "prompt_template": data.template,
         "base_fingerprint": base["fingerprint"],
         "base_model": base["name"],
@@ -335,7 +335,7 @@ def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: Tra
         "seed": run.seed,
         "trained_at": utc_now(),
     })
-    _write_json(output / METRICS_FILE, {
+    write_json(output / METRICS_FILE, {
         **history,
         "final_eval_loss": final_eval_loss,
         "best_step": state.best_global_step,
@@ -349,8 +349,9 @@ def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: Tra
     log.info("adapter written to %s (step %d, eval loss %s)", output, state.global_step, final_eval_loss)
 
 
-def register_adapter(output: Path, config: RegisterConfig, template: str) -> Any:
-    """Upload the adapter's files (not metrics or plot) to the server named by --register."""
+def register_adapter(output: Path, config: RegisterConfig, template: str, labels: tuple[str, ...] = ()) -> Any:
+    """Upload the adapter's files (not metrics or plot) to the server named by --register (with a classifier's
+    labels)."""
     from quiver.clients.client import QuiverClient
 
     assert config.register is not None and config.name is not None  # RegisterConfig checked both
@@ -361,7 +362,7 @@ def register_adapter(output: Path, config: RegisterConfig, template: str) -> Any
         with QuiverClient(config.register, admin_token=token) as client:
             info = client.register_adapter(
                 tmp, config.name, mode=REGISTER_MODES[config.register_mode],  # type: ignore[arg-type]
-                description=config.description, prompt_template=template,
+                description=config.description, prompt_template=template, labels=labels,
             )
     log.info("registered %s@%d with %s", info.name, info.version, config.register)
     return info
@@ -377,8 +378,14 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
     Raises ValueError for flag combinations that cannot work, quiver.common.errors.QuiverError for bad data
     or a base model that cannot be loaded.
     """
-    started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing below may reach the hub
+    if data.task == "classify":
+        from quiver.training.classify import train_classifier  # imports this module's helpers
+
+        return train_classifier(data, method, run, register)
+    if method.method == "head":
+        raise ValueError("--method head trains a classification head: it needs --task classify")
+    started = time.monotonic()
     assert run.output is not None
     output = Path(run.output)
     has_eval = bool(data.eval_data) or data.eval_fraction > 0
