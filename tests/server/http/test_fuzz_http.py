@@ -37,7 +37,14 @@ from pydantic import BaseModel
 
 from quiver.adapters.names import parse_ref
 from quiver.common.errors import InvalidArgument
-from quiver.server.http.schema import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
+from quiver.server.http.schema import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
 
 from .conftest import ADAPTERS, ADMIN, BASE_ID, start
 
@@ -49,7 +56,8 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False
                 suppress_health_check=list(HealthCheck))
 # ~1,300 examples: every HTTP response now waits ~40 ms for a delayed ACK (the listening socket lacks TCP_NODELAY),
 # which is most of this module's time; at ~1 ms a response these can triple within the same budget.
-EXAMPLES = {"load": 150, "completions": 320, "chat": 320, "models": 120, "unload": 90, "anything": 300}
+EXAMPLES = {"load": 150, "completions": 320, "chat": 320, "embeddings": 160, "classify": 100, "models": 120,
+            "unload": 90, "anything": 300}
 MIN_TOTAL = 1_000
 MARK = "\x01MARK\x01"  # a string value the encoder replaces with raw bytes (json.dumps writes it as below)
 MARK_JSON = json.dumps(MARK).encode()
@@ -94,6 +102,10 @@ SAMPLING = {
 SANE_COMPLETION = {**SAMPLING, "max_tokens": st.integers(1, 8), "logprobs": st.integers(0, 5), "echo": st.booleans(),
                    "suffix": st.just(""), "prompt": st.one_of(WORDS, st.lists(WORDS, min_size=1, max_size=3), IDS,
                                                                st.lists(IDS, min_size=1, max_size=3))}
+INPUTS = st.one_of(WORDS, st.lists(WORDS, min_size=1, max_size=3), IDS, st.lists(IDS, min_size=1, max_size=3))
+SANE_EMBEDDINGS = {"model": SANE_MODELS, "input": INPUTS, "encoding_format": st.sampled_from(["float", "base64"]),
+                   "user": WORDS, "pooling": st.sampled_from(["mean", "last"]), "normalize": st.booleans()}
+SANE_CLASSIFY = {"model": SANE_MODELS, "input": INPUTS, "user": WORDS}
 PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": WORDS}), min_size=1, max_size=2)
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer"]),
                                            "content": st.one_of(WORDS, PARTS)}), min_size=1, max_size=3)
@@ -206,6 +218,7 @@ def _admin(model: type[BaseModel], sane: Mapping[str, st.SearchStrategy[Any]],
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "FOO"]
 PATHS = ["/", "/v1", "/v1/", "/v1/completions", "/v1/completions/", "/v1/chat/completions", "/v1//completions",
+         "/v1/embeddings", "/v1/classify",
          "/v1/models", "/v1/models/", "/v1/models/lora", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
          "/v1/nothing", "/%2e%2e/etc/passwd", "/v1/models/../completions", "/v1/models/%00", "/health", "/ready",
          "/metrics", "/docs", "/openapi.json", "/v1/completions?stream=true", "/" + "a" * 10_000, "/v1/\u00e9"]
@@ -228,6 +241,8 @@ def _cases(root: Path) -> dict[str, st.SearchStrategy[Call]]:
             {**names, "lora_path": wild_path})),
         "completions": calls("POST", "/v1/completions", objects(CompletionRequest, SANE_COMPLETION, {"model": MODELS})),
         "chat": calls("POST", "/v1/chat/completions", objects(ChatCompletionRequest, SANE_CHAT, {"model": MODELS})),
+        "embeddings": calls("POST", "/v1/embeddings", objects(EmbeddingRequest, SANE_EMBEDDINGS, {"model": MODELS})),
+        "classify": calls("POST", "/v1/classify", objects(ClassifyRequest, SANE_CLASSIFY, {"model": MODELS})),
         "models": st.one_of(calls("GET", "/v1/models", None),
                             model_paths.flatmap(lambda m: calls("GET", f"/v1/models/{m}", None))),
         "unload": calls("POST", "/v1/unload_lora_adapter", _admin(UnloadLoraRequest, {
