@@ -30,6 +30,7 @@ from typing import Any
 
 from quiver.clients.client import QuiverClient
 from quiver.clients.types import DEFAULT_TARGET
+from quiver.training.config import Task
 from quiver.training.data import DataSource, Example, FieldMapping, prompt_template_for, read_examples
 from quiver.training.general_set import GENERAL_SET, accuracy
 
@@ -70,6 +71,20 @@ class EvalConfig:
         default=32, metadata={"help": "greedy tokens generated per general-ability prompt"}
     )
     out: str | None = field(default=None, metadata={"help": "JSON report path (default: eval-ADAPTER.json)"})
+    task: Task = field(
+        default="generate",
+        metadata={"help": "generate: ROUGE/BLEU of the adapter's completions against the base model's; classify: "
+                  "accuracy and macro-F1 of a classification adapter (--input-field, --label-field) against "
+                  "--baseline or the majority label"},
+    )
+    label_field: str | None = field(
+        default=None, metadata={"help": "classify: row key holding each dev row's label"}
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "classify: a classifier to compare with, e.g. the `head` one (base features + head); "
+                  "default: always the adapter's most frequent training label"},
+    )
     input_field: str | None = field(
         default=None, metadata={"help": "row key holding the input text (with --output-field)"}
     )
@@ -107,7 +122,12 @@ class EvalConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not self.timeout > 0:
             raise ValueError("--timeout must be > 0")
-        if (self.input_field is None) != (self.output_field is None):
+        if self.task == "classify":
+            if not self.input_field or not self.label_field or self.output_field:
+                raise ValueError("--task classify needs --input-field and --label-field (and no --output-field)")
+        elif self.label_field is not None or self.baseline is not None:
+            raise ValueError("--label-field and --baseline apply to --task classify only")
+        elif (self.input_field is None) != (self.output_field is None):
             raise ValueError("--input-field and --output-field must be given together")
         if self.local and (self.tls_ca or self.tls_cert or self.tls_key):
             raise ValueError("--tls-* are for --server: the local server (--model/--store) is plaintext in-process")
@@ -228,10 +248,12 @@ class EvalReport:
     """Each general prompt with both predictions."""
     warnings: list[str]
     """Problems worth a look (skipped rows, a template that differs from the dev data's)."""
+    base_name: str = "base"
+    """What the `base` column holds: the base model, or a classifier's baseline."""
 
     def table(self) -> str:
         """metric | base | adapter | Δ, one row per metric."""
-        lines = [f"{'metric':<18}{'base':>10}{'adapter':>10}{'Δ':>10}"]
+        lines = [f"{'metric':<18}{self.base_name:>10}{'adapter':>10}{'Δ':>10}"]
         for name, base in self.base.items():
             adapted = self.adapted[name]
             lines.append(f"{name:<18}{base:>10.4f}{adapted:>10.4f}{adapted - base:>+10.4f}")
@@ -263,6 +285,10 @@ def _template_warning(config: EvalConfig, examples: list[Example], stored: str |
 
 def evaluate_with(client: QuiverClient, config: EvalConfig, where: str) -> EvalReport:
     """Runs the evaluation through `client` (a server at `where`) and returns its report."""
+    if config.task == "classify":
+        from quiver.training.evaluate_classify import evaluate_classifier  # it builds on this module
+
+        return evaluate_classifier(client, config, where)
     started = time.monotonic()
     examples, problems = read_dev(config)
     info = client.get_adapter(str(config.adapter)).adapter

@@ -135,3 +135,34 @@ def test_scores_and_templates():
                                                                     "macro_f1": pytest.approx((2 / 3 + 0.8) / 2)}
     assert classification_template(None) == "{input}"
     assert classification_template("Topic {of} this:").format(input="x") == "Topic {of} this:\n\nx"
+
+
+def test_eval_reports_the_classifier_against_a_baseline(base_dir: Path, data_file: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]):
+    from quiver.server.model.model_loader import load_base_model
+
+    loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none",
+                                         cache_dir=str(tmp_path / "cache")))
+    store = tmp_path / "store"
+    srv = ServerThread(loaded, store, adapter_config=AdapterConfig(store=str(store), admin_token=TOKEN))
+    try:
+        for method, steps in (("head", 60), ("lora", 2)):
+            data, method_config, run = configs(base_dir, data_file, tmp_path / method, method, max_steps=steps,
+                                               eval_steps=steps, learning_rate=3e-2 if method == "head" else None)
+            train(data, method_config, run, RegisterConfig(register=srv.target, name=method, admin_token=TOKEN))
+        out = tmp_path / "eval.json"
+        args = ["eval", "--task", "classify", "--data", str(data_file), "--input-field", "text", "--label-field",
+                "topic", "--server", srv.target, "--out", str(out)]
+        assert main([*args, "--adapter", "head"]) == 0
+        report = json.loads(out.read_text())
+        majority = report["metrics"]["accuracy"]["base"]
+        assert majority == pytest.approx(0.8)  # 4 in 5 rows are "even", the adapter's first label
+        assert report["metrics"]["accuracy"]["adapter"] >= 0.8 and report["counts"]["dev_rows"] == 100
+        assert "baseline" in capsys.readouterr().out.splitlines()[-len(report["metrics"]) - 2]
+        assert main([*args, "--adapter", "lora", "--baseline", "head"]) == 0
+        report = json.loads(out.read_text())
+        assert report["metrics"]["accuracy"]["base"] >= 0.8  # the head classifier, as the baseline now
+        assert report["settings"]["baseline"] == "head" and len(report["samples"]) == 5
+        assert main([*args, "--adapter", "missing"]) == 1
+    finally:
+        srv.close()
