@@ -16,7 +16,6 @@ generation adapters, and `--register` uploads it with its labels.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,12 +46,11 @@ from quiver.training.train import (
     METRICS_FILE,
     BestAdapterEarlyStopping,
     TrainResult,
-    kept_eval_loss,
-    loss_history,
     plot_losses,
     register_adapter,
     resolve_dtype,
     resume_checkpoint,
+    run_trainer,
     save_adapter,
     training_arguments,
     write_json,
@@ -194,12 +192,7 @@ def train_classifier(data: DataConfig, method: MethodConfig, run: TrainConfig,
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train,  # type: ignore[arg-type]
                       eval_dataset=prepared.eval or None, data_collator=ClassCollator(int(tokenizer.pad_token_id)),
                       compute_metrics=lambda p: scores(p, len(prepared.labels)), callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resume_from)
-    history = loss_history(trainer.state.log_history)
-    best = trainer.state.best_model_checkpoint if has_eval and run.load_best else None
-    final_eval_loss = kept_eval_loss(trainer, history, best) if has_eval else None
-    if final_eval_loss is not None and not math.isfinite(final_eval_loss):
-        log.warning("the final eval loss is %s: lower --learning-rate", final_eval_loss)
+    history, best, final_eval_loss = run_trainer(trainer, run, has_eval, resume_from)
     registered = None
     written = trainer.is_world_process_zero()
     if written:

@@ -371,6 +371,20 @@ def register_adapter(output: Path, config: RegisterConfig, template: str, labels
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
+def run_trainer(trainer: Trainer, run: TrainConfig, has_eval: bool, resume_from: str | None
+                ) -> tuple[dict[str, list[dict[str, float]]], str | None, float | None]:
+    """Train; then the loss history, the checkpoint kept (the best by eval loss, with --load-best) and its eval
+    loss."""
+    trainer.train(resume_from_checkpoint=resume_from)
+    history = loss_history(trainer.state.log_history)
+    best = trainer.state.best_model_checkpoint if has_eval and run.load_best else None
+    final_eval_loss = kept_eval_loss(trainer, history, best) if has_eval else None
+    if final_eval_loss is not None and not math.isfinite(final_eval_loss):
+        log.warning("the final eval loss is %s: lower --learning-rate", final_eval_loss)
+    return history, best, final_eval_loss
+
+
+
 def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: RegisterConfig | None = None
           ) -> TrainResult:
     """Train one adapter and write it to `run.output`; register it when `register.register` is set.
@@ -413,13 +427,7 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
         eval_dataset=prepared.eval or None, data_collator=PaddingCollator(int(tokenizer.pad_token_id)),
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=resume_from)
-    history = loss_history(trainer.state.log_history)
-    best = trainer.state.best_model_checkpoint if has_eval and run.load_best else None
-    final_eval_loss = kept_eval_loss(trainer, history, best) if has_eval else None
-    if final_eval_loss is not None and not math.isfinite(final_eval_loss):
-        log.warning("the final eval loss is %s: lower --learning-rate", final_eval_loss)
-
+    history, best, final_eval_loss = run_trainer(trainer, run, has_eval, resume_from)
     registered = None
     written = trainer.is_world_process_zero()
     if written:
