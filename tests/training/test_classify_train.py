@@ -5,6 +5,7 @@ and learns an easy task; the result registers with a real server (`--register`),
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,34 +87,40 @@ def test_the_head_learns_an_easy_task(base_dir: Path, data_file: Path, tmp_path:
     assert last["accuracy"] >= 0.8 and last["accuracy"] >= first["accuracy"], metrics["eval_scores"]
 
 
-def test_register_and_classify_through_the_server(base_dir: Path, data_file: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]):
+@pytest.fixture(scope="module")
+def server(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Any]]:
+    """A server over the tiny base (and the model it holds, whose tokenizer the tests use)."""
     from quiver.server.model.model_loader import load_base_model
 
+    root = tmp_path_factory.mktemp("served")
     loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none",
-                                         cache_dir=str(tmp_path / "cache")))
-    store = tmp_path / "store"
-    srv = ServerThread(loaded, store, adapter_config=AdapterConfig(store=str(store), admin_token=TOKEN))
-    try:
-        output = tmp_path / "lora"
-        data, method, run = configs(base_dir, data_file, output, "lora")
-        result = train(data, method, run, RegisterConfig(register=srv.target, name="parity", admin_token=TOKEN))
-        assert result.registered is not None and result.registered.labels == LABELS
-        texts = ["w4 w1 w2", "w7 w3 w3"]
-        with QuiverClient(srv.target, timeout=60) as client:
-            served = client.classify(texts, adapter="parity")
-        reference = load_peft_classifier(output, len(LABELS))
-        for text, got in zip(texts, served, strict=True):
-            ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                want = reference(input_ids=torch.tensor([ids])).logits[0].softmax(-1).tolist()
-            assert list(got.probabilities) == list(LABELS)
-            assert all(abs(a - b) < 1e-4 for a, b in zip(got.probabilities.values(), want, strict=True))
-        assert main(["classify", "--server", srv.target, "--adapter", "parity", texts[0]]) == 0
-        printed = capsys.readouterr().out.splitlines()[-1]  # after the Trainer's own lines
-        assert json.loads(printed)["label"] == served[0].label
-    finally:
-        srv.close()
+                                         cache_dir=str(root / "cache")))
+    srv = ServerThread(loaded, root / "store", adapter_config=AdapterConfig(store=str(root / "store"),
+                                                                            admin_token=TOKEN))
+    yield srv, loaded
+    srv.close()
+
+
+def test_register_and_classify_through_the_server(server: tuple[ServerThread, Any], base_dir: Path, data_file: Path,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    srv, loaded = server
+    output = tmp_path / "lora"
+    data, method, run = configs(base_dir, data_file, output, "lora")
+    result = train(data, method, run, RegisterConfig(register=srv.target, name="parity", admin_token=TOKEN))
+    assert result.registered is not None and result.registered.labels == LABELS
+    texts = ["w4 w1 w2", "w7 w3 w3"]
+    with QuiverClient(srv.target, timeout=60) as client:
+        served = client.classify(texts, adapter="parity")
+    reference = load_peft_classifier(output, len(LABELS))
+    for text, got in zip(texts, served, strict=True):
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            want = reference(input_ids=torch.tensor([ids])).logits[0].softmax(-1).tolist()
+        assert list(got.probabilities) == list(LABELS)
+        assert all(abs(a - b) < 1e-4 for a, b in zip(got.probabilities.values(), want, strict=True))
+    assert main(["classify", "--server", srv.target, "--adapter", "parity", texts[0]]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]  # after the Trainer's own lines
+    assert json.loads(printed)["label"] == served[0].label
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -137,32 +144,25 @@ def test_scores_and_templates():
     assert classification_template("Topic {of} this:").format(input="x") == "Topic {of} this:\n\nx"
 
 
-def test_eval_reports_the_classifier_against_a_baseline(base_dir: Path, data_file: Path, tmp_path: Path,
+def test_eval_reports_the_classifier_against_a_baseline(server: tuple[ServerThread, Any], base_dir: Path,
+                                                         data_file: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]):
-    from quiver.server.model.model_loader import load_base_model
-
-    loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none",
-                                         cache_dir=str(tmp_path / "cache")))
-    store = tmp_path / "store"
-    srv = ServerThread(loaded, store, adapter_config=AdapterConfig(store=str(store), admin_token=TOKEN))
-    try:
-        for method, steps in (("head", 60), ("lora", 2)):
-            data, method_config, run = configs(base_dir, data_file, tmp_path / method, method, max_steps=steps,
-                                               eval_steps=steps, learning_rate=3e-2 if method == "head" else None)
-            train(data, method_config, run, RegisterConfig(register=srv.target, name=method, admin_token=TOKEN))
-        out = tmp_path / "eval.json"
-        args = ["eval", "--task", "classify", "--data", str(data_file), "--input-field", "text", "--label-field",
-                "topic", "--server", srv.target, "--out", str(out)]
-        assert main([*args, "--adapter", "head"]) == 0
-        report = json.loads(out.read_text())
-        majority = report["metrics"]["accuracy"]["base"]
-        assert majority == pytest.approx(0.8)  # 4 in 5 rows are "even", the adapter's first label
-        assert report["metrics"]["accuracy"]["adapter"] >= 0.8 and report["counts"]["dev_rows"] == 100
-        assert "baseline" in capsys.readouterr().out.splitlines()[-len(report["metrics"]) - 2]
-        assert main([*args, "--adapter", "lora", "--baseline", "head"]) == 0
-        report = json.loads(out.read_text())
-        assert report["metrics"]["accuracy"]["base"] >= 0.8  # the head classifier, as the baseline now
-        assert report["settings"]["baseline"] == "head" and len(report["samples"]) == 5
-        assert main([*args, "--adapter", "missing"]) == 1
-    finally:
-        srv.close()
+    srv, _ = server
+    for method, steps in (("head", 60), ("lora", 2)):
+        data, method_config, run = configs(base_dir, data_file, tmp_path / method, method, max_steps=steps,
+                                           eval_steps=steps, learning_rate=3e-2 if method == "head" else None)
+        train(data, method_config, run, RegisterConfig(register=srv.target, name=method, admin_token=TOKEN))
+    out = tmp_path / "eval.json"
+    args = ["eval", "--task", "classify", "--data", str(data_file), "--input-field", "text", "--label-field",
+            "topic", "--server", srv.target, "--out", str(out)]
+    assert main([*args, "--adapter", "head"]) == 0
+    report = json.loads(out.read_text())
+    majority = report["metrics"]["accuracy"]["base"]
+    assert majority == pytest.approx(0.8)  # 4 in 5 rows are "even", the adapter's first label
+    assert report["metrics"]["accuracy"]["adapter"] >= 0.8 and report["counts"]["dev_rows"] == 100
+    assert "baseline" in capsys.readouterr().out.splitlines()[-len(report["metrics"]) - 2]
+    assert main([*args, "--adapter", "lora", "--baseline", "head"]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["accuracy"]["base"] >= 0.8  # the head classifier, as the baseline now
+    assert report["settings"]["baseline"] == "head" and len(report["samples"]) == 5
+    assert main([*args, "--adapter", "missing"]) == 1
