@@ -85,7 +85,7 @@ def load_checked_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, read whole and parsed from memory. Not `load_file`/`safe_open`: in
-    safetensors 0.8 each tensor taken from an opened file keeps about 28 bytes for the life of the process, which a
+    safetensors 0.8 each tensor taken from an opened file keeps about 56 bytes for the life of the process, which a
     server that validates and loads adapters all day turns into a leak (bench/soak.py); parsing bytes keeps
     nothing. Adapters are small, so the transient second copy does not matter."""
     return load_safetensors_bytes(path.read_bytes())
