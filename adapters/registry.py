@@ -53,7 +53,7 @@ def _labels(options: RegistrationOptions, own: dict[str, object]) -> tuple[str, 
     if options.labels is not None:
         return validate_labels(options.labels, "options.labels")
     shipped = own.get("labels")
-    if shipped is None:
+    if shipped is None or shipped == []:  # a stored version's metadata says [] for a generation adapter
         return None
     if not isinstance(shipped, list):
         raise InvalidArgument(METADATA_FILE, "labels must be a list of strings")

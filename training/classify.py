@@ -185,6 +185,12 @@ def train_classifier(data: DataConfig, method: MethodConfig, run: TrainConfig,
     classifier_peft_config(method, checkpoint)  # an unsupported method fails before the model loads
     dtype = resolve_dtype(run)
     rate = run.learning_rate or LEARNING_RATES[method.method]
+    if method.method == "prompt-tuning" and run.batch_size > 1:
+        # PEFT gives the model only embeddings (the soft prompt before them), so transformers reads each row at the
+        # batch's last position: padding for every row but the longest. One row per forward, the same examples
+        # per optimizer step through gradient accumulation.
+        log.info("prompt-tuning classifier: batch %d as %d accumulated rows of one", run.batch_size, run.batch_size)
+        run = replace(run, batch_size=1, grad_accum=run.grad_accum * run.batch_size)
     args = training_arguments(replace(run, learning_rate=rate), method, dtype, has_eval)
     model = load_classifier(checkpoint, method, prepared, int(tokenizer.pad_token_id), dtype, run.seed)
     callbacks: list[TrainerCallback] = [BestAdapterEarlyStopping(run.early_stopping_patience)] \

@@ -32,9 +32,10 @@ def predict(client: QuiverClient, texts: Sequence[str], adapter: str) -> list[st
 
 def scores(predicted: Sequence[str], actual: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
     index = {label: i for i, label in enumerate(labels)}
-    unknown = len(labels)  # a dev label the adapter does not know is always a miss
-    return accuracy_and_macro_f1([index.get(p, unknown) for p in predicted], [index.get(a, unknown) for a in actual],
-                                 len(labels) + 1)
+    # A dev label the adapter does not know is always a miss, also against a baseline's unknown prediction.
+    predicted_ids = [index.get(p, len(labels)) for p in predicted]
+    actual_ids = [index.get(a, len(labels) + 1) for a in actual]
+    return accuracy_and_macro_f1(predicted_ids, actual_ids, len(labels) + 2)
 
 
 def evaluate_classifier(client: QuiverClient, config: EvalConfig, where: str) -> EvalReport:

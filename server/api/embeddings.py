@@ -63,7 +63,13 @@ class Embedder:
         if len(request.inputs) > MAX_INPUTS:
             raise InvalidArgument("input", f"at most {MAX_INPUTS} inputs per request, got {len(request.inputs)}")
         specs = [_generation_input(one, request) for one in request.inputs]
-        prepared = await asyncio.gather(*(self._backend.prepare(spec) for spec in specs), return_exceptions=True)
+        first = await asyncio.gather(self._backend.prepare(specs[0]), return_exceptions=True)
+        adapter = first[0].adapter if not isinstance(first[0], BaseException) else None
+        if adapter is not None:  # every input under the version the first resolved, even if a new one lands now
+            pinned = f"{adapter.metadata.name}@{adapter.metadata.version}"
+            specs = [specs[0], *(replace(spec, adapter=pinned) for spec in specs[1:])]
+        rest = await asyncio.gather(*(self._backend.prepare(spec) for spec in specs[1:]), return_exceptions=True)
+        prepared = [*first, *rest]
         for i, outcome in enumerate(prepared):
             if isinstance(outcome, InvalidArgument):  # named by the input it is about: `input[2]: text: ...`
                 field = f"input[{i}]" if len(specs) > 1 else "input"
@@ -76,7 +82,6 @@ class Embedder:
             if event.embedding is not None:
                 vectors[i] = event.embedding.tolist()
         assert all(v is not None for v in vectors), "every embedding row ends with its vector"
-        adapter = requests[0].adapter
         labels = adapter.metadata.labels if adapter is not None else ()
         return Embeddings([v for v in vectors if v is not None], [len(r.prompt_ids) for r in requests]), labels
 

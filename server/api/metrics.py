@@ -68,6 +68,11 @@ class RequestTimer:
         record = self._record
         if record is not None and event.queue_seconds is not None and record.queue_seconds is None:
             record.queue_seconds = event.queue_seconds
+        if event.embedding is not None:  # a prefill-only row's one event: its prompt is processed, no token follows
+            self._metrics.prompt_tokens.labels(kind=self._kind).inc(event.prompt_tokens)
+            if record is not None:
+                record.prompt_tokens += event.prompt_tokens
+            return
         if not tokens:
             return
         if self._first:

@@ -211,6 +211,7 @@ class Engine:
         except Exception as e:  # a model failure fails the batch, not the server
             log.exception("engine step failed")
             self._finish_all(self._runner.clear(), e)
+            self._answer_embedded()  # rows prefilled before the failure still get their vectors
         finally:
             self._step_since = None
         return plan
@@ -221,13 +222,23 @@ class Engine:
         outcome = self._runner.run(plan, self._tokens)
         for row, error in outcome.failed:
             self._finish_all([row], error)
-        embedded, self._runner.embedded = self._runner.embedded, []
-        for row, part in embedded:  # prefill-only rows: answered now, they never join the batch
-            if not row.done:
-                row.emit_embedding(part)
-            self._scheduler.retire(row)
+        self._answer_embedded()
         if outcome.chunk_ended:
             self._scheduler.chunk_finished()
+
+    def _answer_embedded(self) -> None:
+        """Prefill-only rows are answered right after their prefill (they never join the batch); each is retired
+        whatever happens to the others."""
+        embedded, self._runner.embedded = self._runner.embedded, []
+        for row, part in embedded:
+            try:
+                if not row.done:
+                    row.emit_embedding(part)
+            except Exception as e:  # e.g. the device failed reading the vector back: this row fails, not the rest
+                log.exception("answering an embedding row failed")
+                row.fail(e)
+            finally:
+                self._scheduler.retire(row)
 
     def _sample_and_emit(self) -> None:
         """Sample one token for every running row, emit it; finished rows retire (they leave at the next step)."""
@@ -250,7 +261,9 @@ class Engine:
                            "the engine stopped after an internal error; the server is restarting")
         scheduler = self._scheduler
         chunked = [scheduler.chunked] if scheduler.chunked is not None else []
-        for rows in (self._runner.clear(), scheduler.ready, scheduler.preempted, chunked):
+        embedded = [row for row, _ in self._runner.embedded]
+        self._runner.embedded = []
+        for rows in (self._runner.clear(), scheduler.ready, scheduler.preempted, chunked, embedded):
             self._finish_all(rows, gone)
         scheduler.ready, scheduler.preempted, scheduler.chunked = [], [], None
         self._take_inbox()

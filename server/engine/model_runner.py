@@ -182,7 +182,12 @@ class ModelRunner:
             keep = [i for i in range(len(rows)) if i not in embedded]
             if not keep:
                 return []
-            rows, out = [rows[i] for i in keep], select_prefilled(out, keep)
+            rows = [rows[i] for i in keep]
+            try:
+                out = select_prefilled(out, keep)
+            except Exception as e:  # their cache could not be copied (out of memory): they fail, the batch goes on
+                log.exception("selecting the generation rows of a prefill failed")
+                return [(row, e) for row in rows]
         for i, (row, logits) in enumerate(zip(rows, out.logits, strict=True)):
             row.logits = logits
             if out.prompt_logprobs is not None:

@@ -158,3 +158,16 @@ def test_python_clients_and_the_cli(served: ServerThread, loaded: Any, reference
     assert all(close(line["embedding"], w) for line, w in zip(lines, want, strict=True))
     assert main(["embed", "--server", served.target, "--adapter", "missing", "w1"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_embedding_rows_count_in_the_prompt_token_metrics(served: ServerThread, loaded: Any):
+    from .test_operations_metrics import samples
+
+    def counted() -> float:  # 0 before the first lora request of this server
+        return sum(s.value for s in samples(served)
+                   if s.name == "quiver_prompt_tokens_total" and s.labels.get("kind") == "lora")
+
+    before = counted()
+    with openai.OpenAI(base_url=f"{served.http}/v1", api_key="unused", max_retries=0) as client:
+        reply = client.embeddings.create(model="lora", input=TEXTS, encoding_format="float")
+    assert counted() - before == reply.usage.prompt_tokens > 0
