@@ -212,6 +212,7 @@ class DeviceAdapters:
         self._dtype = dtype
         self._tensor_budget = max(0, max_bytes - lora.stack_bytes)
         self._tensor_bytes = 0
+        self._head_bytes = 0  # classification heads: kilobytes each, outside both budgets (never refused for)
         self._entries: OrderedDict[AdapterKey, DeviceAdapter] = OrderedDict()
         self._free_slots = list(range(lora.num_slots, 0, -1))
         self._element_size = torch.empty((), dtype=dtype).element_size()
@@ -233,7 +234,7 @@ class DeviceAdapters:
     @property
     def nbytes(self) -> int:
         """Device bytes holding resident adapters: occupied LoRA slots plus prompt and prefix tensors."""
-        return self.slots_used * self._lora.slot_bytes + self._tensor_bytes
+        return self.slots_used * self._lora.slot_bytes + self._tensor_bytes + self._head_bytes
 
     def lookup(self, key: AdapterKey) -> DeviceAdapter | None:
         entry = self._entries.get(key)
@@ -286,9 +287,13 @@ class DeviceAdapters:
     def _load(self, host: HostAdapter) -> DeviceAdapter | None:
         start = time.perf_counter()
         entry = self._place(host)
-        if entry is not None and host.head:  # small (labels x hidden): counted with the tensors, never refused
-            entry.head = ClassifierHead.of(host.head, self._device)
-            self._tensor_bytes += entry.head.nbytes
+        if entry is not None and host.head:  # small (labels x hidden): counted, never refused
+            try:
+                entry.head = ClassifierHead.of(host.head, self._device)
+            except BaseException:
+                self._unplace(entry)
+                raise
+            self._head_bytes += entry.head.nbytes
         if entry is not None:
             self._entries[host.key] = entry
             self.stats.loads += 1
@@ -323,17 +328,21 @@ class DeviceAdapters:
             self._tensor_bytes += nbytes
         return entry
 
+    def _unplace(self, entry: DeviceAdapter) -> None:
+        """Give back what `_place` took for `entry`: its LoRA slot, or its tensor bytes."""
+        if entry.lora_slot:
+            # No row points at it (unpinned), and the next load overwrites every element: no zeroing.
+            self._free_slots.append(entry.lora_slot)
+        else:
+            self._tensor_bytes -= entry.nbytes
+
     def _evict(self, *, lora: bool) -> bool:
         """Evict the least recently used unpinned entry of the given sort; False if there is none."""
         for key, entry in self._entries.items():
             if entry.refs == 0 and (entry.lora_slot > 0) == lora:
                 del self._entries[key]
                 self.stats.evictions += 1
-                self._tensor_bytes -= entry.head.nbytes if entry.head is not None else 0
-                if entry.lora_slot:
-                    # No row points at it (unpinned), and the next load overwrites every element: no zeroing.
-                    self._free_slots.append(entry.lora_slot)
-                else:
-                    self._tensor_bytes -= entry.nbytes
+                self._head_bytes -= entry.head.nbytes if entry.head is not None else 0
+                self._unplace(entry)
                 return True
         return False

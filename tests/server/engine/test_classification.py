@@ -106,3 +106,41 @@ def test_classification_rows_share_a_batch_with_generation_and_embedding_rows(
     while (event := generating.get(timeout=60)).finish_reason is None:
         tokens += len(event.token_ids)
     assert tokens + len(event.token_ids) == 24
+
+
+def test_heads_are_counted_outside_the_tensor_budget_and_given_back(base_dir: Path, stored: dict[str, Any],
+                                                                     tmp_path: Path):
+    from quiver.server.engine.adapter_tiers import DeviceAdapters, load_host_adapter
+    from quiver.server.engine.lora.slots import LoraSlots
+    from quiver.server.engine.pooling import ClassifierHead
+    from quiver.server.model.model_loader import load_base_model
+
+    model = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none",
+                                        cache_dir=str(tmp_path / "cache"))).model
+    slots = LoraSlots(model, num_slots=1, max_rank=8)
+    try:
+        device = DeviceAdapters(slots, max_bytes=1 << 30, device=torch.device("cpu"), dtype=torch.float32)
+        lora_host, prompt_host = load_host_adapter(stored["lora"]), load_host_adapter(stored["prompt"])
+        head_bytes = 3 * 64 * 4  # 3 labels x hidden 64, float32
+        entry = device.acquire(lora_host)
+        assert entry is not None and entry.head is not None and device.nbytes == slots.slot_bytes + head_bytes
+        device.release(entry)
+        prompt = device.acquire(prompt_host)  # a prompt-tuning classifier: its tensor in the budget, its head beside
+        assert prompt is not None and prompt.head is not None
+        assert device.nbytes == slots.slot_bytes + head_bytes + prompt.nbytes + 5 * 64 * 4
+        assert device._tensor_bytes == prompt.nbytes  # heads take nothing from the prompt/prefix budget
+        device.release(prompt)
+        original = ClassifierHead.of
+        ClassifierHead.of = classmethod(lambda cls, *a: (_ for _ in ()).throw(MemoryError("head")))  # type: ignore
+        try:
+            other = load_host_adapter(stored["generator"])
+            assert device.acquire(other) is not None  # no head: unaffected; the LoRA one was evicted for it
+            device.release(device.lookup(other.key))  # type: ignore[arg-type]
+            with pytest.raises(MemoryError):
+                device.acquire(lora_host)  # evicts `generator`, then the head's copy fails ...
+            assert device.slots_used == 0  # ... and the slot it took is free again
+        finally:
+            ClassifierHead.of = original  # type: ignore[method-assign]
+        assert device.acquire(lora_host) is not None and device.slots_used == 1
+    finally:
+        slots.unwrap()
