@@ -27,7 +27,7 @@ import transformers
 from peft import LoraConfig, PeftConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, EvalPrediction, Trainer, TrainerCallback
 
-from quiver.adapters.metadata import METADATA_FILE, sha256_file, utc_now
+from quiver.adapters.metadata import METADATA_FILE, utc_now
 from quiver.common.fingerprint import fingerprint
 from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
 from quiver.training.classify_data import (
@@ -40,6 +40,7 @@ from quiver.training.classify_data import (
     tokenize_labeled,
 )
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
+from quiver.training.data import DataSource
 from quiver.training.train import (
     ADAPTER_CONFIG,
     LOSS_PLOT,
@@ -47,6 +48,7 @@ from quiver.training.train import (
     BestAdapterEarlyStopping,
     TrainResult,
     plot_losses,
+    provenance,
     register_adapter,
     resolve_dtype,
     resume_checkpoint,
@@ -71,23 +73,27 @@ class ClassificationData:
     files: list[dict[str, Any]]
 
 
+def _read_files(specs: tuple[str, ...], role: str, text_field: str, label_field: str
+                ) -> tuple[list[LabeledText], list[dict[str, Any]]]:
+    """Every usable row of the files, and each file's provenance (as generation training records it)."""
+    rows: list[LabeledText] = []
+    files = []
+    for spec in specs:
+        source = DataSource(Path(spec))
+        found, problems = read_labeled(source.path, text_field, label_field)
+        if problems:
+            log.warning("%s: skipped %d unusable rows, e.g. %s", source.path, len(problems), "; ".join(problems[:5]))
+        rows += found
+        files.append(provenance(role, source, len(found)))
+    return rows, files
+
+
 def load_classification_data(config: DataConfig, tokenizer: Any, seed: int) -> ClassificationData:
     """Read the files (weights are not used: every row once), hold out eval rows, tokenize."""
     assert config.input_field is not None and config.label_field is not None  # DataConfig checked both
-    rows: list[LabeledText] = []
-    files = []
-    for spec in config.data:
-        path = Path(spec)
-        found, problems = read_labeled(path, config.input_field, config.label_field)
-        if problems:
-            log.warning("%s: skipped %d unusable rows, e.g. %s", path, len(problems), "; ".join(problems[:5]))
-        rows += found
-        files.append({"role": "train", "path": str(path), "sha256": sha256_file(path), "rows": len(found)})
-    held: list[LabeledText] = []
-    for spec in config.eval_data:
-        found, _ = read_labeled(Path(spec), config.input_field, config.label_field)
-        held += found
-        files.append({"role": "eval", "path": spec, "sha256": sha256_file(Path(spec)), "rows": len(found)})
+    rows, files = _read_files(config.data, "train", config.input_field, config.label_field)
+    held, eval_files = _read_files(config.eval_data, "eval", config.input_field, config.label_field)
+    files += eval_files
     if not config.eval_data and config.eval_fraction > 0:
         rows, held = split_labeled(rows, config.eval_fraction, seed)
     labels = label_set(rows)

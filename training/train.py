@@ -126,7 +126,7 @@ def _read(source: DataSource, mapping: FieldMapping) -> list[Example]:
     return examples
 
 
-def _provenance(role: str, source: DataSource, rows: int) -> dict[str, Any]:
+def provenance(role: str, source: DataSource, rows: int) -> dict[str, Any]:
     return {"role": role, "path": str(source.path), "sha256": sha256_file(source.path),
             "weight": source.weight, "rows": rows}
 
@@ -135,13 +135,13 @@ def load_data(config: DataConfig, tokenizer: Any, seed: int) -> TrainingData:
     """Read every file, hold out eval rows (per file, before mixing, so no repeated row leaks), mix, tokenize."""
     mapping = FieldMapping(config.input_field, config.output_field, config.instruction)
     pairs = [(source, _read(source, mapping)) for source in map(parse_source, config.data)]
-    files = [_provenance("train", source, len(rows)) for source, rows in pairs]
+    files = [provenance("train", source, len(rows)) for source, rows in pairs]
     held: list[Example] = []
     if config.eval_data:
         for source in (DataSource(Path(path)) for path in config.eval_data):
             rows = _read(source, mapping)
             held += rows
-            files.append(_provenance("eval", source, len(rows)))
+            files.append(provenance("eval", source, len(rows)))
     elif config.eval_fraction > 0:
         splits = [(source, *split_holdout(rows, config.eval_fraction, seed)) for source, rows in pairs]
         pairs = [(source, train) for source, train, _ in splits]
