@@ -9,59 +9,43 @@ is the one clients use. For each dev row (read by quiver.training.data, exactly 
   so both sides see the same prompt and only the adapter's weights differ.
 
 Both are scored against the references with ROUGE-1/2/L F1 (Lin, 2004; `rouge-score`, stemmed, averaged over
-rows) and corpus BLEU (Papineni et al., 2002; `sacrebleu`, default 13a tokenisation), which is divided by 100
-here so that every metric lies in [0, 1]. The general-ability set (quiver.training.general_set) is sent the
-same way (raw with the adapter, templated for the base), scored by its exact rules; a lower adapter accuracy
-suggests the adapter degrades the model outside its task.
+rows), corpus BLEU (Papineni et al., 2002; `sacrebleu`, default 13a tokenisation), which is divided by 100
+here so that every metric lies in [0, 1], and the exact-substring rate (the share of rows whose whole reference,
+normalized, occurs in the prediction: for short answers, whether the answer was given). The general-ability set
+(quiver.training.general_set) is sent the same way (raw with the adapter, templated for the base), scored by its
+exact rules; a lower adapter accuracy suggests the adapter degrades the model outside its task.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quiver.clients.client import QuiverClient
-from quiver.clients.types import DEFAULT_TARGET
 from quiver.training.config import Task
 from quiver.training.data import DataSource, Example, FieldMapping, prompt_template_for, read_examples
 from quiver.training.general_set import GENERAL_SET, accuracy
+from quiver.training.server_options import LocalServer, ServerOptions
 
 log = logging.getLogger(__name__)
 
-SERVER_ENV = "QUIVER_SERVER"  # as quiver.clients.cli.common: the default --server
-API_KEY_ENV = "QUIVER_API_KEY"  # as quiver.clients.cli.common: the default --api-key
-TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu")
+TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "exact_substring")
 GENERAL_METRIC = "general_accuracy"
 SAMPLES = 5  # predictions quoted in the report
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ServerOptions):
     """What to evaluate, where, and how; the flags of `quiver eval` map 1:1 onto these fields."""
 
     data: str | None = field(default=None, metadata={"help": "dev JSONL file (any format `quiver train` reads)"})
     adapter: str | None = field(default=None, metadata={"help": "adapter to evaluate: NAME or NAME@VERSION"})
-    server: str | None = field(
-        default=None,
-        metadata={"help": f"HOST:PORT of a running server (default: ${SERVER_ENV} or {DEFAULT_TARGET}); "
-                  "not with --model/--store"},
-    )
-    model: str | None = field(
-        default=None,
-        metadata={"help": "evaluate locally: start an in-process server over this base model (a checkpoint "
-                  "directory or .gguf; default model when only --store is given)"},
-    )
-    store: str | None = field(
-        default=None, metadata={"help": "evaluate locally: the adapter store of the in-process server"}
-    )
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N usable dev rows"})
     max_new_tokens: int = field(default=128, metadata={"help": "greedy tokens generated per dev row"})
     general: bool = field(
@@ -96,32 +80,17 @@ class EvalConfig:
         metadata={"help": "the --instruction the adapter was trained with; only checked against its stored "
                   "template (the server applies the stored one)"},
     )
-    concurrency: int = field(default=8, metadata={"help": "requests in flight at once (the server batches them)"})
-    timeout: float = field(default=600.0, metadata={"help": "deadline of each request, in seconds"})
-    api_key: str | None = field(
-        default=None, metadata={"help": f"the key of a server started with --api-key (default: ${API_KEY_ENV})"}
-    )
-    tls_ca: str | None = field(
-        default=None, metadata={"help": "PEM CA of the server's certificate: connect over TLS"}
-    )
-    tls_cert: str | None = field(
-        default=None, metadata={"help": "PEM client certificate, for a server requiring mutual TLS"}
-    )
-    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
 
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("--data is required (a dev JSONL file)")
         if not self.adapter:
             raise ValueError("--adapter is required (NAME or NAME@VERSION)")
-        if self.server is not None and self.local:
-            raise ValueError("--server cannot be combined with --model/--store (those start a local server)")
-        for name in ("limit", "max_new_tokens", "general_max_new_tokens", "concurrency"):
+        super().__post_init__()
+        for name in ("limit", "max_new_tokens", "general_max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if not self.timeout > 0:
-            raise ValueError("--timeout must be > 0")
         if self.task == "classify":
             if not self.input_field or not self.label_field or self.output_field:
                 raise ValueError("--task classify needs --input-field and --label-field (and no --output-field)")
@@ -129,22 +98,6 @@ class EvalConfig:
             raise ValueError("--label-field and --baseline apply to --task classify only")
         elif (self.input_field is None) != (self.output_field is None):
             raise ValueError("--input-field and --output-field must be given together")
-        if self.local and (self.tls_ca or self.tls_cert or self.tls_key):
-            raise ValueError("--tls-* are for --server: the local server (--model/--store) is plaintext in-process")
-
-    @property
-    def local(self) -> bool:
-        """Whether an in-process server is started (--model or --store given)."""
-        return self.model is not None or self.store is not None
-
-    def target(self) -> str:
-        """The remote server's address."""
-        return self.server or os.environ.get(SERVER_ENV, DEFAULT_TARGET)
-
-    def client(self, target: str) -> QuiverClient:
-        """A client of the server at `target` with this config's deadline, key and TLS files."""
-        return QuiverClient(target, timeout=self.timeout, api_key=self.api_key or os.environ.get(API_KEY_ENV),
-                            tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
 
     def out_path(self) -> Path:
         return Path(self.out) if self.out else Path(f"eval-{self.adapter}.json")
@@ -177,9 +130,22 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score) / 100
 
 
+def exact_substring(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of rows whose reference occurs whole in the prediction, both with case, punctuation and spacing
+    normalized away: the answer was given, whatever else was said around it (0 for no rows)."""
+    from quiver.training.synth_filters import normalized
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    hits = [bool(ref := normalized(r)) and f" {ref} " in f" {normalized(p)} "
+            for p, r in zip(predictions, references, strict=True)]
+    return sum(hits) / max(1, len(hits))
+
+
 def text_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Every TEXT_METRICS score of `predictions` against `references`."""
-    return {**rouge_f1(predictions, references), "bleu": corpus_bleu(predictions, references)}
+    return {**rouge_f1(predictions, references), "bleu": corpus_bleu(predictions, references),
+            "exact_substring": exact_substring(predictions, references)}
 
 
 # --- prompts and generation -------------------------------------------------------------------------------
@@ -323,21 +289,10 @@ def evaluate_with(client: QuiverClient, config: EvalConfig, where: str) -> EvalR
                       general, warnings)
 
 
-# (model, store) -> a context manager holding an in-process server for the duration, yielding its target. The
-# caller wires it in (the CLI passes `local_server` from server/local.py): training never imports the server.
-LocalServer = Callable[[str | None, str | None], AbstractContextManager[str]]
-
-
 def evaluate(config: EvalConfig, local_server: LocalServer | None = None) -> EvalReport:
     """The evaluation `config` describes, on a remote server or on `local_server`'s; writes the JSON report too."""
-    if config.local:
-        if local_server is None:
-            raise ValueError("evaluating without --server needs a local server (the CLI passes one)")
-        with local_server(config.model, config.store) as target, config.client(target) as c:
-            report = evaluate_with(c, config, "local")
-    else:
-        with config.client(config.target()) as client:
-            report = evaluate_with(client, config, config.target())
+    with config.connect(local_server) as (client, where):
+        report = evaluate_with(client, config, where)
     write_report(report, config.out_path())
     return report
 
