@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "adapters": "quiver.clients.cli.adapters",
     "train": "quiver.clients.cli.train",
     "eval": "quiver.clients.cli.eval",
+    "data": "quiver.clients.cli.data",
 }
 
 
