@@ -25,11 +25,9 @@ import numpy as np
 import torch
 import transformers
 from peft import LoraConfig, PeftConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, EvalPrediction, Trainer, TrainerCallback
+from transformers import AutoModelForSequenceClassification, EvalPrediction, Trainer, TrainerCallback
 
 from quiver.adapters.metadata import METADATA_FILE, utc_now
-from quiver.common.fingerprint import fingerprint
-from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
 from quiver.training.classify_data import (
     LabeledText,
     accuracy_and_macro_f1,
@@ -51,9 +49,9 @@ from quiver.training.train import (
     provenance,
     register_adapter,
     resolve_dtype,
-    resume_checkpoint,
     run_trainer,
     save_adapter,
+    setup_run,
     training_arguments,
     write_json,
 )
@@ -172,21 +170,10 @@ def scores(prediction: EvalPrediction, classes: int) -> dict[str, float]:
 def train_classifier(data: DataConfig, method: MethodConfig, run: TrainConfig,
                      register: RegisterConfig | None = None) -> TrainResult:
     """`quiver train --task classify`: train, write and optionally register a classification adapter."""
-    started = time.monotonic()
-    assert run.output is not None
-    output = Path(run.output)
-    has_eval = bool(data.eval_data) or data.eval_fraction > 0
-    if run.early_stopping_patience and not has_eval:
-        raise ValueError("--early-stopping-patience needs eval data (--eval-data or --eval-fraction > 0)")
     if run.gradient_checkpointing:
         raise ValueError("--gradient-checkpointing is not offered with --task classify")
-    resume_from = resume_checkpoint(run)
-    checkpoint = resolve_checkpoint(run.model, Path(run.cache_dir).expanduser() if run.cache_dir
-                                    else default_cache_dir())
-    base = {"fingerprint": fingerprint(checkpoint), "name": source_name(run.model)}
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    setup = setup_run(data, run)
+    output, has_eval, tokenizer, checkpoint = setup.output, setup.has_eval, setup.tokenizer, setup.checkpoint
     prepared = load_classification_data(data, tokenizer, run.seed)
     classifier_peft_config(method, checkpoint)  # an unsupported method fails before the model loads
     dtype = resolve_dtype(run)
@@ -204,13 +191,13 @@ def train_classifier(data: DataConfig, method: MethodConfig, run: TrainConfig,
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train,  # type: ignore[arg-type]
                       eval_dataset=prepared.eval or None, data_collator=ClassCollator(int(tokenizer.pad_token_id)),
                       compute_metrics=lambda p: scores(p, len(prepared.labels)), callbacks=callbacks)
-    history, best, final_eval_loss = run_trainer(trainer, run, has_eval, resume_from)
+    history, best, final_eval_loss = run_trainer(trainer, run, has_eval, setup.resume_from)
     registered = None
     written = trainer.is_world_process_zero()
     if written:
         save_adapter(trainer, output, best)
-        write_classifier_outputs(trainer, output, method, run, prepared, base, history, final_eval_loss, best,
-                                 time.monotonic() - started)
+        write_classifier_outputs(trainer, output, method, run, prepared, setup.base, history, final_eval_loss, best,
+                                 time.monotonic() - setup.started)
         if register is not None and register.register is not None:
             registered = register_adapter(output, register, prepared.template, prepared.labels)
     return TrainResult(output, trainer.state.global_step, final_eval_loss, written, registered)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-MethodName = Literal["lora", "qlora", "prompt-tuning", "prefix-tuning", "head"]
+MethodName = Literal["lora", "qlora", "prompt-tuning", "prefix-tuning", "head", "dpo"]
+DpoAdapter = Literal["lora", "qlora"]
 Task = Literal["generate", "classify"]
 LrSchedule = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 TrainDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -70,6 +71,11 @@ class DataConfig:
     max_length: int = field(
         default=512, metadata={"help": "longest training sequence in tokens; longer prompts lose their start"}
     )
+    prompt_field: str = field(default="prompt", metadata={"help": "--method dpo: row key holding the prompt"})
+    chosen_field: str = field(default="chosen", metadata={"help": "--method dpo: row key of the preferred answer"})
+    rejected_field: str = field(
+        default="rejected", metadata={"help": "--method dpo: row key of the dispreferred answer"}
+    )
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -92,7 +98,8 @@ class MethodConfig:
         default="lora",
         metadata={"help": "lora; qlora = LoRA over an nf4-quantized base; prompt-tuning = a trained soft prompt; "
                   "prefix-tuning = trained keys/values in every layer; head = with --task classify, only a linear "
-                  "head on the frozen model's last hidden state (the feature-based approach)"},
+                  "head on the frozen model's last hidden state (the feature-based approach); dpo = a LoRA (or QLoRA: "
+                  "--dpo-adapter) trained by direct preference optimisation on prompt/chosen/rejected rows"},
     )
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
@@ -120,8 +127,32 @@ class MethodConfig:
         metadata={"help": "prefix-tuning with --prefix-projection: the MLP's hidden width (default: the model's)"},
     )
 
+    beta: float = field(
+        default=0.1, metadata={"help": "--method dpo: how far from the reference the policy may move (DPO's beta)"}
+    )
+    dpo_adapter: DpoAdapter = field(
+        default="lora", metadata={"help": "--method dpo: lora, or qlora (the same LoRA over an nf4-quantized base)"}
+    )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "--method dpo: add the SFT loss on the chosen answers with this weight (RPO, Pang et al., "
+                  "2024: keeps their likelihood from falling with the rejected ones); 0 = pure DPO"},
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "--method dpo: start from this LoRA adapter directory (e.g. an SFT one), which is then "
+                  "also the reference; without it the reference is the base (the new adapter disabled)"},
+    )
+
     def __post_init__(self) -> None:
         _require_positive(self, "rank", "num_virtual_tokens")
+        if self.method != "dpo" and (self.init_adapter is not None or self.beta != 0.1 or self.dpo_adapter != "lora"
+                                     or self.sft_weight != 0.0):
+            raise ValueError("--beta, --dpo-adapter, --sft-weight and --init-adapter apply to --method dpo only")
+        if not (math.isfinite(self.sft_weight) and self.sft_weight >= 0):
+            raise ValueError("--sft-weight must be a finite number >= 0")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError("--beta must be a finite number > 0")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError("--alpha must be a finite number > 0")
         if not 0 <= self.dropout < 1:

@@ -178,10 +178,12 @@ def resolve_dtype(config: TrainConfig) -> torch.dtype:
     return torch.float32
 
 
-def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
-    """The Trainer's arguments: one flag of ours each, plus the fixed choices explained inline."""
+def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtype, has_eval: bool,
+                       cls: type[TrainingArguments] = TrainingArguments, **overrides: Any) -> TrainingArguments:
+    """The Trainer's arguments (of `cls`, e.g. TRL's DPOConfig): one flag of ours each, plus the fixed choices
+    explained inline; `overrides` replace or add arguments."""
     evaluate = "steps" if has_eval else "no"
-    return TrainingArguments(
+    return cls(**{**dict(
         output_dir=str(run.checkpoints()),
         seed=run.seed,
         data_seed=run.seed,
@@ -216,7 +218,7 @@ def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtyp
         remove_unused_columns=False,  # our features are exactly the model's inputs
         label_names=["labels"],  # PeftModel.forward takes **kwargs, so the Trainer cannot find them itself
         ddp_find_unused_parameters=False,  # every trainable adapter parameter is used in each step
-    )
+    ), **overrides})
 
 
 def load_model(checkpoint: Path, method: MethodConfig, run: TrainConfig, args: TrainingArguments,
@@ -371,6 +373,38 @@ def register_adapter(output: Path, config: RegisterConfig, template: str, labels
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What every kind of run (generation, classification, DPO) resolves before it builds its trainer."""
+
+    started: float
+    output: Path
+    has_eval: bool
+    resume_from: str | None
+    checkpoint: Path
+    base: dict[str, str]
+    """The base's fingerprint and name, as quiver_adapter.json records them."""
+    tokenizer: Any
+    """The base's tokenizer, with the EOS token as pad token when it has none (padding is masked out)."""
+
+
+def setup_run(data: DataConfig, run: TrainConfig) -> RunSetup:
+    """Check the run's flags against its data, find the checkpoint to resume, resolve the base and its tokenizer."""
+    started = time.monotonic()
+    assert run.output is not None
+    has_eval = bool(data.eval_data) or data.eval_fraction > 0
+    if run.early_stopping_patience and not has_eval:
+        raise ValueError("--early-stopping-patience needs eval data (--eval-data or --eval-fraction > 0)")
+    resume_from = resume_checkpoint(run)
+    cache = Path(run.cache_dir).expanduser() if run.cache_dir else default_cache_dir()
+    checkpoint = resolve_checkpoint(run.model, cache)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = {"fingerprint": fingerprint(checkpoint), "name": source_name(run.model)}
+    return RunSetup(started, Path(run.output), has_eval, resume_from, checkpoint, base, tokenizer)
+
+
 def run_trainer(trainer: Trainer, run: TrainConfig, has_eval: bool, resume_from: str | None
                 ) -> tuple[dict[str, list[dict[str, float]]], str | None, float | None]:
     """Train; then the loss history, the checkpoint kept (the best by eval loss, with --load-best) and its eval
@@ -397,28 +431,20 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
         from quiver.training.classify import train_classifier  # imports this module's helpers
 
         return train_classifier(data, method, run, register)
+    if method.method == "dpo":
+        from quiver.training.dpo import train_dpo  # imports this module's helpers, and TRL
+
+        return train_dpo(data, method, run, register)
     if method.method == "head":
         raise ValueError("--method head trains a classification head: it needs --task classify")
-    started = time.monotonic()
-    assert run.output is not None
-    output = Path(run.output)
-    has_eval = bool(data.eval_data) or data.eval_fraction > 0
-    if run.early_stopping_patience and not has_eval:
-        raise ValueError("--early-stopping-patience needs eval data (--eval-data or --eval-fraction > 0)")
     check_gradient_checkpointing(method, run.gradient_checkpointing)
-    resume_from = resume_checkpoint(run)
-
-    cache = Path(run.cache_dir).expanduser() if run.cache_dir else default_cache_dir()
-    checkpoint = resolve_checkpoint(run.model, cache)
-    base = {"fingerprint": fingerprint(checkpoint), "name": source_name(run.model)}
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out and carry no loss
+    setup = setup_run(data, run)
+    output, has_eval, tokenizer = setup.output, setup.has_eval, setup.tokenizer
     prepared = load_data(data, tokenizer, run.seed)
 
     dtype = resolve_dtype(run)
     args = training_arguments(run, method, dtype, has_eval)
-    model = load_model(checkpoint, method, run, args, dtype)
+    model = load_model(setup.checkpoint, method, run, args, dtype)
     callbacks: list[TrainerCallback] = []
     if run.early_stopping_patience:
         callbacks.append(BestAdapterEarlyStopping(run.early_stopping_patience))
@@ -427,13 +453,13 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
         eval_dataset=prepared.eval or None, data_collator=PaddingCollator(int(tokenizer.pad_token_id)),
         callbacks=callbacks,
     )
-    history, best, final_eval_loss = run_trainer(trainer, run, has_eval, resume_from)
+    history, best, final_eval_loss = run_trainer(trainer, run, has_eval, setup.resume_from)
     registered = None
     written = trainer.is_world_process_zero()
     if written:
         save_adapter(trainer, output, best)
-        seconds = time.monotonic() - started
-        write_outputs(trainer, output, method, run, prepared, base, history, final_eval_loss, seconds)
+        seconds = time.monotonic() - setup.started
+        write_outputs(trainer, output, method, run, prepared, setup.base, history, final_eval_loss, seconds)
         if register is not None and register.register is not None:
             registered = register_adapter(output, register, prepared.template)
     return TrainResult(output, trainer.state.global_step, final_eval_loss, written, registered)
