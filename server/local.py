@@ -12,13 +12,27 @@ from contextlib import contextmanager
 @contextmanager
 def local_server(model: str | None, store: str | None) -> Iterator[str]:
     """An in-process gRPC server over `model` and `store` (port 0, no HTTP or metrics endpoint) for the duration;
-    its target."""
+    its target. The caller's torch thread count, which the server lowers to one for the threads outside its
+    engine, is given back afterwards (a script that trains after evaluating would otherwise train on one thread)."""
+    import torch
+
+    from quiver.server.platform.cpu_threads import reserve_for_engine
+
+    threads = torch.get_num_threads()
+    reserve_for_engine()  # as `quiver serve` does: the engine's thread is then the only multi-threaded one
+    try:
+        with _serving(model, store) as target:
+            yield target
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def _serving(model: str | None, store: str | None) -> Iterator[str]:
     from quiver.server.app import start_server
     from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
     from quiver.server.model.model_loader import load_base_model
-    from quiver.server.platform.cpu_threads import reserve_for_engine
 
-    reserve_for_engine()  # as `quiver serve` does: the engine's thread is then the only multi-threaded one
     loaded = load_base_model(ModelConfig(model=model))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="quiver-eval-server", daemon=True)
