@@ -23,6 +23,7 @@ from typing import Any
 
 from quiver.clients.client import QuiverClient
 from quiver.training.data import FieldMapping, prompt_template_for
+from quiver.training.jsonl import jsonl_lines
 from quiver.training.judges import Judge, judge_from_name
 from quiver.training.server_options import LocalServer, ServerOptions
 from quiver.training.synth import request_seed
@@ -78,10 +79,9 @@ class PairsResult:
 
 def read_prompt_rows(path: Path, prompt_field: str, reference_field: str | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for number, row, problem in jsonl_lines(path):
+        if problem is not None:
+            raise ValueError(problem)
         wanted = [prompt_field] + ([reference_field] if reference_field else [])
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in wanted):
             raise ValueError(f"{path}:{number}: needs non-empty string fields {wanted}")

@@ -15,13 +15,13 @@ overlap), the only case where a passage ends inside a paragraph. Invariant: ever
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from quiver.common.errors import InvalidArgument
+from quiver.training.jsonl import jsonl_lines
 
 DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".jsonl")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
@@ -68,13 +68,9 @@ def read_documents(paths: Sequence[Path], text_field: str = "text") -> list[Docu
             if text.strip():
                 documents.append(Document(str(path), text))
             continue
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidArgument("documents", f"{path}:{number}: not JSON ({e.msg})") from e
+        for number, row, problem in jsonl_lines(path):
+            if problem is not None:
+                raise InvalidArgument("documents", problem)
             value = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(value, str):
                 raise InvalidArgument("documents", f"{path}:{number}: no string field {text_field!r}")

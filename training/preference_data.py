@@ -8,11 +8,11 @@ policy is trained on the prompts it is served with; the answers are plain text (
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from quiver.common.errors import InvalidArgument
+from quiver.training.jsonl import jsonl_lines
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,9 @@ def read_preferences(path: Path, prompt_field: str, chosen_field: str, rejected_
     chosen equal to rejected: such a pair teaches nothing)."""
     rows: list[PreferenceRow] = []
     problems: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{number}: not JSON ({e.msg})")
+    for number, row, problem in jsonl_lines(path):
+        if problem is not None:
+            problems.append(problem)
             continue
         keys = (prompt_field, chosen_field, rejected_field)
         values = [row.get(key) if isinstance(row, dict) else None for key in keys]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from quiver.clients.client import QuiverClient
+from quiver.training.jsonl import jsonl_lines
 from quiver.training.passages import Passage, read_documents, split_passages
 from quiver.training.server_options import LocalServer, ServerOptions
 from quiver.training.synth_filters import QAFilter, parse_questions
@@ -165,9 +166,14 @@ def passages_of(config: SynthConfig) -> list[Passage]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The file's rows, after cutting a last line that a crash left without its newline (its passage is redone)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row, _ in jsonl_lines(path)]
 
 
 def rows_for(reply: Reply, kept: list[str], row_format: RowFormat) -> list[dict[str, Any]]:

@@ -109,6 +109,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(server: ServerThread
     # A crash after a passage's rows were written but before its progress line: that passage is redone.
     progress = Path(f"{out}.progress.jsonl")
     progress.write_text("".join(line + "\n" for line in progress.read_text().splitlines()[:-1]))
+    with out.open("a") as torn:  # and a crash in the middle of writing the next passage's first row
+        torn.write('{"question": "Half a ro')
     second = run(server, documents, out)
     assert second.skipped == 1 and second.passages == full_run[0].passages
     assert lines(out) == lines(full_run[1])  # no duplicate of the redone passage's rows, nothing missing
