@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from quiver.clients.client import QuiverClient
+from quiver.common.errors import InvalidArgument
 from quiver.training.data import FieldMapping, prompt_template_for
 from quiver.training.jsonl import jsonl_lines
 from quiver.training.judges import Judge, judge_from_name
@@ -66,6 +67,9 @@ class PairsConfig(ServerOptions):
             raise ValueError(f"--samples must be >= {least}" + ("" if self.reference_field else " (pairs need two)"))
         if self.adapter and self.instruction is not None:
             raise ValueError("--instruction is for the base model: an adapter brings its own template")
+        if self.temperature == 0 and not self.reference_field:
+            raise ValueError("--temperature 0 samples the same completion every time: pairs need > 0 (or a "
+                             "--reference-field)")
         if self.temperature < 0 or self.max_new_tokens < 1 or (self.limit is not None and self.limit < 1):
             raise ValueError("--temperature must be >= 0, --max-new-tokens and --limit >= 1")
 
@@ -81,10 +85,10 @@ def read_prompt_rows(path: Path, prompt_field: str, reference_field: str | None)
     rows: list[dict[str, Any]] = []
     for number, row, problem in jsonl_lines(path):
         if problem is not None:
-            raise ValueError(problem)
+            raise InvalidArgument("prompts", problem)
         wanted = [prompt_field] + ([reference_field] if reference_field else [])
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in wanted):
-            raise ValueError(f"{path}:{number}: needs non-empty string fields {wanted}")
+            raise InvalidArgument("prompts", f"{path}:{number}: needs non-empty string fields {wanted}")
         rows.append(row)
     return rows
 

@@ -7,9 +7,9 @@ on every run).
 Splitting is by tokens of the base model's tokenizer, on paragraph boundaries: paragraphs (separated by blank
 lines) are packed into a passage until the next one would pass `max_tokens`; the next passage starts with the
 last paragraphs of the previous one that fit in `overlap_tokens`, so a fact cut at a boundary is whole in one of
-the two. A paragraph longer than `max_tokens` on its own is cut into windows of `max_tokens` tokens (with the same
-overlap), the only case where a passage ends inside a paragraph. Invariant: every passage has at most
-`max_tokens` tokens, and every paragraph is in at least one passage.
+the two. A paragraph longer than `max_tokens` on its own is cut between words into windows of at most `max_tokens`
+tokens (with the same overlap): the only case where a passage ends inside a paragraph. Invariant: every passage has
+at most `max_tokens` tokens, and every word of the document is in at least one passage.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 Tokenize = Callable[[str], list[int]]
 """Text -> token ids (the base model's tokenizer, without special tokens)."""
-Detokenize = Callable[[list[int]], str]
 
 
 @dataclass(frozen=True)
 class Document:
     source: str
-    """Where the text came from: a file path, or "path:line" for a JSONL row."""
+    """Where the text came from: the file's absolute path (so ids do not depend on how it was named), or
+    "path:line" for a JSONL row."""
     text: str
 
 
@@ -66,7 +66,7 @@ def read_documents(paths: Sequence[Path], text_field: str = "text") -> list[Docu
         if path.suffix.lower() != ".jsonl":
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                documents.append(Document(str(path), text))
+                documents.append(Document(str(path.resolve()), text))
             continue
         for number, row, problem in jsonl_lines(path):
             if problem is not None:
@@ -75,7 +75,7 @@ def read_documents(paths: Sequence[Path], text_field: str = "text") -> list[Docu
             if not isinstance(value, str):
                 raise InvalidArgument("documents", f"{path}:{number}: no string field {text_field!r}")
             if value.strip():
-                documents.append(Document(f"{path}:{number}", value))
+                documents.append(Document(f"{path.resolve()}:{number}", value))
     if not documents:
         raise InvalidArgument("documents", f"no document text found under {', '.join(map(str, paths))}")
     return documents
@@ -86,22 +86,60 @@ def paragraphs(text: str) -> list[str]:
     return [p.strip() for p in _PARAGRAPH_BREAK.split(text.replace("\r\n", "\n")) if p.strip()]
 
 
-def _windows(tokens: list[int], size: int, overlap: int) -> Iterator[list[int]]:
-    step = max(1, size - overlap)
-    for start in range(0, max(1, len(tokens) - overlap), step):
-        yield tokens[start:start + size]
-
-
-def _pieces(text: str, tokenize: Tokenize, detokenize: Detokenize, max_tokens: int, overlap: int
-            ) -> list[tuple[str, int]]:
-    """(paragraph, tokens) pairs, a too-long paragraph cut into token windows."""
-    pieces: list[tuple[str, int]] = []
-    for paragraph in paragraphs(text):
-        ids = tokenize(paragraph)
-        if len(ids) <= max_tokens:
-            pieces.append((paragraph, len(ids)))
+def _fit(units: list[str], start: int, tokenize: Tokenize, max_tokens: int) -> int:
+    """The largest end > start such that units[start:end], joined by spaces, has at most max_tokens tokens (at
+    least start + 1: every unit fits alone, see _units)."""
+    low, high = start + 1, len(units)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(tokenize(" ".join(units[start:middle]))) <= max_tokens:
+            low = middle
         else:
-            pieces += [(detokenize(window).strip(), len(window)) for window in _windows(ids, max_tokens, overlap)]
+            high = middle - 1
+    return low
+
+
+def _units(paragraph: str, tokenize: Tokenize, max_tokens: int) -> list[str]:
+    """The paragraph's words, a word too long for a passage on its own (a giant URL) cut into character runs."""
+    units: list[str] = []
+    for word in paragraph.split():
+        while len(tokenize(word)) > max_tokens:
+            low, high = 1, len(word) - 1  # the longest prefix that fits (one character always does)
+            while low < high:
+                middle = (low + high + 1) // 2
+                low, high = (middle, high) if len(tokenize(word[:middle])) <= max_tokens else (low, middle - 1)
+            units.append(word[:low])
+            word = word[low:]
+        units.append(word)
+    return units
+
+
+def _word_windows(paragraph: str, tokenize: Tokenize, max_tokens: int, overlap: int) -> list[str]:
+    """A paragraph longer than max_tokens cut between words (never inside a character, as token windows of a
+    byte-level tokenizer would be) into windows of at most max_tokens tokens; each window after the first starts
+    with the last words of the one before that fit in `overlap` tokens."""
+    units = _units(paragraph, tokenize, max_tokens)
+    windows: list[str] = []
+    start = 0
+    while True:
+        end = _fit(units, start, tokenize, max_tokens)
+        windows.append(" ".join(units[start:end]))
+        if end == len(units):
+            return windows
+        back = end
+        while back - 1 > start and len(tokenize(" ".join(units[back - 1:end]))) <= overlap:
+            back -= 1
+        start = back
+
+
+def _pieces(text: str, tokenize: Tokenize, max_tokens: int, overlap: int) -> list[str]:
+    """The paragraphs, a too-long one cut between words."""
+    pieces: list[str] = []
+    for paragraph in paragraphs(text):
+        if len(tokenize(paragraph)) <= max_tokens:
+            pieces.append(paragraph)
+        else:
+            pieces += _word_windows(paragraph, tokenize, max_tokens, overlap)
     return pieces
 
 
@@ -119,8 +157,7 @@ def _tail(window: list[str], overlap: int, tokenize: Tokenize) -> list[str]:
     return kept
 
 
-def split_passages(document: Document, tokenize: Tokenize, detokenize: Detokenize, max_tokens: int,
-                   overlap_tokens: int) -> list[Passage]:
+def split_passages(document: Document, tokenize: Tokenize, max_tokens: int, overlap_tokens: int) -> list[Passage]:
     """The document's passages, in order (see the module docstring for the rules). Sizes are counted on the joined
     text, as tokenizers merge across the paragraph separator."""
     if max_tokens < 8:
@@ -129,7 +166,7 @@ def split_passages(document: Document, tokenize: Tokenize, detokenize: Detokeniz
         raise InvalidArgument("overlap_tokens", f"must be >= 0 and < max_tokens ({max_tokens}), got {overlap_tokens}")
     windows: list[list[str]] = []
     window: list[str] = []
-    for piece, _ in _pieces(document.text, tokenize, detokenize, max_tokens, overlap_tokens):
+    for piece in _pieces(document.text, tokenize, max_tokens, overlap_tokens):
         if window and len(tokenize(_joined([*window, piece]))) > max_tokens:
             windows.append(window)
             window = _tail(window, overlap_tokens, tokenize)

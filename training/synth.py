@@ -9,9 +9,10 @@ order: the output is the same whatever the timing.
 Deterministic with --seed: every request carries a seed derived from (--seed, passage id, step), and with
 --temperature 0 (greedy) the seed does not matter at all.
 
-Resumable: after each passage, its rows are appended to --out and a line to `<out>.progress.jsonl` (its id,
-what was kept and dropped). A rerun skips the passages listed there and starts its duplicate filter with the
-questions already written, so a passage redone after a crash between the two writes adds no duplicate rows.
+Resumable: after each passage, its rows are appended to --out and a line to `<out>.progress.jsonl` (its id, the
+summary, what was kept and dropped). A rerun skips the passages listed there and starts its duplicate filter with
+the questions already written, so a passage redone after a crash between the two writes adds no duplicate rows. A
+passage whose request the server refused is logged, counted and left for a rerun.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from quiver.clients.client import QuiverClient
+from quiver.clients.errors import QuiverRpcError
+from quiver.common.errors import InvalidArgument
 from quiver.training.jsonl import jsonl_lines
 from quiver.training.passages import Passage, read_documents, split_passages
 from quiver.training.server_options import LocalServer, ServerOptions
@@ -86,6 +89,8 @@ class SynthConfig(ServerOptions):
         if not self.out:
             raise ValueError("--out is required (a JSONL file)")
         super().__post_init__()
+        if self.max_passage_tokens < 8 or not 0 <= self.overlap_tokens < self.max_passage_tokens:
+            raise ValueError("--max-passage-tokens must be >= 8 and --overlap-tokens in [0, --max-passage-tokens)")
         for name in ("questions", "max_new_tokens", "max_answer_words", "max_question_words", "limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -118,6 +123,8 @@ class Reply:
     passage: Passage
     summary: str
     questions: list[str]
+    error: str | None = None
+    """Why a request of this passage failed (its status code); the passage is then left for a rerun."""
 
 
 def request_seed(seed: int, passage_id: str, step: str) -> int:
@@ -137,43 +144,51 @@ def _ask(client: QuiverClient, config: SynthConfig, prompt: str, passage: Passag
 
 
 def _work(client: QuiverClient, config: SynthConfig, templates: SynthTemplates, passage: Passage) -> Reply:
-    # A summary is one paragraph: a blank line ends it (small models go on with headings of their own).
-    summary = _ask(client, config, templates.summary_prompt(passage.text), passage, "summary", stop=("\n\n",))
-    if not summary:
-        return Reply(passage, "", [])
-    reply = _ask(client, config, templates.question_prompt(passage.text, summary, config.questions), passage,
-                 "questions")
+    try:
+        # A summary is one paragraph: a blank line ends it (small models go on with headings of their own).
+        summary = _ask(client, config, templates.summary_prompt(passage.text), passage, "summary", stop=("\n\n",))
+        if not summary:
+            return Reply(passage, "", [])
+        reply = _ask(client, config, templates.question_prompt(passage.text, summary, config.questions), passage,
+                     "questions")
+    except QuiverRpcError as e:  # one passage the server refuses (too long for it, past the deadline) stops nothing
+        return Reply(passage, "", [], error=e.code.name)
     return Reply(passage, summary, parse_questions(reply, config.questions))
 
 
-def _tokenizer_functions(config: SynthConfig) -> tuple[Any, Any]:
+def _tokenizer_function(config: SynthConfig) -> Any:
     from transformers import AutoTokenizer
 
     from quiver.common.model_source import default_cache_dir, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(config.tokenizer or config.model, default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    return (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"]),
-            lambda ids: tokenizer.decode(ids))
+    return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def passages_of(config: SynthConfig) -> list[Passage]:
-    tokenize, detokenize = _tokenizer_functions(config)
+    tokenize = _tokenizer_function(config)
     passages = [passage for document in read_documents([Path(d) for d in config.documents], config.text_field)
-                for passage in split_passages(document, tokenize, detokenize, config.max_passage_tokens,
+                for passage in split_passages(document, tokenize, config.max_passage_tokens,
                                               config.overlap_tokens)]
     return passages[: config.limit] if config.limit else passages
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The file's rows, after cutting a last line that a crash left without its newline (its passage is redone)."""
+    """The file's rows. A last line that a crash left unfinished (no newline, not JSON) is cut off: its passage is
+    redone. Any other unreadable line is an error: the file is not one this command wrote."""
     if not path.exists():
         return []
+    lines = list(jsonl_lines(path))
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    if lines and lines[-1][2] is not None and not data.endswith(b"\n"):
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row, _ in jsonl_lines(path)]
+        lines.pop()
+    bad = [problem for _, row, problem in lines if problem is not None or not isinstance(row, dict)]
+    if bad:
+        raise InvalidArgument("out", f"{bad[0] or path}: not a file `quiver data synth` wrote; choose another --out")
+    return [row for _, row, _ in lines]
 
 
 def rows_for(reply: Reply, kept: list[str], row_format: RowFormat) -> list[dict[str, Any]]:
@@ -220,13 +235,18 @@ def synthesize(config: SynthConfig, local_server: LocalServer | None = None) -> 
 
             replies = tqdm(replies, total=len(todo), desc="passages", unit="passage")
         for reply in replies:
+            if reply.error is not None:
+                log.warning("passage %s of %s: the server answered %s; a rerun retries it", reply.passage.index,
+                            reply.passage.source, reply.error)
+                filters.dropped[f"request_failed_{reply.error.lower()}"] += 1
+                continue
             before = dict(filters.dropped)
             kept = filters.keep(reply.summary, reply.passage.text, reply.questions)
             rows = rows_for(reply, kept, config.row_format)
             _append(out, rows)
             dropped = {k: v - before.get(k, 0) for k, v in filters.dropped.items() if v != before.get(k, 0)}
             _append(progress, [{"passage_id": reply.passage.id, "source": reply.passage.source,
-                                "index": reply.passage.index, "asked": len(reply.questions), "kept": len(rows),
-                                "dropped": dropped}])
+                                "index": reply.passage.index, "summary": reply.summary,
+                                "asked": len(reply.questions), "kept": len(rows), "dropped": dropped}])
             written += len(rows)
     return SynthResult(len(passages), len(passages) - len(todo), written, dict(filters.dropped))

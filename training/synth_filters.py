@@ -43,8 +43,9 @@ def support(answer: str, passage: str) -> float:
 
 
 def parse_questions(reply: str, limit: int) -> list[str]:
-    """The questions in a model reply: one per line, list marks ("1.", "-", "Q2:") removed, only lines that end
-    with a question mark (a line with several is cut after its first), at most `limit`, in order."""
+    """The questions in a model reply: one per line, list marks ("1.", "-", "Q2:") removed, only lines with a
+    question mark, each cut after its first (an answer written after it is not part of the question), at most
+    `limit`, in order."""
     found: list[str] = []
     for line in reply.splitlines():
         text = _LIST_MARK.sub("", line).strip().strip('"').strip()

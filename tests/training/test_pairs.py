@@ -100,5 +100,8 @@ def test_the_command_line(server: ServerThread, prompts: Path, tmp_path: Path, c
     assert main(["data", "pairs", "--server", server.target, "--prompts", str(prompts), "--out", str(out),
                  "--judge", "nonsense"]) == 2
     assert "KIND:ARGUMENT" in capsys.readouterr().err
-    assert main(["data", "pairs", "--server", server.target, "--prompts", str(prompts), "--out", str(out)]) == 2
-    assert "needs non-empty string fields ['prompt']" in capsys.readouterr().err
+    assert main(["data", "pairs", "--server", server.target, "--prompts", str(prompts), "--out", str(out)]) == 1
+    assert "prompts.jsonl:1: needs non-empty string fields ['prompt']" in capsys.readouterr().err
+    assert main(["data", "pairs", "--server", server.target, "--prompts", str(prompts), "--out", str(out),
+                 "--temperature", "0"]) == 2
+    assert "pairs need > 0" in capsys.readouterr().err

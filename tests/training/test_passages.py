@@ -20,8 +20,11 @@ def tokenizer(default_checkpoint: Path) -> Any:
 
 
 def split(tokenizer: Any, text: str, max_tokens: int, overlap: int) -> list[Any]:
-    return split_passages(Document("doc.md", text), lambda t: list(tokenizer(t, add_special_tokens=False).input_ids),
-                          tokenizer.decode, max_tokens, overlap)
+    return split_passages(Document("doc.md", text), tokens(tokenizer), max_tokens, overlap)
+
+
+def tokens(tokenizer: Any) -> Any:
+    return lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def paragraph(i: int, words: int = 12) -> str:
@@ -52,14 +55,19 @@ def test_overlap_repeats_the_last_paragraphs_that_fit(tokenizer: Any):
     assert all(p.tokens <= 150 for p in passages)
 
 
-def test_a_paragraph_longer_than_the_budget_is_cut_into_windows(tokenizer: Any):
-    long = paragraph(0, words=200)
-    passages = split(tokenizer, f"Intro.\n\n{long}\n\nOutro.", max_tokens=64, overlap=8)
+def test_a_paragraph_longer_than_the_budget_is_cut_between_words(tokenizer: Any):
+    # Multi-byte characters: token windows of a byte-level tokenizer would cut them in half.
+    long = " ".join(f"café{i} naïve—“mot{i}” 東京{i}" for i in range(120))
+    giant = "https://example.org/" + "x" * 600  # one word longer than a passage
+    passages = split(tokenizer, f"Intro.\n\n{long} {giant}\n\nOutro.", max_tokens=64, overlap=8)
     assert len(passages) > 5
     assert all(p.tokens <= 64 for p in passages)
-    assert passages[0].text.startswith("Intro.")
-    assert passages[-1].text.endswith("Outro.")
-    assert "fact0x199" in " ".join(p.text for p in passages)
+    assert passages[0].text.startswith("Intro.") and passages[-1].text.endswith("Outro.")
+    text = " ".join(p.text for p in passages)
+    assert "\ufffd" not in text
+    words = [w for p in passages for w in p.text.split()]
+    assert set(long.split()) <= set(words)  # every word whole in some passage
+    assert "".join(w for w in words if w.startswith(("https", "x")) and "x" in w).count("x") >= 600
 
 
 def test_ids_are_stable_and_distinct(tokenizer: Any):
@@ -67,8 +75,7 @@ def test_ids_are_stable_and_distinct(tokenizer: Any):
     first, second = split(tokenizer, text, 100, 20), split(tokenizer, text, 100, 20)
     assert [p.id for p in first] == [p.id for p in second]
     assert len({p.id for p in first}) == len(first)
-    other = split_passages(Document("other.md", text), lambda t: list(tokenizer(t).input_ids), tokenizer.decode,
-                           100, 20)
+    other = split_passages(Document("other.md", text), tokens(tokenizer), 100, 20)
     assert not {p.id for p in first} & {p.id for p in other}  # the source is part of the id
 
 

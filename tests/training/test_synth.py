@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from quiver.clients.cli import main
+from quiver.common.errors import InvalidArgument
 from quiver.server.config import ModelConfig
 from quiver.training.data import DataSource, FieldMapping, read_examples
 from quiver.training.synth import SynthConfig, synthesize
@@ -99,6 +100,13 @@ def test_the_same_seed_writes_the_same_rows(server: ServerThread, documents: Pat
                                             tmp_path: Path):
     run(server, documents, tmp_path / "again.jsonl")
     assert lines(tmp_path / "again.jsonl") == lines(full_run[1])
+    for seed, i in ((0, 0), (0, 1), (1, 0)):
+        run(server, documents, tmp_path / f"sampled{seed}-{i}.jsonl", temperature=1.0, seed=seed, limit=2)
+    first, again, other = ((lines(tmp_path / f"sampled{s}-{i}.jsonl"),
+                            lines(tmp_path / f"sampled{s}-{i}.jsonl.progress.jsonl"))
+                           for s, i in ((0, 0), (0, 1), (1, 0)))
+    assert all(p["summary"] for p in first[1])  # sampled summaries (kept or not) are in the progress file
+    assert first == again and first[1] != other[1]  # the seed, not the timing, decides the samples
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(server: ServerThread, documents: Path,
@@ -135,6 +143,23 @@ def test_chat_rows_and_the_command_line(server: ServerThread, documents: Path, f
     assert not problems and all(e.messages is not None for e in examples)
 
 
+def test_a_passage_the_server_refuses_is_counted_and_left_for_a_rerun(server: ServerThread, documents: Path,
+                                                                      tmp_path: Path):
+    out = tmp_path / "refused.jsonl"
+    result = run(server, documents, out, max_new_tokens=100_000)  # past the model's context: INVALID_ARGUMENT
+    assert result.rows == 0 and result.dropped == {"request_failed_invalid_argument": result.passages}
+    assert not Path(f"{out}.progress.jsonl").exists() or not lines(Path(f"{out}.progress.jsonl"))
+    assert run(server, documents, out, limit=1).skipped == 0  # nothing was marked done
+
+
+def test_an_output_file_it_did_not_write_is_refused(server: ServerThread, documents: Path, tmp_path: Path):
+    out = tmp_path / "mine.jsonl"
+    out.write_text('{"question": "Q?"}\nnot json\n{"question": "R?"}\n')
+    with pytest.raises(InvalidArgument, match=r"mine\.jsonl:2: not JSON"):
+        run(server, documents, out)
+    assert out.read_text().count("\n") == 3  # untouched
+
+
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["data", "synth", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "--documents is required" in capsys.readouterr().err
@@ -142,5 +167,7 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     template.write_text("no placeholder")
     code = main(["data", "synth", "--documents", str(tmp_path), "--out", str(tmp_path / "x.jsonl"),
                  "--summary-template", str(template), "--server", "127.0.0.1:1"])
-    assert code != 0
+    assert code == 1  # the template is checked before any request; a data error, not a flag error
     assert "missing {passage}" in capsys.readouterr().err
+    assert main(["data", "synth", "--documents", "d", "--out", "o", "--overlap-tokens", "300"]) == 2
+    assert "--overlap-tokens in [0, --max-passage-tokens)" in capsys.readouterr().err

@@ -128,6 +128,7 @@ def test_pairs_pick_the_best_and_worst_sample_and_skip_ties(tmp_path: Path):
     ({"prompts": "p", "out": "o", "samples": 1}, "--samples must be >= 2"),
     ({"prompts": "p", "out": "o", "adapter": "a", "instruction": "Do."}, "--instruction is for the base"),
     ({"prompts": "p", "out": "o", "server": "h:1", "store": "s"}, "--server cannot be combined"),
+    ({"prompts": "p", "out": "o", "temperature": 0.0}, "pairs need > 0"),
 ])
 def test_pairs_config_errors(fields: dict[str, object], message: str):
     with pytest.raises(ValueError, match=message):
