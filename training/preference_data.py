@@ -1,8 +1,11 @@
 """Preference rows for `quiver train --method dpo`: JSONL objects with a prompt, a chosen and a rejected answer
-(keys mappable with --prompt-field/--chosen-field/--rejected-field), and the held-out split.
+(keys mappable with --prompt-field/--chosen-field/--rejected-field), the held-out split, and their tokens.
 
-The prompt is formatted with the adapter's prompt template exactly as the server formats a request, so the
-policy is trained on the prompts it is served with; the answers are plain text (the trainer adds the EOS token).
+Tokens are made here, as for SFT (quiver.training.data), not by TRL: the prompt is the adapter's template applied
+to the row's prompt, tokenized alone and without special tokens, exactly as the server tokenizes a request (TRL
+would add the tokenizer's BOS and tokenize prompt and answer as one string); each answer is tokenized alone and
+ends with the EOS id. A pair longer than --max-length loses the start of its prompt; a pair whose longer answer
+alone leaves no room for one prompt token is dropped.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from quiver.common.errors import InvalidArgument
 from quiver.training.jsonl import jsonl_lines
@@ -52,19 +56,47 @@ def read_preferences(path: Path, prompt_field: str, chosen_field: str, rejected_
 def split_preferences(rows: list[PreferenceRow], fraction: float, seed: int
                       ) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
     """(train, held out): the rows whose seeded hash of the prompt falls in the lowest `fraction` are held out, so
-    every pair of one prompt lands on the same side (no prompt leaks into evaluation)."""
+    every pair of one prompt lands on the same side (no prompt leaks into evaluation). When no hash falls that
+    low, the pairs of the lowest-hashed prompt are held out; both sides must end up non-empty."""
     def key(row: PreferenceRow) -> float:
         digest = hashlib.sha256(f"{seed}\0{row.prompt}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    held = [row for row in rows if key(row) < fraction]
-    train = [row for row in rows if key(row) >= fraction]
-    if fraction > 0 and not held and len(rows) > 1:
-        held, train = train[:1], train[1:]  # a tiny file still gets one evaluation row
+    cut = fraction if any(key(row) < fraction for row in rows) else min(key(row) for row in rows) + 1e-12
+    held = [row for row in rows if key(row) < cut]
+    train = [row for row in rows if key(row) >= cut]
+    if not train or not held:
+        raise InvalidArgument("data", f"{len(rows)} pairs over {len({r.prompt for r in rows})} prompts cannot be "
+                              "split into training and held-out pairs: give --eval-data or --eval-fraction 0")
     return train, held
 
 
-def as_records(rows: list[PreferenceRow], template: str) -> list[dict[str, str]]:
-    """TRL's standard preference format: the templated prompt, and the two answers."""
-    return [{"prompt": template.format(input=row.prompt), "chosen": row.chosen, "rejected": row.rejected}
-            for row in rows]
+@dataclass(frozen=True)
+class TokenizedPairs:
+    features: list[dict[str, list[int]]]
+    """prompt_ids, chosen_ids, rejected_ids per kept pair (TRL's tokenized preference format)."""
+    dropped: int
+    """Pairs whose longer answer alone does not fit in max_length."""
+    truncated: int
+    """Pairs whose prompt lost its start to fit."""
+
+
+def tokenize_pairs(tokenizer: Any, template: str, rows: list[PreferenceRow], max_length: int) -> TokenizedPairs:
+    """The pairs' tokens as the server sees them (see the module docstring)."""
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    features: list[dict[str, list[int]]] = []
+    dropped = truncated = 0
+    for row in rows:
+        chosen = [*encode(row.chosen), tokenizer.eos_token_id]
+        rejected = [*encode(row.rejected), tokenizer.eos_token_id]
+        room = max_length - max(len(chosen), len(rejected))
+        if room < 1:
+            dropped += 1
+            continue
+        prompt = encode(template.format(input=row.prompt))
+        truncated += len(prompt) > room
+        features.append({"prompt_ids": prompt[max(0, len(prompt) - room):], "chosen_ids": chosen,
+                         "rejected_ids": rejected})
+    return TokenizedPairs(features, dropped, truncated)

@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
 from quiver.common.fingerprint import fingerprint
 from quiver.server.config import AdapterConfig, ModelConfig
+from quiver.training.config import MethodConfig
+from quiver.training.dpo import ServedTokensDPOTrainer, _add_dpo_results
+from quiver.training.preference_data import PreferenceRow, tokenize_pairs
 
 from ..conftest import write_tiny_checkpoint
 from ..server.conftest import ServerThread
@@ -80,11 +87,11 @@ def test_dpo_adapter_registers_and_serves_like_peft(base_dir: Path, pairs_file: 
     assert hints["base_fingerprint"] == fingerprint(base_dir)
     assert hints["dpo"] == {"beta": 0.1, "adapter": "lora", "sft_weight": 0.0, "init_adapter": None}
     assert (output / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert sorted(p.name for p in output.iterdir() if p.is_dir()) == []  # no reference copy beside the adapter
     found = metrics(output)
     assert [e["step"] for e in found["eval_rewards"]] == [2, 4]
     assert all(0.0 <= e["reward_accuracy"] <= 1.0 and math.isfinite(e["reward_margin"]) for e in found["eval_rewards"])
-    assert found["final_reward_accuracy"] == found["eval_rewards"][-1]["reward_accuracy"]
+    kept = next(e for e in found["eval_rewards"] if e["step"] == found["best_step"])  # the kept adapter's
+    assert found["kept_step"] == found["best_step"] and found["final_reward_accuracy"] == kept["reward_accuracy"]
 
     raw = "w40 w41 w42"
     with QuiverClient(server.target, timeout=60) as client:
@@ -118,10 +125,66 @@ def test_init_adapter_is_the_start_and_the_reference(base_dir: Path, pairs_file:
     assert hints["dpo"]["init_adapter"] == str(sft)
     # Against the base the SFT adapter's first DPO loss would not be log 2: the reference is the SFT adapter.
     assert metrics(output)["train_loss"][0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    from safetensors.torch import load_file
-
     start, end = load_file(sft / "adapter_model.safetensors"), load_file(output / "adapter_model.safetensors")
     assert start.keys() == end.keys() and any(not start[k].equal(end[k]) for k in start)
+    assert not [p for p in output.iterdir() if p.is_dir()]  # TRL's frozen "ref" copy is not saved beside it
+    # The check above is not vacuous: against the base, the SFT adapter's first loss would be far from log 2.
+    pair = json.loads(pairs_file.read_text().splitlines()[0])
+    margin = (log_likelihood(base_dir, sft, "w210\n\n{input}\n\n", pair, "chosen")
+              - log_likelihood(base_dir, None, "w210\n\n{input}\n\n", pair, "chosen")
+              - log_likelihood(base_dir, sft, "w210\n\n{input}\n\n", pair, "rejected")
+              + log_likelihood(base_dir, None, "w210\n\n{input}\n\n", pair, "rejected"))
+    assert abs(-math.log(1 / (1 + math.exp(-0.1 * margin))) - math.log(2)) > 1e-2
+
+
+def log_likelihood(base_dir: Path, adapter: Path | None, template: str, pair: dict[str, str], answer: str) -> float:
+    """log p(answer + EOS | templated prompt) under the base, or the base with `adapter`, in float64."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    prompt = tokenizer(template.format(input=pair["prompt"]), add_special_tokens=False)["input_ids"]
+    target = [*tokenizer(pair[answer], add_special_tokens=False)["input_ids"], EOS]
+    ids = torch.tensor([prompt + target])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    return float(logits[torch.arange(len(target)), torch.tensor(target)].sum())
+
+
+def test_pairs_are_tokenized_as_the_server_tokenizes(base_dir: Path, tmp_path: Path):
+    """No BOS even where the tokenizer adds one by default (TRL would), the prompt alone, EOS ids after answers,
+    a long prompt cut from the left; the trainer keeps those ids as they are."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.pad_token = tokenizer.eos_token
+    assert tokenizer("w5")["input_ids"] == [1, 8]  # this tokenizer adds BOS by default
+    rows = [PreferenceRow("w5 w6", "w7", "w8 w9"), PreferenceRow(" ".join(f"w{i}" for i in range(3, 20)), "w7", "w8"),
+            PreferenceRow("w5", "w7 " * 12, "w8")]
+    done = tokenize_pairs(tokenizer, "w200 {input}", rows, max_length=8)
+    assert done.dropped == 1 and done.truncated == 1
+    assert done.features[0] == {"prompt_ids": [203, 8, 9], "chosen_ids": [10, EOS], "rejected_ids": [11, 12, EOS]}
+    assert done.features[1]["prompt_ids"] == [i + 3 for i in range(14, 20)]  # 8 - 2 answer tokens: the prompt's last 6
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    trainer = ServedTokensDPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path), report_to="none",
+                                                                 use_cpu=True, activation_checkpointing=False),
+                                     train_dataset=Dataset.from_list(done.features), processing_class=tokenizer)
+    assert [trainer.train_dataset[i]["prompt_ids"] for i in range(2)] == [f["prompt_ids"] for f in done.features]
+
+
+def test_metrics_report_the_kept_checkpoints_rewards(tmp_path: Path):
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "quiver_adapter.json").write_text("{}")
+    history = [{"step": 2, "eval_rewards/accuracies": 0.9, "eval_rewards/margins": 1.5},
+               {"step": 4, "eval_rewards/accuracies": 0.6, "eval_rewards/margins": 0.2}]
+    _add_dpo_results(tmp_path, history, MethodConfig(method="dpo"), kept_step=2)
+    assert metrics(tmp_path)["final_reward_accuracy"] == 0.9 and metrics(tmp_path)["final_reward_margin"] == 1.5
 
 
 def test_qlora_policy_with_the_sft_term(base_dir: Path, pairs_file: Path, tmp_path: Path):
@@ -159,4 +222,13 @@ def test_bad_preference_rows_and_init_adapters_are_refused(base_dir: Path, tmp_p
     assert main(dpo(base_dir, write_pairs(tmp_path / "p.jsonl", 8), tmp_path / "o2", "--init-adapter",
                     str(prompt), "--max-steps", "1")) == 2
     assert "must be a LoRA adapter" in capsys.readouterr().err
-    assert EOS == 2  # the tiny tokenizer's </s>, which DPO appends to both answers
+    (prompt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (prompt / "quiver_adapter.json").write_text(json.dumps({"base_fingerprint": "sha256:another-base"}))
+    assert main(dpo(base_dir, write_pairs(tmp_path / "p.jsonl", 8), tmp_path / "o3", "--init-adapter",
+                    str(prompt), "--max-steps", "1")) == 1
+    assert "was trained on base sha256:another-base" in capsys.readouterr().err
+    one_prompt = tmp_path / "one.jsonl"
+    one_prompt.write_text("".join(json.dumps({"prompt": "w1", "chosen": f"w{i}", "rejected": "w3"}) + "\n"
+                                  for i in (4, 5, 6)))
+    assert main(dpo(base_dir, one_prompt, tmp_path / "o4", "--max-steps", "1")) == 1
+    assert "cannot be split into training and held-out pairs" in capsys.readouterr().err
