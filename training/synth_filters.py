@@ -1,10 +1,11 @@
 """What `quiver data synth` keeps of the model's output: questions parsed from its reply, and the filters a
-question/answer row must pass — not empty, not a duplicate, not too long, and an answer the passage supports.
+question/answer row must pass — not empty, not a duplicate, not too long, not about the prompt itself ("What does
+the summary say?"), and an answer the passage supports.
 
 Support is a simple overlap check, as the issue asks and as data pipelines use before any model-based judge: the
 share of the answer's content words (lower-cased, at least 3 letters, not a stop word) that occur in the passage.
-A summary that invents facts brings words the passage does not have; a threshold of 0.6 keeps paraphrases that
-reword a few terms.
+A summary that invents facts brings words the passage does not have; the default threshold of 0.6 keeps
+paraphrases that reword a few terms (a small model's looser summaries need a lower one: examples/docs_qa uses 0.3).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def parse_questions(reply: str, limit: int) -> list[str]:
     return found
 
 
+# A question that names the prompt's parts asks about the prompt, not about the document.
+_ABOUT_THE_PROMPT = re.compile(r"\b(?:the|this|that) (?:summary|passage|fact|text|statement)\b", re.IGNORECASE)
+
+
 def normalized(text: str) -> str:
     """Case, punctuation and spacing removed: two questions equal here are duplicates."""
     return " ".join(words(text))
@@ -93,6 +98,8 @@ class QAFilter:
             return "empty_question"
         if len(key.split()) > self.max_question_words:
             return "question_too_long"
+        if _ABOUT_THE_PROMPT.search(question):
+            return "question_about_the_prompt"
         if key in self.seen:
             return "duplicate_question"
         return None

@@ -15,10 +15,11 @@ SUMMARY_TEMPLATE = (
     "Summarize the following passage in one or two sentences. Keep its key facts and names.\n\n"
     "Passage:\n{passage}\n\nSummary:"
 )
+# The passage is left out of the default question prompt: small models shown it (and the word "summary") ask
+# about the prompt ("What is the purpose of the summary?") rather than about its content.
 QUESTION_TEMPLATE = (
-    "Passage:\n{passage}\n\nSummary: {summary}\n\n"
-    "Write {count} different questions that a reader could ask about this passage, each answered by the summary "
-    "above. One question per line, each ending with a question mark."
+    "Fact: {summary}\n\nWrite {count} different questions that this fact answers. Each question names what it "
+    "asks about. One question per line, each ending with a question mark."
 )
 
 # Template -> (placeholders it must contain, placeholders it may contain).

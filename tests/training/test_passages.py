@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 from quiver.common.errors import InvalidArgument
 from quiver.training.passages import Document, paragraphs, read_documents, split_passages
 
+pytestmark = pytest.mark.real_model
+
 
 @pytest.fixture(scope="module")
 def tokenizer(default_checkpoint: Path) -> Any:

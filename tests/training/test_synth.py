@@ -19,6 +19,8 @@ from quiver.training.synth_filters import support
 
 from ..server.conftest import ServerThread
 
+pytestmark = pytest.mark.real_model
+
 DOCUMENT = """# The lighthouse of Alexandria
 
 The lighthouse of Alexandria was built on the island of Pharos in the third century BC. Sostratus of Cnidus

@@ -22,7 +22,7 @@ def test_default_templates_render_every_placeholder():
     summary = templates.summary_prompt(PASSAGE)
     assert PASSAGE in summary and "{" not in summary
     question = templates.question_prompt(PASSAGE, "Built in 1889.", 4)
-    assert "Built in 1889." in question and "Write 4 different questions" in question and PASSAGE in question
+    assert "Fact: Built in 1889." in question and "Write 4 different questions" in question
 
 
 def test_templates_from_files_replace_the_defaults(tmp_path: Path):
