@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from collections.abc import Iterator
@@ -65,6 +66,9 @@ def _free_port() -> int:
         return port
 
 
+PORT_ATTEMPTS = 3
+
+
 class ServerThread:
     """A real Quiver server (gRPC and HTTP) on its own event loop in a background thread; `server` overrides
     ServerConfig fields (ports default to free ones; http_port=0 turns HTTP off)."""
@@ -82,15 +86,23 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        ports = {"port": 0, "metrics_port": _free_port(), "http_port": _free_port()}
-        config = ServerConfig(**{"host": "127.0.0.1", **ports, **server})
         adapter_config = adapter_config or AdapterConfig(store=str(store))
-        start = start_server(loaded, engine_config or EngineConfig(), config, adapter_config)
-        try:
-            self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)
-        except BaseException:
-            self._stop_loop()
-            raise
+        for attempt in range(PORT_ATTEMPTS):
+            # A port found free can be taken by another process before the server binds it: try new ones then
+            # (the server opens its ports before it touches the model, so a failed start leaves nothing behind).
+            ports = {"port": 0, "metrics_port": _free_port(), "http_port": _free_port()}
+            config = ServerConfig(**{"host": "127.0.0.1", **ports, **server})
+            start = start_server(loaded, engine_config or EngineConfig(), config, adapter_config)
+            try:
+                self.running = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=60)
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or attempt == PORT_ATTEMPTS - 1:
+                    self._stop_loop()
+                    raise
+            except BaseException:
+                self._stop_loop()
+                raise
         ServerThread.open.append(self)
         self.target = f"127.0.0.1:{self.running.port}"
         self.http = f"http://127.0.0.1:{self.running.http_port}"
