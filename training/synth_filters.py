@@ -92,7 +92,8 @@ class QAFilter:
             return "answer_unsupported"
         return None
 
-    def question_problem(self, question: str) -> str | None:
+    def question_problem(self, question: str, answer: str) -> str | None:
+        """Why `question` cannot ask for `answer` (None when it can)."""
         key = normalized(question)
         if len(key.split()) < 3:
             return "empty_question"
@@ -100,6 +101,8 @@ class QAFilter:
             return "question_too_long"
         if _ABOUT_THE_PROMPT.search(question):
             return "question_about_the_prompt"
+        if f" {normalized(answer)} " in f" {key} ":
+            return "answer_in_question"  # it teaches copying, and scores as answered without recall
         if key in self.seen:
             return "duplicate_question"
         return None
@@ -112,7 +115,7 @@ class QAFilter:
             return []
         kept: list[str] = []
         for question in questions:
-            problem = self.question_problem(question)
+            problem = self.question_problem(question, answer)
             if problem is not None:
                 self.dropped[problem] += 1
                 continue

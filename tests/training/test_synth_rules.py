@@ -74,6 +74,15 @@ def test_filter_drops_each_kind_of_bad_row_and_counts_why():
     assert rows.dropped["empty_answer"] == 1 and rows.dropped["answer_too_long"] == 1
 
 
+def test_a_question_that_contains_its_answer_is_dropped():
+    rows = QAFilter()
+    answer = "Gustave Eiffel's company"
+    assert rows.keep(answer, PASSAGE, ["Did gustave eiffel's company build it?", "Who built the tower?",
+                                       "Which firm of Gustave Eiffel built it?"]) == [
+        "Who built the tower?", "Which firm of Gustave Eiffel built it?"]
+    assert rows.dropped == {"answer_in_question": 1}
+
+
 def test_a_resumed_filter_knows_the_questions_already_written():
     rows = QAFilter()
     rows.remember(["When was the tower finished?"])
