@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=4e-4)
     parser.add_argument("--eval-rows", type=int, default=60, help="most held-out questions scored")
     parser.add_argument("--summary-template", default=None, help="file with the summary prompt (default: built in)")
+    parser.add_argument("--question-template", default=None, help="file with the question prompt (default: built in)")
+    parser.add_argument("--questions", type=int, default=3, help="questions asked per passage")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -112,8 +114,9 @@ def main() -> None:
                                "documents": write_documents(args.work / "docs")}
     synth = synthesize(SynthConfig(
         store=str(store), documents=(str(args.work / "docs"),), out=str(args.work / "qa.jsonl"),
-        max_passage_tokens=160, overlap_tokens=0, questions=3, max_new_tokens=96, concurrency=16,
+        max_passage_tokens=160, overlap_tokens=0, questions=args.questions, max_new_tokens=96, concurrency=16,
         limit=args.passages, seed=args.seed, min_support=args.min_support, summary_template=args.summary_template,
+        question_template=args.question_template,
     ), local_server)
     rows = [json.loads(line) for line in (args.work / "qa.jsonl").read_text().splitlines()]
     train_rows, dev = split_by_question(rows, args.seed)
