@@ -19,6 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quiver.common.model_source import resolve_checkpoint
 
+from .server_thread import ServerThread
+
 # Small enough to build and save in well under a second, large enough for bitsandbytes' 64-wide blocks.
 TINY_LLAMA: dict[str, Any] = {
     "vocab_size": 256,
@@ -99,3 +101,14 @@ def s3_bucket(s3_endpoint: str) -> str:
     from .s3_server import new_bucket
 
     return new_bucket(s3_endpoint)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_server_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module that leaves a server running (a fixture that failed before its cleanup, say) is closed here and
+    fails, so the leak is reported where it happened instead of as every later module's "model in use"."""
+    yield
+    left = list(ServerThread.open)
+    for server in left:
+        server.close()
+    assert not left, f"{request.module.__name__} left {len(left)} server(s) running"

@@ -30,7 +30,7 @@ from quiver.v1 import generation_pb2_grpc as pb_grpc
 
 from ..adapters.adapter_factory import make_lora
 from ..conftest import write_tiny_checkpoint
-from ..server.conftest import ServerThread
+from ..server_thread import ServerThread
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "quiver.json"
 GRID_WIDTH = 24

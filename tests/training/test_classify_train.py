@@ -22,7 +22,7 @@ from quiver.training.train import train
 
 from ..adapters.adapter_factory import load_peft_classifier
 from ..conftest import write_tiny_checkpoint
-from ..server.conftest import ServerThread
+from ..server_thread import ServerThread
 
 TOKEN = "classify-token"
 LABELS = ("even", "odd")  # "even" is the more frequent: the head's first output

@@ -25,7 +25,7 @@ from quiver.training.dpo import ServedTokensDPOTrainer, _add_dpo_results
 from quiver.training.preference_data import PreferenceRow, tokenize_pairs
 
 from ..conftest import write_tiny_checkpoint
-from ..server.conftest import ServerThread
+from ..server_thread import ServerThread
 from .test_train import EOS, MAX_NEW, TOKEN, peft_greedy, strip_eos, write_rows
 
 INSTRUCTION = "w200 w201"

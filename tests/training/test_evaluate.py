@@ -30,7 +30,7 @@ from quiver.training.general_set import GENERAL_SET, GeneralItem, accuracy, norm
 from quiver.training.train import train
 
 from ..conftest import write_tiny_checkpoint
-from ..server.conftest import ServerThread
+from ..server_thread import ServerThread
 from .test_train import configs, write_rows
 
 TOKEN = "eval-test-token"

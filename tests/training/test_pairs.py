@@ -17,7 +17,7 @@ from quiver.training.pairs import PairsConfig, make_pairs
 from quiver.training.synth import request_seed
 
 from ..conftest import write_tiny_checkpoint
-from ..server.conftest import ServerThread
+from ..server_thread import ServerThread
 
 PROMPTS = 12
 

@@ -17,7 +17,7 @@ from quiver.training.data import DataSource, FieldMapping, read_examples
 from quiver.training.synth import SynthConfig, synthesize
 from quiver.training.synth_filters import support
 
-from ..server.conftest import ServerThread
+from ..server_thread import ServerThread
 
 pytestmark = pytest.mark.real_model
 

@@ -31,7 +31,7 @@ from quiver.training.config import DataConfig, MethodConfig, TrainConfig
 from quiver.training.train import train
 
 from ..conftest import write_tiny_checkpoint
-from ..server.conftest import ServerThread
+from ..server_thread import ServerThread
 
 TOKEN = "train-test-token"
 INSTRUCTION = "w200 w201"  # every prompt starts with it, so the stored template is not the identity

@@ -27,7 +27,7 @@ from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
 from ...conftest import write_tiny_checkpoint
-from ..conftest import ServerThread, _free_port
+from ...server_thread import ServerThread, _free_port
 
 GENERATE_CALLS = 3
 MAX_NEW_TOKENS = 4

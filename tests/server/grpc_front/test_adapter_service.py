@@ -21,7 +21,7 @@ from quiver.v1 import generation_pb2_grpc as gpb_grpc
 
 from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
 from ...conftest import write_tiny_checkpoint
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 
 TOKEN = "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

@@ -12,7 +12,7 @@ from quiver.clients import QuiverClient, QuiverRpcError
 from quiver.server.config import ModelConfig
 
 from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 
 pytestmark = pytest.mark.real_model
 

@@ -17,7 +17,7 @@ from quiver.server.config import ModelConfig
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 
 pytestmark = pytest.mark.real_model
 

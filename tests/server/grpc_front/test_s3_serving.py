@@ -18,7 +18,7 @@ from quiver.server.config import AdapterConfig, ModelConfig
 from ...adapters.adapter_factory import make_lora, make_prompt_tuning
 from ...conftest import write_tiny_checkpoint
 from ...s3_server import client as s3_client
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 
 TOKEN = "admin"
 PROMPT = "w7 w5 w9 w11"

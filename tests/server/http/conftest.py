@@ -18,7 +18,7 @@ from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig
 
 from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
 from ...conftest import write_tiny_checkpoint
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 
 ADMIN = "admin-s3cret"
 BASE_ID = "tiny"  # the checkpoint directory's name

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import ADMIN, BASE_ID, start
 
 KEY = "sk-quiver-test"

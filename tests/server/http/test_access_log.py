@@ -28,7 +28,7 @@ from quiver.server.logging_setup import JsonFormatter
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import BASE_ID, start
 
 ACCESS = "quiver.access"

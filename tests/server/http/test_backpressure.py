@@ -24,7 +24,7 @@ from quiver.server.config import TRANSPORT_CEILING
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import start, wait_for
 
 LIMIT_S = 0.05

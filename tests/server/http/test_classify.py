@@ -21,7 +21,7 @@ from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
 
 from ...adapters.adapter_factory import load_peft_classifier, make_classifier
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import ADMIN, BASE_ID, start
 
 LABELS = ("billing", "travel", "health")

@@ -17,7 +17,7 @@ import pytest
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import start, wait_for
 
 CALLS = 100

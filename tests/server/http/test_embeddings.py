@@ -19,7 +19,7 @@ from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
 from ...adapters.adapter_factory import load_base, load_peft_model
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import ADMIN, BASE_ID, start
 
 TEXTS = ["w1 w2 w3", "w9 w8", "w4 w4 w4 w4 w5"]

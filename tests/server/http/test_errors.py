@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import wait_for
 
 CHAT = {"model": "lora", "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 4}

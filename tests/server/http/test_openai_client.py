@@ -12,7 +12,7 @@ import pytest
 from quiver.clients.aio import AsyncQuiverClient
 from quiver.clients.client import QuiverClient
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import ADMIN, BASE_ID
 
 MODELS = (BASE_ID, "lora", "prompt", "prefix")

@@ -16,7 +16,7 @@ from prometheus_client.samples import Sample
 from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import ADMIN, start
 
 CANARY = "zebra-canary-123"

@@ -18,7 +18,7 @@ from prometheus_client.samples import Sample
 
 from quiver.clients.client import QuiverClient
 
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import ADMIN, BASE_ID, start, wait_for
 
 GATEWAY = Path(__file__).resolve().parents[3] / "deploy" / "gateway"

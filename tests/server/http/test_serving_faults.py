@@ -21,7 +21,7 @@ from quiver.clients.client import QuiverClient
 from quiver.clients.errors import QuiverRpcError
 
 from ...adapters.adapter_factory import make_lora
-from ..conftest import ServerThread
+from ...server_thread import ServerThread
 from .conftest import ADMIN, start
 
 PROMPT = "w9 w8 w7"

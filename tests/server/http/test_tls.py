@@ -18,8 +18,8 @@ from quiver.clients.errors import QuiverRpcError
 from quiver.server.config import ServerConfig
 from quiver.server.tls import Tls
 
+from ...server_thread import ServerThread
 from ...tls_certs import Pki, make_pki
-from ..conftest import ServerThread
 from .conftest import ADMIN, start
 
 KEY = "inference-key"
