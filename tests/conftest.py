@@ -13,59 +13,37 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quiver.common.model_source import resolve_checkpoint
 
+from .served import load_served_base, write_served_adapters, write_served_base
 from .server_thread import ServerThread
+from .tiny import TINY_CHAT_TEMPLATE, TINY_LLAMA, write_tiny_checkpoint, write_tiny_tokenizer
 
-# Small enough to build and save in well under a second, large enough for bitsandbytes' 64-wide blocks.
-TINY_LLAMA: dict[str, Any] = {
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": True,
-}
-TINY_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-
-
-def write_tiny_tokenizer(out_dir: Path) -> None:
-    """A word-level tokenizer over '<unk> <s> </s> w0 … w252' with a chat template and no pad token."""
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(TINY_LLAMA["vocab_size"] - 3)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out_dir)
-
-
-def write_tiny_checkpoint(
-    out_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True, **overrides: Any
-) -> Path:
-    """Save a random Llama (TINY_LLAMA updated with `overrides`) as safetensors, plus a tokenizer."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
-    torch.nn.Module.to(model, dtype)  # via Module: transformers' typed `to` wrapper confuses mypy
-    model.save_pretrained(out_dir)
-    if tokenizer:
-        write_tiny_tokenizer(out_dir)
-    return out_dir
-
+__all__ = ["TINY_CHAT_TEMPLATE", "TINY_LLAMA", "write_tiny_checkpoint", "write_tiny_tokenizer"]
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """A tiny random Llama checkpoint directory with tokenizer, fresh per test."""
     return write_tiny_checkpoint(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def served_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny served model's checkpoint (tests/served.py), written once per session."""
+    return write_served_base(tmp_path_factory.mktemp("served-base"))
+
+
+@pytest.fixture(scope="session")
+def served_loaded(served_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny served model, loaded once per session; each server over it borrows it and gives it back."""
+    return load_served_base(served_base_dir, tmp_path_factory.mktemp("served-cache"))
+
+
+@pytest.fixture(scope="session")
+def served_adapter_dirs(served_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One adapter of each kind for the tiny served model, under a folder `served.start` allows imports from."""
+    return write_served_adapters(served_base_dir, tmp_path_factory.mktemp("imports"))
 
 
 @pytest.fixture(scope="session")
