@@ -1,272 +1,225 @@
-"""`quiver adapters` against the fake in-process AdapterService (server mode only)."""
+"""`quiver adapters` in server mode against a real Quiver server, through the real `quiver` entry point: what each
+action prints is what the Python client reads back from the server, and every refusal (existing name, unknown
+adapter, missing or wrong admin token, unreachable server) exits 1 with the server's status on stderr."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import grpc
 import pytest
 
-from quiver.clients.cli import adapters, main
-from quiver.v1 import adapters_pb2 as apb
+from quiver.clients import AdapterInfo, QuiverClient
+from quiver.clients.cli import main
 
-from .fake_adapter_server import CREATED_AT, FakeAdapterServer, lora_info
+from ..served import ADMIN
+from ..server_thread import ServerThread
+from .conftest import CLASSIFIER, unused_target
 
-TOKEN = "s3cret"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeAdapterServer]:
-    with FakeAdapterServer() as srv:
-        yield srv
+SERVED = sorted([CLASSIFIER, "lora", "prefix", "prompt"])
+"""The adapters the module's server holds; tests that add others delete them again (the `admin` fixture)."""
 
 
 @pytest.fixture
-def fake(server: FakeAdapterServer, monkeypatch: pytest.MonkeyPatch) -> FakeAdapterServer:
-    server.reset()
-    monkeypatch.delenv("QUIVER_ADMIN_TOKEN", raising=False)
+def admin(server: ServerThread) -> Iterator[QuiverClient]:
+    with QuiverClient(server.target, timeout=60, admin_token=ADMIN) as c:
+        yield c
+        for name in {a.name for a in c.iter_adapters()} - set(SERVED):
+            c.delete_adapter(name)
+
+
+@pytest.fixture
+def adapters(server: ServerThread, admin: QuiverClient, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`quiver adapters ARGV` in this process, with $QUIVER_SERVER and $QUIVER_ADMIN_TOKEN set as a user would."""
     monkeypatch.setenv("QUIVER_SERVER", server.target)
-    return server
+    monkeypatch.setenv("QUIVER_ADMIN_TOKEN", ADMIN)
+    return lambda *argv: main(["adapters", *argv])
 
 
-@pytest.fixture
-def adapter_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "adapter"
-    d.mkdir()
-    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
-    (d / "adapter_model.safetensors").write_bytes(b"\x00\x01" * 1000)
-    return d
-
-
-def cli(*argv: str) -> int:
-    """Runs `quiver adapters ARGV`, registered as quiver.clients.cli registers it (without `serve` and torch)."""
-    parser = argparse.ArgumentParser(prog="quiver")
-    sub = parser.add_subparsers(dest="command", required=True)
-    command = sub.add_parser("adapters", help=adapters.HELP)
-    adapters.add_arguments(command)
-    command.set_defaults(_run=adapters.run)
-    args = parser.parse_args(["adapters", *argv])
-    code: int = args._run(args)
-    return code
-
-
-def unused_target() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def seed(fake: FakeAdapterServer) -> None:
-    fake.adapters.add(lora_info("summarize", 1))
-    fake.adapters.add(lora_info("summarize", 2, description="second", prompt_template="Summarize:\n{input}"))
-    soft = lora_info(
-        "soft",
-        kind=apb.ADAPTER_KIND_PROMPT_TUNING,
-        peft_type="PROMPT_TUNING",
-        rank=0,
-        num_virtual_tokens=20,
-        target_modules=[],
-        size_bytes=100,
-    )
-    fake.adapters.add(soft)
+def json_values(info: AdapterInfo) -> dict[str, Any]:
+    return {**dataclasses.asdict(info), "target_modules": list(info.target_modules), "labels": list(info.labels)}
 
 
 # --- register -----------------------------------------------------------------------------------------
 
 
-def test_register_prints_the_reference(
-    fake: FakeAdapterServer, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli("register", str(adapter_dir), "--name", "summarize") == 0
-    assert capsys.readouterr() == ("summarize@1\n", "")
-    files = {p.name: p.read_bytes() for p in adapter_dir.iterdir()}
-    assert fake.adapters.uploads["summarize@1"] == files
-    options = fake.adapters.calls[-1].request[0].options
-    assert options == apb.RegistrationOptions(name="summarize", mode=apb.REGISTER_MODE_CREATE)
-    assert not options.HasField("prompt_template")
+def test_register_prints_the_reference(adapters: Any, admin: QuiverClient, served_adapter_dirs: dict[str, Path],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert adapters("register", str(served_adapter_dirs["lora"]), "--name", "cli") == 0
+    assert capsys.readouterr() == ("cli@1\n", "")
+    stored = admin.get_adapter("cli").adapter
+    assert (stored.sha256, stored.description, stored.prompt_template) == (
+        admin.get_adapter("lora").adapter.sha256, "", None)
 
 
-@pytest.mark.parametrize(
-    ("mode", "wire"), [("new-version", apb.REGISTER_MODE_NEW_VERSION), ("replace", apb.REGISTER_MODE_REPLACE)]
-)
-def test_register_flags_map_onto_the_options(
-    fake: FakeAdapterServer, adapter_dir: Path, capsys: pytest.CaptureFixture[str], mode: str, wire: int
-) -> None:
-    seed(fake)
-    flags = ["--mode", mode, "--description", "better", "--prompt-template", "S: {input}"]
-    assert cli("register", str(adapter_dir), "--name", "summarize", *flags) == 0
-    assert capsys.readouterr().out == "summarize@3\n"
-    options = fake.adapters.calls[-1].request[0].options
-    assert options == apb.RegistrationOptions(
-        name="summarize", mode=wire, description="better", prompt_template="S: {input}"
-    )
+@pytest.mark.parametrize(("mode", "versions"), [("new-version", [1, 2]), ("replace", [2])])
+def test_register_flags_map_onto_the_options(adapters: Any, admin: QuiverClient, served_adapter_dirs: dict[str, Path],
+                                             capsys: pytest.CaptureFixture[str], mode: str, versions: list[int]
+                                             ) -> None:
+    admin.register_adapter(served_adapter_dirs["lora"], "cli")
+    flags = ["--mode", mode, "--description", "better", "--prompt-template", "w9 {input}"]
+    assert adapters("register", str(served_adapter_dirs["prompt"]), "--name", "cli", *flags) == 0
+    assert capsys.readouterr().out == "cli@2\n"
+    details = admin.get_adapter("cli")
+    assert details.versions == versions
+    assert (details.adapter.kind, details.adapter.description, details.adapter.prompt_template) == (
+        "prompt_tuning", "better", "w9 {input}")
 
 
-def test_register_an_existing_name_fails(
-    fake: FakeAdapterServer, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    seed(fake)
-    assert cli("register", str(adapter_dir), "--name", "summarize") == 1
-    assert capsys.readouterr() == ("", "error: ALREADY_EXISTS: adapter 'summarize' already exists\n")
+def test_register_labels(adapters: Any, admin: QuiverClient, classifier_dir: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert adapters("register", str(classifier_dir), "--name", "cli-cls", "--labels", "a,b,c") == 0
+    assert capsys.readouterr().out == "cli-cls@1\n"
+    assert admin.get_adapter("cli-cls").adapter.labels == ("a", "b", "c")
+    assert list(admin.classify("w1", adapter="cli-cls")[0].probabilities) == ["a", "b", "c"]
 
 
-def test_register_a_missing_directory_fails_before_calling(
-    fake: FakeAdapterServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli("register", str(tmp_path / "nope"), "--name", "summarize") == 1
+def test_register_an_existing_name_fails(adapters: Any, served_adapter_dirs: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert adapters("register", str(served_adapter_dirs["prompt"]), "--name", "lora") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ALREADY_EXISTS: adapter 'lora' already exists")
+
+
+def test_register_a_missing_directory_fails_before_calling(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    # No server at the address: a call would fail UNAVAILABLE, not with the directory's error.
+    assert main(["adapters", "register", str(tmp_path / "nope"), "--name", "x", "--server", unused_target()]) == 1
     assert capsys.readouterr() == ("", f"error: {tmp_path / 'nope'}: no such directory\n")
-    assert fake.adapters.calls == []
 
 
-def test_unknown_mode_is_a_usage_error(adapter_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_mode_is_a_usage_error(served_adapter_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
     with pytest.raises(SystemExit) as exit_:
-        cli("register", str(adapter_dir), "--name", "summarize", "--mode", "new_version")
+        main(["adapters", "register", str(served_adapter_dirs["lora"]), "--name", "x", "--mode", "new_version"])
     assert exit_.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 
 
-# --- admin token --------------------------------------------------------------------------------------
+# --- the admin token ----------------------------------------------------------------------------------
 
 
-def test_admin_token_flag(fake: FakeAdapterServer, adapter_dir: Path) -> None:
-    fake.adapters.admin_token = TOKEN
-    assert cli("register", str(adapter_dir), "--name", "summarize", "--admin-token", TOKEN) == 0
-    assert cli("delete", "summarize", "--admin-token", TOKEN) == 0
-    assert [c.metadata["authorization"] for c in fake.adapters.calls] == [f"Bearer {TOKEN}"] * 2
+def test_admin_token_flag(server: ServerThread, admin: QuiverClient, served_adapter_dirs: dict[str, Path],
+                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("QUIVER_ADMIN_TOKEN", raising=False)
+    where = ["--server", server.target, "--admin-token", ADMIN]
+    assert main(["adapters", "register", str(served_adapter_dirs["lora"]), "--name", "cli", *where]) == 0
+    assert main(["adapters", "delete", "cli", *where]) == 0
+    assert capsys.readouterr() == ("cli@1\ncli@1\n", "")
 
 
-def test_admin_token_from_the_environment(
-    fake: FakeAdapterServer, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("QUIVER_ADMIN_TOKEN", TOKEN)
-    fake.adapters.admin_token = TOKEN
-    assert cli("register", str(adapter_dir), "--name", "summarize") == 0
-    assert fake.adapters.calls[-1].metadata["authorization"] == f"Bearer {TOKEN}"
-
-
-def test_no_admin_token_sends_none_and_fails_where_one_is_needed(
-    fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    seed(fake)
-    fake.adapters.admin_token = TOKEN
-    assert cli("delete", "summarize") == 1
-    assert capsys.readouterr() == ("", "error: UNAUTHENTICATED: missing or wrong admin token\n")
-    assert "authorization" not in fake.adapters.calls[-1].metadata
-    assert "summarize" in fake.adapters.adapters
+@pytest.mark.parametrize(("token", "message"), [(None, "missing admin token"), ("wrong", "wrong admin token")])
+def test_changes_without_the_right_token_fail(adapters: Any, admin: QuiverClient, served_adapter_dirs: dict[str, Path],
+                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                              token: str | None, message: str) -> None:
+    """Register and delete are refused; list and show need no admin token."""
+    monkeypatch.delenv("QUIVER_ADMIN_TOKEN")
+    flags = ["--admin-token", token] if token else []
+    for argv in (["delete", "lora"], ["register", str(served_adapter_dirs["lora"]), "--name", "x"]):
+        assert adapters(*argv, *flags) == 1
+        assert capsys.readouterr() == ("", f"error: UNAUTHENTICATED: {message}\n")
+    assert [a.name for a in admin.iter_adapters()] == SERVED
+    assert adapters("list", *flags) == 0 and adapters("show", "lora", *flags) == 0
 
 
 # --- list ---------------------------------------------------------------------------------------------
 
-TABLE = f"""\
-NAME       VERSION  KIND           RANK/TOKENS  SIZE     CREATED
-soft       1        prompt_tuning  20           100 B    {CREATED_AT}
-summarize  2        lora           8            4.0 KiB  {CREATED_AT}
-"""
+
+def size_text(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"  # the served adapters are all under 1 MiB
 
 
-def test_list_prints_a_table(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    seed(fake)
-    assert cli("list") == 0
-    assert capsys.readouterr() == (TABLE, "")
+def test_list_prints_a_table(adapters: Any, admin: QuiverClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert adapters("list") == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "VERSION", "KIND", "RANK/TOKENS", "SIZE", "CREATED"]
+    assert [row.split() for row in rows] == [
+        [a.name, str(a.version), a.kind, str(a.rank or a.num_virtual_tokens), *size_text(a.size_bytes).split(),
+         a.created_at] for a in admin.iter_adapters()]
+    column = header.index("VERSION")  # aligned: every row's version starts under the header's
+    assert column == max(map(len, SERVED)) + 2
+    assert all(row[column - 2:column] == "  " and row[column].isdigit() for row in rows)
 
 
-def test_list_json_prints_one_object_per_line(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    seed(fake)
-    assert cli("list", "--json") == 0
-    soft, summarize = (json.loads(line) for line in capsys.readouterr().out.splitlines())
-    assert (soft["name"], soft["kind"], soft["rank"], soft["num_virtual_tokens"]) == ("soft", "prompt_tuning", None, 20)
-    assert soft["prompt_template"] is None and soft["target_modules"] == []
-    assert (summarize["version"], summarize["prompt_template"]) == (2, "Summarize:\n{input}")
-    assert summarize["target_modules"] == ["q_proj", "v_proj"]
-    assert len(summarize) == len(apb.AdapterInfo.DESCRIPTOR.fields)
+def test_list_json_prints_one_object_per_line(adapters: Any, admin: QuiverClient,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert adapters("list", "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [json_values(a) for a in admin.iter_adapters()]
+    assert [(r["name"], r["kind"], r["rank"] is None, r["num_virtual_tokens"] is None) for r in rows] == [
+        (CLASSIFIER, "lora", False, True), ("lora", "lora", False, True), ("prefix", "prefix_tuning", True, False),
+        ("prompt", "prompt_tuning", True, False)]
 
 
-def test_list_reads_every_page(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    for i in range(101):
-        fake.adapters.add(lora_info(f"a{i:03d}"))
-    assert cli("list", "--json") == 0
-    assert [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()] == [
-        f"a{i:03d}" for i in range(101)
-    ]
-    assert len(fake.adapters.calls) == 2
-
-
-def test_list_empty_prints_the_header(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("list") == 0
-    assert capsys.readouterr().out == "NAME  VERSION  KIND  RANK/TOKENS  SIZE  CREATED\n"
+def test_list_reads_every_page(adapters: Any, admin: QuiverClient, served_adapter_dirs: dict[str, Path],
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """101 adapters: more than the one page (100) the CLI asks for at a time."""
+    extra = [f"p{i:03d}" for i in range(101 - len(SERVED))]
+    for name in extra:
+        admin.import_adapter(str(served_adapter_dirs["prompt"]), name)
+    assert adapters("list", "--json") == 0
+    assert [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()] == sorted([*SERVED, *extra])
 
 
 # --- show ---------------------------------------------------------------------------------------------
 
-SHOW_LINES = f"""\
-name: summarize
-version: 2
-kind: lora
-peft_type: LORA
-base_fingerprint: f1ngerpr1nt
-base_architecture: FakeForCausalLM
-size_bytes: 4096
-num_parameters: 1024
-rank: 8
-num_virtual_tokens: -
-target_modules: q_proj,v_proj
-sha256: {"ab" * 32}
-created_at: {CREATED_AT}
-description: second
-prompt_template: "Summarize:\\n{{input}}"
-labels: 
-versions: 1,2
-"""
 
-
-def test_show_prints_key_value_lines(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    seed(fake)
-    assert cli("show", "summarize") == 0
-    assert capsys.readouterr() == (SHOW_LINES, "")
-
-
-def test_show_a_version(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    seed(fake)
-    assert cli("show", "summarize@1") == 0
+def test_show_prints_key_value_lines(adapters: Any, admin: QuiverClient, served_adapter_dirs: dict[str, Path],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    admin.import_adapter(str(served_adapter_dirs["lora"]), "shown", description="two\nlines")
+    info = admin.import_adapter(str(served_adapter_dirs["prompt"]), "shown", mode="new_version",
+                                prompt_template="w1:\n{input}")
+    assert adapters("show", "shown") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "version: 1" in lines and "prompt_template: -" in lines and "versions: 1,2" in lines
-    assert fake.adapters.calls[-1].request.adapter == "summarize@1"
+    assert lines[:3] == ["name: shown", "version: 2", "kind: prompt_tuning"]
+    assert lines[-2:] == ["labels: ", "versions: 1,2"]
+    assert f"sha256: {info.sha256}" in lines and f"created_at: {info.created_at}" in lines
+    assert {"rank: -", "target_modules: ", f"num_virtual_tokens: {info.num_virtual_tokens}"} <= set(lines)
+    assert 'prompt_template: "w1:\\n{input}"' in lines  # a newline is shown JSON-quoted, on one line
+    assert len(lines) == len(dataclasses.fields(AdapterInfo)) + 1
+    assert adapters("show", "shown@1") == 0
+    first = capsys.readouterr().out.splitlines()
+    assert "version: 1" in first and "prompt_template: -" in first and 'description: "two\\nlines"' in first
 
 
-def test_show_json(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    seed(fake)
-    assert cli("show", "soft", "--json") == 0
-    values = json.loads(capsys.readouterr().out)
-    assert values["versions"] == [1]
-    assert (values["kind"], values["rank"], values["num_virtual_tokens"]) == ("prompt_tuning", None, 20)
-    assert len(values) == len(SHOW_LINES.splitlines())
+def test_show_json(adapters: Any, admin: QuiverClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert adapters("show", CLASSIFIER, "--json") == 0
+    details = admin.get_adapter(CLASSIFIER)
+    assert json.loads(capsys.readouterr().out) == {**json_values(details.adapter), "versions": details.versions}
 
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
-def test_show_missing_fails(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str], json_flag: list[str]) -> None:
-    assert cli("show", "nope", *json_flag) == 1
-    assert capsys.readouterr() == ("", "error: NOT_FOUND: adapter 'nope' not found\n")
+def test_show_missing_fails(adapters: Any, capsys: pytest.CaptureFixture[str], json_flag: list[str]) -> None:
+    assert adapters("show", "nope", *json_flag) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: NOT_FOUND: adapter nope not found")
 
 
 # --- delete -------------------------------------------------------------------------------------------
 
 
-def test_delete_prints_each_deleted_version(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    seed(fake)
-    assert cli("delete", "summarize") == 0
-    assert capsys.readouterr() == ("summarize@1\nsummarize@2\n", "")
-    assert cli("delete", "soft@1") == 0
-    assert capsys.readouterr() == ("soft@1\n", "")
-    assert fake.adapters.adapters == {}
+def test_delete_prints_each_deleted_version(adapters: Any, admin: QuiverClient, served_adapter_dirs: dict[str, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(3):
+        admin.import_adapter(str(served_adapter_dirs["prompt"]), "gone", mode="new_version")
+    assert adapters("delete", "gone@2") == 0
+    assert capsys.readouterr() == ("gone@2\n", "")
+    assert adapters("delete", "gone") == 0
+    assert capsys.readouterr() == ("gone@1\ngone@3\n", "")
+    assert [a.name for a in admin.iter_adapters()] == SERVED
 
 
-def test_delete_missing_fails(fake: FakeAdapterServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("delete", "nope@3") == 1
-    assert capsys.readouterr() == ("", "error: NOT_FOUND: adapter 'nope@3' not found\n")
+@pytest.mark.parametrize(("ref", "message"), [
+    ("nope@3", "error: NOT_FOUND: adapter nope@3 not found"),
+    ("Bad Name", "error: INVALID_ARGUMENT: adapter: adapter name 'Bad Name' must be"),
+])
+def test_delete_missing_fails(adapters: Any, capsys: pytest.CaptureFixture[str], ref: str, message: str) -> None:
+    assert adapters("delete", ref) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(message)
 
 
 # --- connection flags ---------------------------------------------------------------------------------
@@ -274,40 +227,32 @@ def test_delete_missing_fails(fake: FakeAdapterServer, capsys: pytest.CaptureFix
 
 @pytest.mark.parametrize("action", [["list"], ["show", "x"], ["delete", "x"]])
 def test_unreachable_server(capsys: pytest.CaptureFixture[str], action: list[str]) -> None:
-    assert cli(*action, "--server", unused_target()) == 1
+    assert main(["adapters", *action, "--server", unused_target()]) == 1
     out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith(f"error: {grpc.StatusCode.UNAVAILABLE.name}: ")
+    assert out == "" and err.startswith("error: UNAVAILABLE: ")
 
 
-def test_server_flag_overrides_the_environment(
-    fake: FakeAdapterServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_server_flag_overrides_the_environment(server: ServerThread, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("QUIVER_SERVER", unused_target())
-    assert cli("list", "--server", fake.target) == 0
-    assert [c.method for c in fake.adapters.calls] == ["ListAdapters"]
+    assert main(["adapters", "list", "--server", server.target]) == 0
+    assert capsys.readouterr().out.count("\n") == 1 + len(SERVED)
 
 
 def test_server_and_store_exclude_each_other(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
-        cli("list", "--server", "127.0.0.1:1", "--store", str(tmp_path))
+        main(["adapters", "list", "--server", "127.0.0.1:1", "--store", str(tmp_path)])
     assert exit_.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def test_model_needs_store(fake: FakeAdapterServer, adapter_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("register", str(adapter_dir), "--name", "s", "--model", "some/model") == 2
+def test_model_needs_store(served_adapter_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["register", str(served_adapter_dirs["lora"]), "--name", "s", "--model", "some/model"]
+    assert main(["adapters", *argv, "--server", unused_target()]) == 2
     assert capsys.readouterr() == ("", "error: --model needs --store: a server validates against its own model\n")
-    assert fake.adapters.calls == []
 
 
-def test_an_action_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_action_is_required() -> None:
     with pytest.raises(SystemExit) as exit_:
-        cli()
+        main(["adapters"])
     assert exit_.value.code == 2
-
-
-def test_main_runs_adapters(fake: FakeAdapterServer, adapter_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["adapters", "register", str(adapter_dir), "--name", "summarize"]) == 0
-    assert main(["adapters", "delete", "summarize", "--server", fake.target]) == 0
-    assert capsys.readouterr() == ("summarize@1\nsummarize@1\n", "")

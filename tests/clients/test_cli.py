@@ -1,209 +1,151 @@
-"""`quiver generate` and `quiver info` against the fake in-process GenerationService."""
+"""`quiver generate`, `info`, `embed` and `classify` against a real Quiver server, through the real `quiver` entry
+point: each prints what the Python client gets for the same request (that client is checked against
+transformers/PEFT in test_client.py), and a failed call exits 1 with the server's status on stderr."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from quiver.clients.cli import generate, info, main
+from quiver.clients import QuiverClient
+from quiver.clients.cli import main
 
-from .fake_server import MISSING_ADAPTER, FakeServer
+from ..server_thread import ServerThread
+from .conftest import CLASSIFIER, unused_target
 
-# The client subcommands, registered as quiver.clients.cli registers them, without `serve` (and torch).
-COMMANDS = {"generate": generate, "info": info}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeServer]:
-    with FakeServer() as srv:
-        yield srv
+PROMPT = "w1 w2 w3"
+QUIVER = Path(sys.executable).with_name("quiver")  # the console script of this environment
 
 
 @pytest.fixture
-def fake(server: FakeServer) -> FakeServer:
-    server.servicer.reset()
-    return server
+def client(server: ServerThread) -> Iterator[QuiverClient]:
+    with QuiverClient(server.target, timeout=60) as c:
+        yield c
 
 
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="quiver")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
-        command = sub.add_parser(name, help=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
-    code: int = args._run(args)
-    return code
-
-
-def unused_target() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def last_request(fake: FakeServer) -> Any:
-    return fake.servicer.calls[-1].request
+@pytest.fixture
+def quiver(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`quiver ARGV` in this process, the server given by $QUIVER_SERVER (as a user would set it)."""
+    monkeypatch.setenv("QUIVER_SERVER", server.target)
+    return lambda *argv: main(list(argv))
 
 
 # --- quiver generate ----------------------------------------------------------------------------------
 
 
-def test_generate_prints_only_the_text(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("generate", "--server", fake.target, "hello") == 0
-    assert capsys.readouterr() == ("olleh\n", "")
-    assert fake.servicer.calls[-1].method == "Generate"
+def test_generate_prints_only_the_greedy_text(quiver: Any, client: QuiverClient,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert quiver("generate", "--max-new-tokens", "6", PROMPT) == 0
+    expected = client.generate(PROMPT, max_new_tokens=6, temperature=0).text
+    assert capsys.readouterr() == (expected + "\n", "")
 
 
-def test_generate_is_greedy_and_leaves_the_rest_to_the_server(fake: FakeServer) -> None:
-    cli("generate", "--server", fake.target, "hello")
-    request = last_request(fake)
-    assert request.WhichOneof("input") == "text" and request.text == "hello"
-    assert request.adapter == ""
-    assert [f.name for f, _ in request.sampling.ListFields()] == ["temperature"]
-    assert request.sampling.temperature == 0
-    assert not request.HasField("stopping")
+def test_generate_flags_map_onto_the_request(quiver: Any, client: QuiverClient,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeded sampling with every option set prints exactly the client's sample with the same options."""
+    flags = ["--adapter", "lora", "--max-new-tokens", "9", "--temperature", "3", "--top-p", "0.9", "--top-k", "50",
+             "--repetition-penalty", "1.2", "--seed", "7"]
+    assert quiver("generate", *flags, PROMPT) == 0
+    expected = client.generate(PROMPT, adapter="lora", max_new_tokens=9, temperature=3, top_p=0.9, top_k=50,
+                               repetition_penalty=1.2, seed=7)
+    assert capsys.readouterr().out == expected.text + "\n"
+    assert expected.text != client.generate(PROMPT, adapter="lora", max_new_tokens=9, temperature=0).text
 
 
-def test_generate_flags_map_onto_the_request(fake: FakeServer) -> None:
-    flags = ["--adapter", "summarize", "--max-new-tokens", "9", "--temperature", "0.7", "--top-p", "0.5"]
-    flags += ["--top-k", "4", "--repetition-penalty", "1.2", "--seed", "7", "--stop", "a", "--stop", "END"]
-    assert cli("generate", "--server", fake.target, *flags, "hello") == 0
-    request = last_request(fake)
-    assert request.adapter == "summarize"
-    s = request.sampling
-    assert (s.temperature, s.top_p, s.repetition_penalty) == pytest.approx((0.7, 0.5, 1.2))
-    assert (s.top_k, s.seed) == (4, 7)
-    assert request.stopping.max_new_tokens == 9
-    assert list(request.stopping.stop_sequences) == ["a", "END"]
+def test_generate_stop_flags(quiver: Any, client: QuiverClient, capsys: pytest.CaptureFixture[str]) -> None:
+    full = client.generate(PROMPT, adapter="lora", max_new_tokens=6, temperature=0).text
+    stop = f" {full.split()[3]}"
+    assert quiver("generate", "--adapter", "lora", "--max-new-tokens", "6", "--stop", " w999", "--stop", stop,
+                  PROMPT) == 0
+    assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
 
 
-def test_generate_chat_sends_one_user_message(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("generate", "--server", fake.target, "--chat", "hi there") == 0
-    request = last_request(fake)
-    assert request.WhichOneof("input") == "chat"
-    assert [(m.role, m.content) for m in request.chat.messages] == [("user", "hi there")]
-    assert capsys.readouterr().out == "user:hi there"[::-1] + "\n"
+def test_generate_chat_sends_one_user_message(quiver: Any, client: QuiverClient,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert quiver("generate", "--chat", "--max-new-tokens", "5", "w4 w5") == 0
+    expected = client.generate(messages=[{"role": "user", "content": "w4 w5"}], max_new_tokens=5, temperature=0)
+    assert capsys.readouterr().out == expected.text + "\n"
+    assert expected.prompt_tokens == 2
 
 
-def test_generate_stream_prints_the_chunks(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("generate", "--server", fake.target, "--stream", "a prompt of several chunks") == 0
-    assert capsys.readouterr() == ("a prompt of several chunks"[::-1] + "\n", "")
-    assert fake.servicer.calls[-1].method == "GenerateStream"
+def test_generate_reads_a_dash_prompt_from_stdin(quiver: Any, client: QuiverClient, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w6 w7\nw8\n"))
+    assert quiver("generate", "--max-new-tokens", "4", "-") == 0
+    assert capsys.readouterr().out == client.generate("w6 w7\nw8\n", max_new_tokens=4, temperature=0).text + "\n"
 
 
-def test_generate_stream_flushes_each_chunk(fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes: list[str] = []
+def test_generate_stream_prints_and_flushes_each_chunk(quiver: Any, client: QuiverClient,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[str] = []
 
     class Recorder(io.StringIO):
         def flush(self) -> None:
-            writes.append(self.getvalue())
+            flushed.append(self.getvalue())
 
-    monkeypatch.setattr(sys, "stdout", Recorder())
-    assert cli("generate", "--server", fake.target, "--stream", "abcdefg") == 0
-    assert writes[:3] == ["gfe", "gfedcb", "gfedcba"]
-
-
-def test_generate_reads_a_dash_prompt_from_stdin(fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO("line one\nline two\n"))
-    assert cli("generate", "--server", fake.target, "-") == 0
-    assert last_request(fake).text == "line one\nline two\n"
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    assert quiver("generate", "--stream", "--adapter", "prefix", "--max-new-tokens", "5", PROMPT) == 0
+    chunks = [c.text for c in client.generate_stream(PROMPT, adapter="prefix", max_new_tokens=5, temperature=0)]
+    assert flushed == ["".join(chunks[: i + 1]) for i in range(len(chunks))]
+    assert recorder.getvalue() == "".join(chunks) + "\n"
 
 
 @pytest.mark.parametrize("stream", [[], ["--stream"]])
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--adapter", MISSING_ADAPTER], "error: NOT_FOUND: adapter 'missing' not found\n"),
-        (["--max-new-tokens", "0"], "error: INVALID_ARGUMENT: stopping.max_new_tokens: must be >= 1\n"),
-    ],
-)
-def test_generate_failure_exits_1_with_the_status_on_stderr(
-    fake: FakeServer, capsys: pytest.CaptureFixture[str], stream: list[str], flags: list[str], message: str
-) -> None:
-    assert cli("generate", "--server", fake.target, *stream, *flags, "hello") == 1
-    assert capsys.readouterr() == ("", message)
-
-
-def test_generate_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("generate", "--server", unused_target(), "hello") == 1
+def test_generate_logprobs_go_to_stderr(quiver: Any, client: QuiverClient, capsys: pytest.CaptureFixture[str],
+                                        stream: list[str]) -> None:
+    assert quiver("generate", "--logprobs", "2", "--max-new-tokens", "4", *stream, PROMPT) == 0
+    expected = client.generate(PROMPT, max_new_tokens=4, temperature=0, logprobs=2)
     out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith("error: UNAVAILABLE: ")
+    assert out == expected.text + "\n"  # stdout still holds only the text
+    assert err.splitlines() == [
+        "\t".join([str(e.token_id), f"{e.logprob:.4f}", *(f"{t}:{lp:.4f}" for t, lp in e.top)])
+        for e in expected.logprobs]
 
 
-def test_generate_arguments_the_wire_cannot_carry_exit_2(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("generate", "--server", fake.target, "--max-new-tokens", "-1", "hello") == 2
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--adapter", "nope"], "error: NOT_FOUND: adapter nope not found"),
+    (["--adapter", "lora@9"], "error: NOT_FOUND: adapter lora@9 not found"),
+    (["--max-new-tokens", "0"], "error: INVALID_ARGUMENT: stopping.max_new_tokens: must be in [1, "),
+])
+def test_generate_failure_exits_1_with_the_status_on_stderr(quiver: Any, capsys: pytest.CaptureFixture[str],
+                                                            stream: list[str], flags: list[str], message: str) -> None:
+    assert quiver("generate", *stream, *flags, PROMPT) == 1
     out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith("error: stopping.max_new_tokens: ")
-    assert fake.servicer.calls == []
+    assert out == "" and err.startswith(message) and err.count("\n") == 1
 
 
-# --- quiver info --------------------------------------------------------------------------------------
-
-INFO_LINES = """\
-model_name: fake-model
-fingerprint: f1ngerpr1nt
-quantization: none
-device: cpu
-context_length: 2048
-resident_bytes: 123456789
-dtype: float32
-architecture: FakeForCausalLM
-max_new_tokens_limit: 512
-has_chat_template: true
-"""
-
-
-def test_info_prints_key_value_lines(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("info", "--server", fake.target) == 0
-    assert capsys.readouterr() == (INFO_LINES, "")
-
-
-def test_info_json(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("info", "--server", fake.target, "--json") == 0
-    values = json.loads(capsys.readouterr().out)
-    assert values["model_name"] == "fake-model"
-    assert values["has_chat_template"] is True
-    assert values["resident_bytes"] == 123_456_789
-    assert len(values) == len(INFO_LINES.splitlines())
-
-
-def test_info_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("info", "--server", unused_target()) == 1
+def test_generate_arguments_the_wire_cannot_carry_exit_2(quiver: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert quiver("generate", "--max-new-tokens", "-1", PROMPT) == 2
     out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith("error: UNAVAILABLE: ")
+    assert out == "" and err.startswith("error: stopping.max_new_tokens: ")
 
 
-def test_server_defaults_to_the_environment(
-    fake: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("QUIVER_SERVER", fake.target)
-    assert cli("info") == 0
-    assert capsys.readouterr().out == INFO_LINES
+@pytest.mark.parametrize("command", [["generate", PROMPT], ["info"], ["embed", "w1"], ["classify", "--adapter", "x",
+                                                                                     "w1"]])
+def test_unreachable_server_exits_1(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--server", unused_target()]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: UNAVAILABLE: ")
 
 
-# --- through the real `quiver` entry point ------------------------------------------------------------
-
-
-def test_main_runs_generate_and_info(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "--server", fake.target, "hello"]) == 0
-    assert capsys.readouterr() == ("olleh\n", "")
-    assert main(["info", "--server", fake.target]) == 0
-    assert capsys.readouterr() == (INFO_LINES, "")
-    assert main(["generate", "--server", fake.target, "--adapter", MISSING_ADAPTER, "hello"]) == 1
-    assert capsys.readouterr() == ("", "error: NOT_FOUND: adapter 'missing' not found\n")
+def test_the_console_script_exits_with_the_status(server: ServerThread, client: QuiverClient) -> None:
+    """The installed `quiver` script, in its own process: the text on stdout and 0, or the status and 1."""
+    ok = subprocess.run([QUIVER, "generate", "--server", server.target, "--max-new-tokens", "3", PROMPT],
+                        capture_output=True, text=True, timeout=120)
+    assert (ok.returncode, ok.stdout) == (0, client.generate(PROMPT, max_new_tokens=3, temperature=0).text + "\n")
+    bad = subprocess.run([QUIVER, "generate", "--server", server.target, "--adapter", "nope", PROMPT],
+                         capture_output=True, text=True, timeout=120)
+    assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith("error: NOT_FOUND: adapter nope")
 
 
 def test_client_commands_import_neither_torch_nor_transformers() -> None:
@@ -214,14 +156,60 @@ def test_client_commands_import_neither_torch_nor_transformers() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_generate_logprobs_go_to_stderr(fake: FakeServer, capsys: pytest.CaptureFixture[str], stream: bool) -> None:
-    flags = ["--stream"] if stream else []
-    assert cli("generate", "--server", fake.target, "--logprobs", "2", *flags, "abc") == 0
-    assert last_request(fake).logprobs == 2
+# --- quiver info --------------------------------------------------------------------------------------
+
+
+def test_info_prints_key_value_lines(quiver: Any, client: QuiverClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert quiver("info") == 0
+    info = dataclasses.asdict(client.model_info())
+    expected = [f"{k}: {json.dumps(v) if isinstance(v, bool) else v}" for k, v in info.items()]
+    assert capsys.readouterr() == ("\n".join(expected) + "\n", "")
+    assert "has_chat_template: true" in expected and "architecture: LlamaForCausalLM" in expected
+
+
+def test_info_json(quiver: Any, client: QuiverClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert quiver("info", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == dataclasses.asdict(client.model_info())
+
+
+def test_server_flag_beats_the_environment(server: ServerThread, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("QUIVER_SERVER", unused_target())
+    assert main(["info", "--server", server.target]) == 0
+    assert capsys.readouterr().out.startswith("model_name: ")
+
+
+# --- quiver embed and classify ------------------------------------------------------------------------
+
+
+def test_embed_prints_json_lines(quiver: Any, client: QuiverClient, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w3 w4\n\nw5\n"))
+    assert quiver("embed", "w1 w2", "-", "--adapter", "prompt", "--pooling", "last", "--no-normalize") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = client.embed(["w1 w2", "w3 w4", "w5"], adapter="prompt", pooling="last", normalize=False)
+    assert [(r["index"], r["prompt_tokens"]) for r in rows] == list(enumerate(expected.prompt_tokens))
+    for row, vector in zip(rows, expected.vectors, strict=True):
+        assert row["embedding"] == pytest.approx(vector, abs=1e-5)
+
+
+def test_classify_prints_json_lines(quiver: Any, client: QuiverClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert quiver("classify", "--adapter", CLASSIFIER, "w1 w2", "w9") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = client.classify(["w1 w2", "w9"], adapter=CLASSIFIER)
+    assert [(r["index"], r["label"], r["prompt_tokens"]) for r in rows] == [
+        (i, e.label, e.prompt_tokens) for i, e in enumerate(expected)]
+    for row, result in zip(rows, expected, strict=True):
+        assert row["probabilities"] == pytest.approx(result.probabilities, abs=1e-5)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["embed", "--adapter", "nope", "w1"], "error: NOT_FOUND: adapter nope not found"),
+    (["classify", "--adapter", "nope", "w1"], "error: NOT_FOUND: adapter nope not found"),
+    (["classify", "--adapter", "lora", "w1"], "error: FAILED_PRECONDITION: adapter 'lora' is not a classification"),
+])
+def test_embed_and_classify_failures_exit_1(quiver: Any, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                            message: str) -> None:
+    assert quiver(*argv) == 1
     out, err = capsys.readouterr()
-    assert out == "cba\n"  # stdout still holds only the text
-    ids = [ord(c) for c in "cba"]
-    assert err.splitlines() == [
-        f"{t}\t{-(i + 1):.4f}\t{t}:{-(i + 1):.4f}\t{t - 1}:{-(i + 2):.4f}" for i, t in enumerate(ids)
-    ]
+    assert out == "" and err.startswith(message)

@@ -1,423 +1,270 @@
-"""QuiverClient and AsyncQuiverClient against the fake in-process GenerationService."""
+"""QuiverClient's generation, model-info, embedding and classification calls against a real Quiver server (the tiny
+served model): results checked against transformers/PEFT or against each other (streamed vs unary), error statuses,
+deadlines, and that closing a stream early stops the server's work."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import socket
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+import math
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import torch
+from transformers import AutoTokenizer
 
-from quiver.clients import AsyncQuiverClient, Generation, ModelInfo, QuiverClient, QuiverRpcError
-from quiver.v1 import generation_pb2 as pb
+from quiver.clients import GenerationChunk, QuiverClient, QuiverRpcError
 
-from .fake_server import (
-    ENDLESS_ADAPTER,
-    MISSING_ADAPTER,
-    SLOW_ADAPTER,
-    STREAM_CHUNK_CHARS,
-    FakeServer,
-)
+from ..adapters.adapter_factory import load_base, load_peft_classifier, load_peft_model
+from ..server_thread import ServerThread
+from .conftest import CLASSIFIER, LABELS, LONG, busy, calls_ended, unused_target, wait_for
 
-T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeServer]:
-    with FakeServer() as srv:
-        yield srv
+PROMPT = "w1 w2 w3"
 
 
 @pytest.fixture
-def fake(server: FakeServer) -> FakeServer:
-    server.servicer.reset()
-    return server
-
-
-@pytest.fixture
-def client(fake: FakeServer) -> Iterator[QuiverClient]:
-    with QuiverClient(fake.target, timeout=10) as c:
+def client(server: ServerThread) -> Iterator[QuiverClient]:
+    with QuiverClient(server.target, timeout=60) as c:
         yield c
 
 
-def run_async(target: str, body: Callable[[AsyncQuiverClient], Coroutine[Any, Any, T]]) -> T:
-    """Runs `body` with an AsyncQuiverClient made (and closed) inside a fresh event loop."""
-
-    async def main() -> T:
-        async with AsyncQuiverClient(target, timeout=10) as c:
-            return await body(c)
-
-    return asyncio.run(main())
-
-
-def unused_target() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def last_request(fake: FakeServer) -> Any:
-    return fake.servicer.calls[-1].request
-
-
-def send(client: QuiverClient, method: str, *args: Any, **kwargs: Any) -> None:
-    """Calls `generate`, or runs `generate_stream` to its end."""
-    if method == "generate":
-        client.generate(*args, **kwargs)
-    else:
-        list(client.generate_stream(*args, **kwargs))
-
-
-HELLO = Generation(
-    text="olleh",
-    token_ids=[ord(c) for c in "olleh"],
-    finish_reason="eos_token",
-    prompt_tokens=5,
-    completion_tokens=5,
-    logprobs=[],
-)
+def reference_greedy(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`: the tokens after it, at most `n`."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return [int(t) for t in out[0, ids.shape[1]:]]
 
 
 # --- results ------------------------------------------------------------------------------------------
 
 
-def test_generate_returns_the_whole_completion(client: QuiverClient, fake: FakeServer) -> None:
-    assert client.generate("hello") == HELLO
-    assert fake.servicer.calls[-1].method == "Generate"
+@pytest.mark.parametrize("adapter", ["", "lora"])
+def test_generate_is_greedy_transformers(client: QuiverClient, served_base_dir: Path,
+                                         served_adapter_dirs: dict[str, Path], adapter: str) -> None:
+    """Temperature 0 gives transformers' (with PEFT's LoRA: the adapter is applied) greedy tokens and their text."""
+    model = load_peft_model(served_base_dir, served_adapter_dirs[adapter]) if adapter else load_base(served_base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(served_base_dir)
+    expected = reference_greedy(model, tokenizer, PROMPT, 8)
+    got = client.generate(PROMPT, adapter=adapter, max_new_tokens=8, temperature=0)
+    assert got.token_ids == expected
+    assert got.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert (got.prompt_tokens, got.completion_tokens) == (3, len(expected))
+    assert got.finish_reason == ("length" if len(expected) == 8 else "eos_token")
 
 
-def test_generate_stream_chunks_add_up_to_generate(client: QuiverClient, fake: FakeServer) -> None:
-    prompt = "a longer prompt than one chunk"
-    chunks = list(client.generate_stream(prompt))
-    whole = client.generate(prompt)
-    assert fake.servicer.calls[0].method == "GenerateStream"
-    assert len(chunks) == -(-len(prompt) // STREAM_CHUNK_CHARS) + 1
+@pytest.mark.parametrize("adapter", ["", "lora", "prompt", "prefix"])
+def test_stream_chunks_add_up_to_generate(client: QuiverClient, adapter: str) -> None:
+    whole = client.generate(PROMPT, adapter=adapter, max_new_tokens=6, temperature=0)
+    chunks = list(client.generate_stream(PROMPT, adapter=adapter, max_new_tokens=6, temperature=0))
     assert "".join(c.text for c in chunks) == whole.text
     assert [t for c in chunks for t in c.token_ids] == whole.token_ids
     *body, last = chunks
-    assert all(c.finish_reason is None and c.prompt_tokens is None for c in body)
-    assert all(c.completion_tokens is None for c in body)
+    assert all(c.finish_reason is None and c.prompt_tokens is None and c.completion_tokens is None for c in body)
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
-        whole.finish_reason,
-        whole.prompt_tokens,
-        whole.completion_tokens,
-    )
+        whole.finish_reason, whole.prompt_tokens, whole.completion_tokens)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "text", "finish_reason"),
-    [
-        ({"max_new_tokens": 3}, "fed", "length"),
-        ({"stop": ["c"]}, "fed", "stop_sequence"),
-        ({"stop": ["zz", "d", "b"]}, "fe", "stop_sequence"),
-        ({"max_new_tokens": 10}, "fedcba", "eos_token"),
-    ],
-)
-def test_finish_reasons(client: QuiverClient, kwargs: dict[str, Any], text: str, finish_reason: str) -> None:
-    generation = client.generate("abcdef", **kwargs)
-    assert (generation.text, generation.finish_reason) == (text, finish_reason)
-    last = list(client.generate_stream("abcdef", **kwargs))[-1]
-    assert last.finish_reason == finish_reason
+def test_adapters_change_the_completion(client: QuiverClient) -> None:
+    """The adapter name crosses the wire: each random adapter steers the tiny model elsewhere."""
+    texts = {a: client.generate(PROMPT, adapter=a, max_new_tokens=8, temperature=0).token_ids
+             for a in ("", "lora", "prompt", "prefix", "lora@1")}
+    assert texts["lora@1"] == texts["lora"]
+    assert len({tuple(texts[a]) for a in ("", "lora", "prompt", "prefix")}) == 4
 
 
-def test_model_info(client: QuiverClient, fake: FakeServer) -> None:
+@pytest.mark.parametrize("method", ["generate", "generate_stream"])
+def test_stop_sequence_cuts_before_it(client: QuiverClient, method: str) -> None:
+    full = client.generate(PROMPT, max_new_tokens=6, temperature=0).text
+    stop = f" {full.split()[2]}"  # the third generated word: the text ends before its first occurrence
+    if method == "generate":
+        got = client.generate(PROMPT, max_new_tokens=6, temperature=0, stop=[" w999", stop])
+        text, reason = got.text, got.finish_reason
+    else:
+        chunks = list(client.generate_stream(PROMPT, max_new_tokens=6, temperature=0, stop=[" w999", stop]))
+        text, reason = "".join(c.text for c in chunks), chunks[-1].finish_reason
+    assert (text, reason) == (full[: full.index(stop)], "stop_sequence")
+    assert 0 < len(text) < len(full)
+
+
+def test_sampling_options_arrive(client: QuiverClient) -> None:
+    """temperature, top_k, top_p and seed arrive: one seed repeats its sample, another seed gives another one."""
+    options: dict[str, Any] = {"max_new_tokens": 12, "temperature": 5.0, "top_k": 0, "top_p": 1.0}
+    first = client.generate(PROMPT, seed=7, **options)
+    assert client.generate(PROMPT, seed=7, **options).token_ids == first.token_ids
+    assert client.generate(PROMPT, seed=8, **options).token_ids != first.token_ids
+    assert client.generate(PROMPT, seed=7, **{**options, "top_k": 1}).token_ids == client.generate(
+        PROMPT, max_new_tokens=12, temperature=0).token_ids  # top_k=1 is greedy whatever the temperature
+
+
+def test_repetition_penalty_arrives(client: QuiverClient) -> None:
+    """The base model's greedy text repeats a word; a strong penalty on repeats changes it."""
+    greedy = client.generate(PROMPT, max_new_tokens=6, temperature=0).token_ids
+    assert len(set(greedy)) < len(greedy)
+    penalized = client.generate(PROMPT, max_new_tokens=6, temperature=0, repetition_penalty=5.0).token_ids
+    assert len(set(penalized)) > len(set(greedy))
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_logprobs_per_token(client: QuiverClient, n: int) -> None:
+    whole = client.generate(PROMPT, max_new_tokens=5, temperature=0, logprobs=n)
+    chunks = list(client.generate_stream(PROMPT, max_new_tokens=5, temperature=0, logprobs=n))
+    assert [e.token_id for e in whole.logprobs] == whole.token_ids
+    assert [e for c in chunks for e in c.logprobs] == whole.logprobs
+    for entry in whole.logprobs:
+        assert len(entry.top) == n and entry.logprob <= 0
+        if n:  # greedy: the chosen token is the most likely one
+            assert entry.top[0] == (entry.token_id, pytest.approx(entry.logprob))
+            assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+    assert client.generate(PROMPT, max_new_tokens=5).logprobs == []
+
+
+def test_chat_messages_go_through_the_chat_template(client: QuiverClient) -> None:
+    """The tiny model's template joins the contents, each followed by a space."""
+    messages = [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2 w3"}]
+    chat = client.generate(messages=messages, max_new_tokens=5, temperature=0)
+    raw = client.generate("w1 w2 w3 ", max_new_tokens=5, temperature=0)
+    assert (chat.token_ids, chat.prompt_tokens) == (raw.token_ids, raw.prompt_tokens)
+
+
+def test_model_info_describes_the_loaded_model(client: QuiverClient, served_loaded: Any) -> None:
     info = client.model_info()
-    assert info == ModelInfo(
-        model_name="fake-model",
-        fingerprint="f1ngerpr1nt",
-        quantization="none",
-        device="cpu",
-        context_length=2048,
-        resident_bytes=123_456_789,
-        dtype="float32",
-        architecture="FakeForCausalLM",
-        max_new_tokens_limit=512,
-        has_chat_template=True,
-    )
-    assert fake.servicer.calls[-1].method == "ModelInfo"
-
-
-def test_model_info_mirrors_the_proto_field_for_field() -> None:
-    proto_fields = [f.name for f in pb.ModelInfoResponse.DESCRIPTOR.fields]
-    assert [f.name for f in dataclasses.fields(ModelInfo)] == proto_fields
-
-
-def test_results_are_frozen(client: QuiverClient) -> None:
+    config = served_loaded.model.config
+    assert (info.fingerprint, info.architecture) == (served_loaded.info.fingerprint, config.architectures[0])
+    assert (info.context_length, info.device, info.quantization) == (config.max_position_embeddings, "cpu", "none")
+    assert info.resident_bytes >= sum(p.numel() * p.element_size() for p in served_loaded.model.parameters())
+    assert info.has_chat_template and info.max_new_tokens_limit > 0
     with pytest.raises(dataclasses.FrozenInstanceError):
-        client.generate("hi").text = "changed"  # type: ignore[misc]
+        info.dtype = "changed"  # type: ignore[misc]
 
 
-# --- what goes on the wire ----------------------------------------------------------------------------
+def test_embed_equals_transformers_mean_pooled_last_hidden_states(client: QuiverClient, served_base_dir: Path
+                                                                  ) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(served_base_dir)
+    model = load_base(served_base_dir)
+    texts = ["w1 w2 w3", "w7"]
+    got = client.embed([*texts, [4, 5, 6]])
+    assert got.prompt_tokens == [3, 1, 3]
+    for text, vector in zip(texts, got.vectors, strict=False):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            pooled = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+        torch.testing.assert_close(torch.tensor(vector), pooled / pooled.norm(), rtol=1e-4, atol=1e-4)
+    assert got.vectors[2] == pytest.approx(got.vectors[0], abs=1e-5)  # "w1 w2 w3" is ids 4, 5, 6
+    raw = client.embed("w7", pooling="last", normalize=False).vectors[0]  # one token: last == mean, unscaled
+    assert math.hypot(*raw) != pytest.approx(1.0)
+    assert [x / math.hypot(*raw) for x in raw] == pytest.approx(got.vectors[1], abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["generate", "generate_stream"])
-def test_unset_options_stay_unset_on_the_wire(client: QuiverClient, fake: FakeServer, method: str) -> None:
-    send(client, method, "hi")
-    request = last_request(fake)
-    assert request.WhichOneof("input") == "text"
-    assert request.text == "hi"
-    assert request.adapter == ""
-    assert not request.HasField("sampling")
-    assert not request.HasField("stopping")
-    assert not request.HasField("logprobs")
-
-
-@pytest.mark.parametrize("method", ["generate", "generate_stream"])
-def test_set_options_arrive(client: QuiverClient, fake: FakeServer, method: str) -> None:
-    options: dict[str, Any] = {
-        "adapter": "summarize@2",
-        "max_new_tokens": 7,
-        "temperature": 0.5,
-        "top_p": 0.9,
-        "top_k": 40,
-        "repetition_penalty": 1.1,
-        "stop": ["\n", "END"],
-        "seed": 2**63 + 5,
-        "logprobs": 0,  # zero still crosses the wire: "only the chosen token's"
-    }
-    send(client, method, "hi", **options)
-    request = last_request(fake)
-    assert request.adapter == "summarize@2"
-    s = request.sampling
-    assert (s.temperature, s.top_p, s.repetition_penalty) == pytest.approx((0.5, 0.9, 1.1))
-    assert (s.top_k, s.seed) == (40, 2**63 + 5)
-    assert request.stopping.max_new_tokens == 7
-    assert list(request.stopping.stop_sequences) == ["\n", "END"]
-    assert request.HasField("logprobs") and request.logprobs == 0
-
-
-@pytest.mark.parametrize("field", ["temperature", "top_p", "top_k", "repetition_penalty", "seed"])
-def test_zero_is_sent_not_dropped(client: QuiverClient, fake: FakeServer, field: str) -> None:
-    client.generate("hi", **{field: 0})
-    sampling = last_request(fake).sampling
-    # Zero is proto3's default value, yet with `optional` presence it still crosses the wire.
-    assert [f.name for f, _ in sampling.ListFields()] == [field]
-
-
-def test_generate_stream_starts_the_call_on_first_next(client: QuiverClient, fake: FakeServer) -> None:
-    stream = client.generate_stream("hi")
-    assert fake.servicer.calls == []
-    assert next(stream).text == "ih"
-    assert [c.method for c in fake.servicer.calls] == ["GenerateStream"]
-    stream.close()
-
-
-def test_chat_messages_arrive_as_chat_messages(client: QuiverClient, fake: FakeServer) -> None:
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    generation = client.generate(messages=messages)
-    request = last_request(fake)
-    assert request.WhichOneof("input") == "chat"
-    assert [(m.role, m.content) for m in request.chat.messages] == [("system", "be brief"), ("user", "hi")]
-    assert generation.text == "system:be brief|user:hi"[::-1]
-
-
-def test_timeout_and_metadata_arrive(fake: FakeServer) -> None:
-    with QuiverClient(fake.target, timeout=30, metadata=[("x-api-key", "k1")]) as c:
-        c.generate("hi")
-        c.model_info()
-    for call in fake.servicer.calls:
-        assert call.metadata["x-api-key"] == "k1"
-        assert call.time_remaining == pytest.approx(30, abs=1)
-
-
-def test_no_timeout_sends_no_deadline(fake: FakeServer) -> None:
-    with QuiverClient(fake.target) as c:
-        c.generate("hi")
-    assert fake.servicer.calls[-1].time_remaining is None
-
-
-@pytest.mark.parametrize(
-    ("args", "kwargs", "message"),
-    [
-        ((), {}, "exactly one of prompt and messages"),
-        (("hi",), {"messages": [{"role": "user", "content": "hi"}]}, "exactly one of prompt and messages"),
-        (("hi",), {"stop": "END"}, "stop:"),
-        ((), {"messages": [{"role": "user"}]}, "messages[0]"),
-        ((), {"messages": [{"role": "user", "content": "a", "name": "x"}]}, "messages[0]"),
-        (("hi",), {"max_new_tokens": -1}, "stopping.max_new_tokens"),
-        (("hi",), {"seed": -1}, "sampling.seed"),
-        (("hi",), {"temperature": "hot"}, "sampling.temperature"),
-    ],
-)
-@pytest.mark.parametrize("method", ["generate", "generate_stream"])
-def test_requests_the_wire_cannot_carry_raise_before_sending(
-    client: QuiverClient, fake: FakeServer, method: str, args: tuple[Any, ...], kwargs: Any, message: str
-) -> None:
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
-        getattr(client, method)(*args, **kwargs)
-    assert fake.servicer.calls == []
+def test_classify_equals_peft(client: QuiverClient, classifier_dir: Path, served_base_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(served_base_dir)
+    model = load_peft_classifier(classifier_dir, len(LABELS))
+    results = client.classify(["w1 w2 w3", "w9 w8"], adapter=CLASSIFIER)
+    for text, result in zip(["w1 w2 w3", "w9 w8"], results, strict=True):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[0].softmax(-1).tolist()
+        assert list(result.probabilities) == list(LABELS)
+        assert list(result.probabilities.values()) == pytest.approx(expected, abs=1e-4)
+        assert result.label == LABELS[max(range(len(LABELS)), key=expected.__getitem__)]
+        assert result.prompt_tokens == len(ids[0])
 
 
 # --- errors -------------------------------------------------------------------------------------------
 
 ERROR_CASES = [
-    ({"adapter": MISSING_ADAPTER}, grpc.StatusCode.NOT_FOUND, "adapter 'missing' not found"),
-    ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_new_tokens: must be >= 1"),
+    ({"adapter": "nope"}, grpc.StatusCode.NOT_FOUND, "adapter nope not found"),
+    ({"adapter": "lora@9"}, grpc.StatusCode.NOT_FOUND, "adapter lora@9 not found"),
+    ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_new_tokens: must be in [1, "),
+    ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "text: must not be empty"),
+    ({"prompt": None, "messages": []}, grpc.StatusCode.INVALID_ARGUMENT, "chat.messages: must hold at least one"),
 ]
 
 
 @pytest.mark.parametrize(("kwargs", "code", "details"), ERROR_CASES)
-def test_generate_errors_become_quiver_rpc_errors(
-    client: QuiverClient, kwargs: dict[str, Any], code: grpc.StatusCode, details: str
-) -> None:
+@pytest.mark.parametrize("method", ["generate", "generate_stream"])
+def test_server_errors_become_quiver_rpc_errors(client: QuiverClient, method: str, kwargs: dict[str, Any],
+                                                code: grpc.StatusCode, details: str) -> None:
     with pytest.raises(QuiverRpcError) as error:
-        client.generate("hi", **kwargs)
-    assert (error.value.code, error.value.details) == (code, details)
-    assert str(error.value) == f"{code.name}: {details}"
+        if method == "generate":
+            client.generate(**{"prompt": PROMPT, **kwargs})
+        else:
+            list(client.generate_stream(**{"prompt": PROMPT, **kwargs}))
+    assert error.value.code == code and error.value.details.startswith(details)
+    assert str(error.value) == f"{code.name}: {error.value.details}"
     assert isinstance(error.value.__cause__, grpc.RpcError)
 
 
-@pytest.mark.parametrize(("kwargs", "code", "details"), ERROR_CASES)
-def test_generate_stream_errors_become_quiver_rpc_errors(
-    client: QuiverClient, kwargs: dict[str, Any], code: grpc.StatusCode, details: str
-) -> None:
+@pytest.mark.parametrize(("method", "kwargs", "code"), [
+    ("embed", {"inputs": "w1", "adapter": "nope"}, grpc.StatusCode.NOT_FOUND),
+    ("classify", {"inputs": "w1", "adapter": "nope"}, grpc.StatusCode.NOT_FOUND),
+    ("classify", {"inputs": "w1", "adapter": "lora"}, grpc.StatusCode.FAILED_PRECONDITION),  # not a classifier
+])
+def test_embed_and_classify_errors(client: QuiverClient, method: str, kwargs: dict[str, Any],
+                                   code: grpc.StatusCode) -> None:
     with pytest.raises(QuiverRpcError) as error:
-        list(client.generate_stream("hi", **kwargs))
-    assert (error.value.code, error.value.details) == (code, details)
-    assert isinstance(error.value.__cause__, grpc.RpcError)
+        getattr(client, method)(**kwargs)
+    assert error.value.code == code
 
 
-def test_deadline_exceeded(fake: FakeServer) -> None:
-    with QuiverClient(fake.target, timeout=0.2) as c, pytest.raises(QuiverRpcError) as error:
-        c.generate("hi", adapter=SLOW_ADAPTER)
+@pytest.mark.parametrize("method", ["generate", "generate_stream"])
+def test_deadline_exceeded_ends_the_server_work(server: ServerThread, method: str) -> None:
+    with QuiverClient(server.target, timeout=0.3) as c, pytest.raises(QuiverRpcError) as error:
+        if method == "generate":
+            c.generate(PROMPT, max_new_tokens=LONG, ignore_eos=True)
+        else:
+            list(c.generate_stream(PROMPT, max_new_tokens=LONG, ignore_eos=True))
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: busy(server) == 0, timeout=2)  # long before the 2,000 tokens would be done
 
 
 @pytest.mark.parametrize("method", ["generate", "model_info"])
 def test_unreachable_server_is_unavailable(method: str) -> None:
     with QuiverClient(unused_target(), timeout=10) as c, pytest.raises(QuiverRpcError) as error:
-        c.generate("hi") if method == "generate" else c.model_info()
+        c.generate(PROMPT) if method == "generate" else c.model_info()
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
 
 
-# --- cancellation -------------------------------------------------------------------------------------
+# --- streams and cancellation ------------------------------------------------------------------------
 
 
-def test_closing_a_stream_cancels_the_call(client: QuiverClient, fake: FakeServer) -> None:
-    stream = client.generate_stream("hi", adapter=ENDLESS_ADAPTER)
-    assert next(stream).text == "x"
+def long_stream(client: QuiverClient) -> Generator[GenerationChunk, None, None]:
+    return client.generate_stream(PROMPT, max_new_tokens=LONG, ignore_eos=True)
+
+
+def test_stream_starts_the_call_on_first_next(client: QuiverClient, server: ServerThread) -> None:
+    stream = long_stream(client)
+    assert not wait_for(lambda: busy(server) > 0, timeout=0.3)
+    assert next(stream).token_ids
+    assert busy(server) == 1
     stream.close()
-    assert fake.servicer.cancelled.wait(timeout=5)
+    assert wait_for(lambda: busy(server) == 0, timeout=5)
 
 
-def test_leaving_a_stream_loop_early_cancels_the_call(client: QuiverClient, fake: FakeServer) -> None:
-    for chunk in client.generate_stream("hi", adapter=ENDLESS_ADAPTER):
-        assert chunk.text == "x"
+def test_closing_a_stream_cancels_the_call(client: QuiverClient, server: ServerThread) -> None:
+    """A 2,000-token generation takes seconds; `close()` must free the server's row at once."""
+    cancelled = calls_ended(server, "GenerateStream", "CANCELLED")
+    stream = long_stream(client)
+    next(stream)
+    assert busy(server) == 1
+    stream.close()
+    assert wait_for(lambda: busy(server) == 0, timeout=1)
+    assert wait_for(lambda: calls_ended(server, "GenerateStream", "CANCELLED") == cancelled + 1, timeout=5)
+
+
+def test_leaving_a_stream_loop_early_cancels_the_call(client: QuiverClient, server: ServerThread) -> None:
+    for chunk in long_stream(client):
+        assert chunk.token_ids and busy(server) == 1
         break
-    assert fake.servicer.cancelled.wait(timeout=5)
+    assert wait_for(lambda: busy(server) == 0, timeout=1)
 
 
-def test_a_finished_stream_is_not_cancelled(client: QuiverClient, fake: FakeServer) -> None:
-    stream = client.generate_stream("hello")
-    assert "".join(c.text for c in stream) == "olleh"
+def test_a_finished_stream_is_not_cancelled(client: QuiverClient, server: ServerThread) -> None:
+    ok, cancelled = calls_ended(server, "GenerateStream", "OK"), calls_ended(server, "GenerateStream", "CANCELLED")
+    stream = client.generate_stream(PROMPT, max_new_tokens=3)
+    assert [c.finish_reason for c in stream][-1] == "length"
     stream.close()
-    assert not fake.servicer.cancelled.wait(timeout=0.2)
-
-
-# --- asyncio client -----------------------------------------------------------------------------------
-
-
-def test_async_generate_stream_and_model_info(fake: FakeServer) -> None:
-    async def body(c: AsyncQuiverClient) -> tuple[Generation, list[Any], ModelInfo]:
-        whole = await c.generate("hello")
-        chunks = [chunk async for chunk in c.generate_stream("hello")]
-        return whole, chunks, await c.model_info()
-
-    whole, chunks, info = run_async(fake.target, body)
-    assert whole == HELLO
-    assert "".join(c.text for c in chunks) == "olleh"
-    assert chunks[-1].finish_reason == "eos_token" and chunks[-1].completion_tokens == 5
-    assert info.model_name == "fake-model"
-    assert [c.method for c in fake.servicer.calls] == ["Generate", "GenerateStream", "ModelInfo"]
-
-
-def test_async_requests_match_sync_requests(client: QuiverClient, fake: FakeServer) -> None:
-    options: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "top_k": 3, "stop": ["a"]}
-
-    async def body(c: AsyncQuiverClient) -> None:
-        await c.generate(**options)
-        [_ async for _ in c.generate_stream(**options)]
-
-    run_async(fake.target, body)
-    client.generate(**options)
-    list(client.generate_stream(**options))
-    async_generate, async_stream, sync_generate, sync_stream = (c.request for c in fake.servicer.calls)
-    assert async_generate == sync_generate
-    assert async_stream == sync_stream
-
-
-@pytest.mark.parametrize(("kwargs", "code", "details"), ERROR_CASES)
-@pytest.mark.parametrize("method", ["generate", "generate_stream"])
-def test_async_errors_become_quiver_rpc_errors(
-    fake: FakeServer, method: str, kwargs: dict[str, Any], code: grpc.StatusCode, details: str
-) -> None:
-    async def body(c: AsyncQuiverClient) -> None:
-        if method == "generate":
-            await c.generate("hi", **kwargs)
-        else:
-            [_ async for _ in c.generate_stream("hi", **kwargs)]
-
-    with pytest.raises(QuiverRpcError) as error:
-        run_async(fake.target, body)
-    assert (error.value.code, error.value.details) == (code, details)
-    assert isinstance(error.value.__cause__, grpc.aio.AioRpcError)
-
-
-def test_async_deadline_exceeded(fake: FakeServer) -> None:
-    async def body() -> None:
-        async with AsyncQuiverClient(fake.target, timeout=0.2) as c:
-            await c.generate("hi", adapter=SLOW_ADAPTER)
-
-    with pytest.raises(QuiverRpcError) as error:
-        asyncio.run(body())
-    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def test_async_aclose_cancels_the_call(fake: FakeServer) -> None:
-    async def body(c: AsyncQuiverClient) -> bool:
-        stream = c.generate_stream("hi", adapter=ENDLESS_ADAPTER)
-        assert (await anext(stream)).text == "x"
-        await stream.aclose()
-        return await asyncio.to_thread(fake.servicer.cancelled.wait, 5)
-
-    assert run_async(fake.target, body)
-
-
-@pytest.mark.parametrize("method", ["generate", "generate_stream"])
-def test_async_task_cancellation_cancels_the_call(fake: FakeServer, method: str) -> None:
-    async def consume(c: AsyncQuiverClient) -> None:
-        if method == "generate":
-            await c.generate("hi", adapter=SLOW_ADAPTER)
-        else:
-            [_ async for _ in c.generate_stream("hi", adapter=ENDLESS_ADAPTER)]
-
-    async def body(c: AsyncQuiverClient) -> bool:
-        task = asyncio.create_task(consume(c))
-        while not fake.servicer.calls:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return await asyncio.to_thread(fake.servicer.cancelled.wait, 5)
-
-    assert run_async(fake.target, body)
-
-
-@pytest.mark.parametrize("value", [-1, 21, 2**32, 2.5])
-def test_bad_logprobs_raise_before_sending(client: QuiverClient, value: Any) -> None:
-    with pytest.raises(ValueError, match=r"^logprobs:"):
-        client.generate("hi", logprobs=value)
-
-
-def test_logprobs_are_converted_per_token() -> None:
-    from quiver.clients.types import TokenLogprob, chunk_from_response, generation_from_response
-
-    entries = [pb.TokenLogprob(token_id=5, logprob=-0.25, top=[pb.TopLogprob(token_id=5, logprob=-0.25),
-                                                               pb.TopLogprob(token_id=9, logprob=-2.0)])]
-    expected = [TokenLogprob(5, -0.25, [(5, -0.25), (9, -2.0)])]
-    whole = pb.GenerateResponse(token_ids=[5], finish_reason=pb.FINISH_REASON_LENGTH, logprobs=entries)
-    assert generation_from_response(whole).logprobs == expected
-    assert chunk_from_response(pb.GenerateStreamResponse(token_ids=[5], logprobs=entries)).logprobs == expected
+    assert wait_for(lambda: calls_ended(server, "GenerateStream", "OK") == ok + 1)
+    assert calls_ended(server, "GenerateStream", "CANCELLED") == cancelled
