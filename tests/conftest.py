@@ -16,6 +16,7 @@ import pytest
 
 from quiver.common.model_source import resolve_checkpoint
 
+from .real_models import RealModels, default_model_missing
 from .served import load_served_base, write_served_adapters, write_served_base
 from .server_thread import ServerThread
 from .tiny import TINY_CHAT_TEMPLATE, TINY_LLAMA, write_tiny_checkpoint, write_tiny_tokenizer
@@ -52,6 +53,25 @@ def default_cache_dir(pytestconfig: pytest.Config) -> Path:
     if explicit := os.environ.get("QUIVER_CACHE_DIR"):
         return Path(explicit)
     return pytestconfig.rootpath / ".pytest_cache" / "quiver-models"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test of the default model is marked `real_model` (also those that only name `default_checkpoint` or
+    `real_models`), so `-m "not real_model"` leaves none; without the package that ships the model they are
+    skipped with the command that installs it, and everything else still runs."""
+    missing = default_model_missing()
+    for item in items:
+        if {"default_checkpoint", "real_models"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
+        if missing and item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.skip(reason=missing))
+
+
+@pytest.fixture(scope="session")
+def real_models(default_cache_dir: Path) -> RealModels:
+    """The default model, each way of loading it (fp32, nf4, int8, a device) loaded once per session."""
+    return RealModels(default_cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -58,20 +58,20 @@ sys.exit(main(["serve", *sys.argv[1:]]))
 
 
 @pytest.fixture(scope="module")
-def long_checkpoint(smol_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def long_checkpoint(text_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """conftest's tiny Llama with a 4096-token context, on disk: thousands of tokens take it tens of seconds."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(text_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        eos_token_id=smol_tokenizer.eos_token_id, bos_token_id=smol_tokenizer.bos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True,
+        eos_token_id=text_tokenizer.eos_token_id, bos_token_id=text_tokenizer.bos_token_id,
+        pad_token_id=text_tokenizer.pad_token_id, tie_word_embeddings=True,
     ))
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20)
     out = tmp_path_factory.mktemp("serve-process") / "tiny-long"
     model.save_pretrained(out, safe_serialization=True)
-    smol_tokenizer.save_pretrained(out)
+    text_tokenizer.save_pretrained(out)
     return out
 
 

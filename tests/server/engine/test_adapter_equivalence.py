@@ -19,13 +19,14 @@ from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import LocalAdapterStore, StoredAdapter
 from quiver.adapters.validation import ValidationLimits
-from quiver.server.config import EngineConfig, ModelConfig
+from quiver.server.config import EngineConfig
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent
 from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 from ...adapters.adapter_factory import load_peft_model, make_lora, make_prefix_tuning, make_prompt_tuning
+from ...real_models import RealModels
 from ..devices import DEVICES
 
 pytestmark = pytest.mark.real_model
@@ -63,11 +64,8 @@ def stored(adapters: dict[str, Path], default_checkpoint: Path, tmp_path_factory
 
 
 @pytest.fixture(scope="module", params=DEVICES)
-def loaded(request: pytest.FixtureRequest, default_cache_dir: Path) -> Any:
-    from quiver.server.model.model_loader import load_base_model
-
-    config = ModelConfig(cache_dir=str(default_cache_dir), quantize="none", device=request.param, dtype="float32")
-    return load_base_model(config)
+def loaded(request: pytest.FixtureRequest, real_models: RealModels) -> Any:
+    return real_models.get(device=request.param)
 
 
 @pytest.fixture(scope="module")

@@ -75,12 +75,12 @@ def _peak(tokenizer: Any, max_new_tokens: int) -> int:
     return len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"]) + max_new_tokens
 
 
-def test_a_request_that_cannot_fit_alone_is_refused(tiny_model: Any, smol_tokenizer: Any):
-    peak = _peak(smol_tokenizer, 20)
-    for engine in _engine(tiny_model, smol_tokenizer, _bytes(tiny_model, [peak])):
-        engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=20), Collector())
+def test_a_request_that_cannot_fit_alone_is_refused(tiny_model: Any, text_tokenizer: Any):
+    peak = _peak(text_tokenizer, 20)
+    for engine in _engine(tiny_model, text_tokenizer, _bytes(tiny_model, [peak])):
+        engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=20), Collector())
         with pytest.raises(ResourceExhausted, match="--max-cache-bytes"):
-            engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=21), Collector())
+            engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=21), Collector())
 
 
 def _soft_prompt(tmp_path: Path, virtual: int) -> StoredAdapter:
@@ -92,11 +92,11 @@ def _soft_prompt(tmp_path: Path, virtual: int) -> StoredAdapter:
     return StoredAdapter(metadata, tmp_path)
 
 
-def test_an_adapters_virtual_tokens_count_toward_a_requests_peak(tiny_model: Any, smol_tokenizer: Any,
+def test_an_adapters_virtual_tokens_count_toward_a_requests_peak(tiny_model: Any, text_tokenizer: Any,
                                                                    tmp_path: Path):
-    peak = _peak(smol_tokenizer, 20)
-    for engine in _engine(tiny_model, smol_tokenizer, _bytes(tiny_model, [peak])):
-        plain = request(smol_tokenizer, PROMPT, max_new_tokens=19)
+    peak = _peak(text_tokenizer, 20)
+    for engine in _engine(tiny_model, text_tokenizer, _bytes(tiny_model, [peak])):
+        plain = request(text_tokenizer, PROMPT, max_new_tokens=19)
         soft = dataclasses.replace(plain, adapter=_soft_prompt(tmp_path, 1))
         assert engine.submit(soft, Collector()) is not None  # 19 new + 1 virtual: the peak still fits
         too_long = dataclasses.replace(soft, adapter=_soft_prompt(tmp_path, 2))
@@ -105,28 +105,28 @@ def test_an_adapters_virtual_tokens_count_toward_a_requests_peak(tiny_model: Any
 
 
 @pytest.mark.parametrize("rows_that_fit", [2, 3])
-def test_requests_start_only_while_the_batch_fits(tiny_model: Any, smol_tokenizer: Any, rows_that_fit: int):
-    peak = _peak(smol_tokenizer, 20)
-    for engine in _engine(tiny_model, smol_tokenizer, _bytes(tiny_model, [peak] * rows_that_fit)):
+def test_requests_start_only_while_the_batch_fits(tiny_model: Any, text_tokenizer: Any, rows_that_fit: int):
+    peak = _peak(text_tokenizer, 20)
+    for engine in _engine(tiny_model, text_tokenizer, _bytes(tiny_model, [peak] * rows_that_fit)):
         sinks = [Collector() for _ in range(3)]
         for sink in sinks:
-            engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=20), sink)
+            engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=20), sink)
         firsts = [sink.events.get(timeout=60)[0] for sink in sinks]
         finals = [sink.wait()[0] for sink in sinks]
     third_waited = firsts[2] > min(finals[:2])
     assert third_waited == (rows_that_fit == 2)
 
 
-def test_a_request_that_does_not_fit_yet_holds_back_later_ones(tiny_model: Any, smol_tokenizer: Any):
-    small, large = _peak(smol_tokenizer, 20), _peak(smol_tokenizer, 150)
+def test_a_request_that_does_not_fit_yet_holds_back_later_ones(tiny_model: Any, text_tokenizer: Any):
+    small, large = _peak(text_tokenizer, 20), _peak(text_tokenizer, 150)
     budget = _bytes(tiny_model, [large])  # the large one fits alone only; two small ones fit together
     assert budget >= _bytes(tiny_model, [small, small])
-    for engine in _engine(tiny_model, smol_tokenizer, budget):
+    for engine in _engine(tiny_model, text_tokenizer, budget):
         first, large_sink, later = Collector(), Collector(), Collector()
-        engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=20), first)
+        engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=20), first)
         first.events.get(timeout=60)  # running
-        engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=150), large_sink)
-        engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=20), later)  # would fit beside the first
+        engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=150), large_sink)
+        engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=20), later)  # would fit beside the first
         first_final = first.wait()[0]
         large_first = large_sink.events.get(timeout=60)[0]
         large_final = large_sink.wait()[0]
@@ -135,12 +135,12 @@ def test_a_request_that_does_not_fit_yet_holds_back_later_ones(tiny_model: Any, 
     assert large_final < later_first  # and the later small one did not overtake it
 
 
-def test_the_engine_reports_what_its_rows_reserve(tiny_model: Any, smol_tokenizer: Any):
-    peak = _peak(smol_tokenizer, 200)
-    for engine in _engine(tiny_model, smol_tokenizer, EngineConfig().max_cache_bytes):
+def test_the_engine_reports_what_its_rows_reserve(tiny_model: Any, text_tokenizer: Any):
+    peak = _peak(text_tokenizer, 200)
+    for engine in _engine(tiny_model, text_tokenizer, EngineConfig().max_cache_bytes):
         assert engine.cache_reserved_bytes == 0
         sink = Collector()
-        handle = engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=200), sink)
+        handle = engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=200), sink)
         sink.events.get(timeout=60)  # running
         assert engine.cache_reserved_bytes == _bytes(tiny_model, [peak])
         handle.cancel()  # a cancelled row leaves within a step, and sends nothing more
@@ -185,12 +185,12 @@ def test_with_preemption_rows_start_at_once_and_the_newest_yields_then_resumes(d
     assert results[2][0] == max(order for order, _ in results)  # the newest was preempted and finished last
 
 
-def test_a_preempted_request_can_be_cancelled(tiny_model: Any, smol_tokenizer: Any):
-    peak = _peak(smol_tokenizer, 80)
-    for engine in _engine(tiny_model, smol_tokenizer, _bytes(tiny_model, [peak]), preempt=True):
+def test_a_preempted_request_can_be_cancelled(tiny_model: Any, text_tokenizer: Any):
+    peak = _peak(text_tokenizer, 80)
+    for engine in _engine(tiny_model, text_tokenizer, _bytes(tiny_model, [peak]), preempt=True):
         first, second = Collector(), Collector()
-        engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=80), first)
-        handle = engine.submit(request(smol_tokenizer, PROMPT, max_new_tokens=80), second)
+        engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=80), first)
+        handle = engine.submit(request(text_tokenizer, PROMPT, max_new_tokens=80), second)
         deadline = time.monotonic() + 60
         while not engine.preemptions and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -206,7 +206,7 @@ def test_a_preempted_request_can_be_cancelled(tiny_model: Any, smol_tokenizer: A
     assert received and all(e.finish_reason is None and e.error is None for e in received)  # stopped, silently
 
 
-def test_with_preemption_rows_waiting_for_their_prefill_count_too(tiny_model: Any, smol_tokenizer: Any,
+def test_with_preemption_rows_waiting_for_their_prefill_count_too(tiny_model: Any, text_tokenizer: Any,
                                                                    monkeypatch: pytest.MonkeyPatch):
     """Short rows admitted together are prefilled one group per step while a long row grows. The engine is
     stepped by hand here (no thread), so the budget can be set to what fits exactly when they arrive: every join
@@ -215,7 +215,7 @@ def test_with_preemption_rows_waiting_for_their_prefill_count_too(tiny_model: An
 
     block = 4
     config = EngineConfig(preempt=True, cache_block_tokens=block, max_prefill_tokens=8)
-    engine = Engine(tiny_model, smol_tokenizer, frozenset(), config)  # no end of sequence: rows run to the limit
+    engine = Engine(tiny_model, text_tokenizer, frozenset(), config)  # no end of sequence: rows run to the limit
     measured: list[int] = []
     add, forward = DecodeBatch.add, DecodeBatch.forward
 
@@ -237,8 +237,8 @@ def test_with_preemption_rows_waiting_for_their_prefill_count_too(tiny_model: An
 
     monkeypatch.setattr(DecodeBatch, "add", checked_add)
     monkeypatch.setattr(DecodeBatch, "forward", checked_forward)
-    long_request = request(smol_tokenizer, " ".join(str(i) for i in range(1, 40)), max_new_tokens=60)
-    shorts = [request(smol_tokenizer, PROMPT, max_new_tokens=20) for _ in range(4)]
+    long_request = request(text_tokenizer, " ".join(str(i) for i in range(1, 40)), max_new_tokens=60)
+    shorts = [request(text_tokenizer, PROMPT, max_new_tokens=20) for _ in range(4)]
     sinks = [Collector() for _ in range(5)]
     try:
         with torch.inference_mode():

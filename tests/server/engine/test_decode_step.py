@@ -144,7 +144,7 @@ def test_models_outside_the_registry_or_its_conditions_use_transformers_forward(
 
 @pytest.mark.parametrize("plain", [True, False])
 def test_engine_decodes_through_the_step_its_config_names(
-    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, plain: bool
+    tiny_model: Any, text_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, plain: bool
 ) -> None:
     calls = {"plain": 0, "transformers": 0}
 
@@ -157,10 +157,10 @@ def test_engine_decodes_through_the_step_its_config_names(
 
     monkeypatch.setitem(decode_step._STEPS, LlamaForCausalLM, counting("plain", llama_step))
     monkeypatch.setattr(decode_step, "transformers_step", counting("transformers", transformers_step))
-    engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(plain_decode_step=plain))
+    engine = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(plain_decode_step=plain))
     engine.start()
     try:
-        generated = tokens_of(run(engine, request(smol_tokenizer, "Hello there", max_new_tokens=4)))
+        generated = tokens_of(run(engine, request(text_tokenizer, "Hello there", max_new_tokens=4)))
     finally:
         engine.stop()
     assert len(generated) == 4

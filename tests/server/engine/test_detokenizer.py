@@ -1,6 +1,6 @@
 """Streaming detokenization and stop sequences on the default model's real tokenizer.
 
-The `smol_tokenizer` fixture (tests/server/conftest.py) loads the tokenizer of the default GGUF once per session.
+The `text_tokenizer` fixture (tests/server/conftest.py) loads the tokenizer of the default GGUF once per session.
 """
 
 # Multilingual samples are the point here, look-alike characters included.
@@ -45,21 +45,21 @@ def _reference(tok: Any, ids: list[int], stops: tuple[str, ...]) -> str:
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_multilingual_text_streams_back_whole_characters(smol_tokenizer: Any, text: str) -> None:
-    ids = smol_tokenizer.encode(text)
-    chunks, _, stopped = _stream(smol_tokenizer, ids)
+def test_multilingual_text_streams_back_whole_characters(text_tokenizer: Any, text: str) -> None:
+    ids = text_tokenizer.encode(text)
+    chunks, _, stopped = _stream(text_tokenizer, ids)
     assert not stopped
-    assert "".join(chunks) == smol_tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert "".join(chunks) == text_tokenizer.decode(ids, skip_special_tokens=True) == text
     assert not any("\ufffd" in c for c in chunks)
 
 
-def test_characters_split_across_tokens_are_held_until_complete(smol_tokenizer: Any) -> None:
-    ids = smol_tokenizer.encode(TEXTS[2])
-    assert any("\ufffd" in smol_tokenizer.decode([i]) for i in ids), "needs a character split over tokens"
-    stream, sent = TextStream(smol_tokenizer), ""
+def test_characters_split_across_tokens_are_held_until_complete(text_tokenizer: Any) -> None:
+    ids = text_tokenizer.encode(TEXTS[2])
+    assert any("\ufffd" in text_tokenizer.decode([i]) for i in ids), "needs a character split over tokens"
+    stream, sent = TextStream(text_tokenizer), ""
     for k, token in enumerate(ids, start=1):
         sent += stream.push(token)
-        prefix = smol_tokenizer.decode(ids[:k])
+        prefix = text_tokenizer.decode(ids[:k])
         # Text goes out as soon as it ends on a whole character, and never before.
         if prefix.endswith("\ufffd"):
             assert prefix.startswith(sent) and len(sent) < len(prefix)
@@ -67,56 +67,56 @@ def test_characters_split_across_tokens_are_held_until_complete(smol_tokenizer: 
             assert sent == prefix
 
 
-def test_special_tokens_are_skipped(smol_tokenizer: Any) -> None:
-    body = smol_tokenizer.encode("Hello there, 世界!")
-    specials = smol_tokenizer.all_special_ids
-    ids = [specials[0], *body[:3], specials[1], *body[3:], smol_tokenizer.eos_token_id]
-    chunks, _, _ = _stream(smol_tokenizer, ids)
-    assert "".join(chunks) == smol_tokenizer.decode(body) == "Hello there, 世界!"
+def test_special_tokens_are_skipped(text_tokenizer: Any) -> None:
+    body = text_tokenizer.encode("Hello there, 世界!")
+    specials = text_tokenizer.all_special_ids
+    ids = [specials[0], *body[:3], specials[1], *body[3:], text_tokenizer.eos_token_id]
+    chunks, _, _ = _stream(text_tokenizer, ids)
+    assert "".join(chunks) == text_tokenizer.decode(body) == "Hello there, 世界!"
 
 
-def test_finish_flushes_an_incomplete_character(smol_tokenizer: Any) -> None:
-    ids = smol_tokenizer.encode("ok 🎉")
-    cut = next(k for k in range(1, len(ids)) if smol_tokenizer.decode(ids[:k]).endswith("\ufffd"))
-    chunks, _, _ = _stream(smol_tokenizer, ids[:cut])
+def test_finish_flushes_an_incomplete_character(text_tokenizer: Any) -> None:
+    ids = text_tokenizer.encode("ok 🎉")
+    cut = next(k for k in range(1, len(ids)) if text_tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    chunks, _, _ = _stream(text_tokenizer, ids[:cut])
     assert chunks[-1].endswith("\ufffd")
-    assert "".join(chunks) == smol_tokenizer.decode(ids[:cut])
+    assert "".join(chunks) == text_tokenizer.decode(ids[:cut])
 
 
-def test_stop_sequence_spanning_tokens(smol_tokenizer: Any) -> None:
+def test_stop_sequence_spanning_tokens(text_tokenizer: Any) -> None:
     text = "The answer is 42. Next question: what is life?"
-    ids = smol_tokenizer.encode(text)
+    ids = text_tokenizer.encode(text)
     stop = "42. Next"
-    assert not any(stop in smol_tokenizer.decode([i]) for i in ids), "the stop must span tokens"
-    chunks, pushed, stopped = _stream(smol_tokenizer, ids, (stop,))
+    assert not any(stop in text_tokenizer.decode([i]) for i in ids), "the stop must span tokens"
+    chunks, pushed, stopped = _stream(text_tokenizer, ids, (stop,))
     assert stopped
     assert "".join(chunks) == "The answer is "
     # Stopped at the token that completes the stop sequence, not later.
-    assert stop in smol_tokenizer.decode(ids[:pushed]) and stop not in smol_tokenizer.decode(ids[: pushed - 1])
+    assert stop in text_tokenizer.decode(ids[:pushed]) and stop not in text_tokenizer.decode(ids[: pushed - 1])
 
 
-def test_stop_at_the_very_first_token(smol_tokenizer: Any) -> None:
-    ids = smol_tokenizer.encode("Hello world")
-    first = smol_tokenizer.decode(ids[:1])
-    chunks, pushed, stopped = _stream(smol_tokenizer, ids, (first,))
+def test_stop_at_the_very_first_token(text_tokenizer: Any) -> None:
+    ids = text_tokenizer.encode("Hello world")
+    first = text_tokenizer.decode(ids[:1])
+    chunks, pushed, stopped = _stream(text_tokenizer, ids, (first,))
     assert (chunks, pushed, stopped) == ([""], 1, True)
 
 
-def test_text_after_the_stop_in_the_same_token_is_dropped(smol_tokenizer: Any) -> None:
-    ids = smol_tokenizer.encode("alpha beta gamma")
-    chunks, _, stopped = _stream(smol_tokenizer, ids, ("et",))
+def test_text_after_the_stop_in_the_same_token_is_dropped(text_tokenizer: Any) -> None:
+    ids = text_tokenizer.encode("alpha beta gamma")
+    chunks, _, stopped = _stream(text_tokenizer, ids, ("et",))
     assert stopped and "".join(chunks) == "alpha b"
 
 
-def test_diverging_stop_prefix_is_held_then_released(smol_tokenizer: Any) -> None:
+def test_diverging_stop_prefix_is_held_then_released(text_tokenizer: Any) -> None:
     text = "Say The End then The Endgame."
-    ids = smol_tokenizer.encode(text)
+    ids = text_tokenizer.encode(text)
     stops = ("The End!", "zzz")
-    stream, sent, held = TextStream(smol_tokenizer, stops), "", False
+    stream, sent, held = TextStream(text_tokenizer, stops), "", False
     for k, token in enumerate(ids, start=1):
         sent += stream.push(token)
         assert not stream.stopped
-        decoded = smol_tokenizer.decode(ids[:k])
+        decoded = text_tokenizer.decode(ids[:k])
         if decoded.endswith(" The End"):
             held = True
             assert sent == decoded[: -len("The End")], "a possible stop start must be held back"
@@ -125,15 +125,15 @@ def test_diverging_stop_prefix_is_held_then_released(smol_tokenizer: Any) -> Non
     assert sent == text
 
 
-def test_earliest_of_several_stops_wins(smol_tokenizer: Any) -> None:
-    ids = smol_tokenizer.encode("one two three four")
-    chunks, _, stopped = _stream(smol_tokenizer, ids, ("four", "o thr", "two three"))
+def test_earliest_of_several_stops_wins(text_tokenizer: Any) -> None:
+    ids = text_tokenizer.encode("one two three four")
+    chunks, _, stopped = _stream(text_tokenizer, ids, ("four", "o thr", "two three"))
     assert stopped and "".join(chunks) == "one "
 
 
-def test_push_after_stop_is_refused(smol_tokenizer: Any) -> None:
-    ids = smol_tokenizer.encode("a b c")
-    stream = TextStream(smol_tokenizer, ("b",))
+def test_push_after_stop_is_refused(text_tokenizer: Any) -> None:
+    ids = text_tokenizer.encode("a b c")
+    stream = TextStream(text_tokenizer, ("b",))
     while not stream.stopped:
         stream.push(ids.pop(0))
     assert stream.finish() == ""
@@ -154,12 +154,12 @@ class _CountingTokenizer:
         return text
 
 
-def test_decoding_cost_does_not_grow_with_length(smol_tokenizer: Any) -> None:
-    ids = smol_tokenizer.encode(" ".join(TEXTS) * 8)
+def test_decoding_cost_does_not_grow_with_length(text_tokenizer: Any) -> None:
+    ids = text_tokenizer.encode(" ".join(TEXTS) * 8)
     assert len(ids) > 1000
-    counting = _CountingTokenizer(smol_tokenizer)
+    counting = _CountingTokenizer(text_tokenizer)
     chunks, _, _ = _stream(counting, ids, ("never appears",))
-    assert "".join(chunks) == smol_tokenizer.decode(ids)
+    assert "".join(chunks) == text_tokenizer.decode(ids)
     assert counting.longest <= 8
 
 
@@ -183,14 +183,14 @@ def _random_case(tok: Any, rng: random.Random) -> tuple[list[int], tuple[str, ..
 
 
 @pytest.mark.parametrize("block", range(4))
-def test_stream_equals_full_decode_cut_at_first_stop(smol_tokenizer: Any, block: int) -> None:
+def test_stream_equals_full_decode_cut_at_first_stop(text_tokenizer: Any, block: int) -> None:
     for seed in range(block * 500, (block + 1) * 500):
-        ids, stops = _random_case(smol_tokenizer, random.Random(seed))
-        chunks, pushed, stopped = _stream(smol_tokenizer, ids, stops)
+        ids, stops = _random_case(text_tokenizer, random.Random(seed))
+        chunks, pushed, stopped = _stream(text_tokenizer, ids, stops)
         pushed_ids = ids[:pushed]
-        assert "".join(chunks) == _reference(smol_tokenizer, pushed_ids, stops), (seed, ids, stops)
-        full = smol_tokenizer.decode(pushed_ids, skip_special_tokens=True)
+        assert "".join(chunks) == _reference(text_tokenizer, pushed_ids, stops), (seed, ids, stops)
+        full = text_tokenizer.decode(pushed_ids, skip_special_tokens=True)
         assert stopped == any(s in full for s in stops), (seed, ids, stops)
         if stopped:  # and not a token later than needed (stops in U+FFFD may wait for the next one)
-            before = smol_tokenizer.decode(ids[: pushed - 1], skip_special_tokens=True)
+            before = text_tokenizer.decode(ids[: pushed - 1], skip_special_tokens=True)
             assert not any(s in before for s in stops if "\ufffd" not in s), (seed, ids, stops)

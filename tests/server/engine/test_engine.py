@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import queue
 import threading
 import time
@@ -74,18 +76,18 @@ def reference_greedy(model: Any, req: GenerationRequest, eos: int) -> list[int]:
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_equals_transformers_generate(engine: Engine, tiny_model: Any, smol_tokenizer: Any, prompt: str):
-    req = request(smol_tokenizer, prompt, max_new_tokens=24)
+def test_greedy_equals_transformers_generate(engine: Engine, tiny_model: Any, text_tokenizer: Any, prompt: str):
+    req = request(text_tokenizer, prompt, max_new_tokens=24)
     events = run(engine, req)
-    assert tokens_of(events) == reference_greedy(tiny_model, req, smol_tokenizer.eos_token_id)
+    assert tokens_of(events) == reference_greedy(tiny_model, req, text_tokenizer.eos_token_id)
     text = "".join(e.text for e in events)
-    assert text == smol_tokenizer.decode(tokens_of(events), skip_special_tokens=True)
+    assert text == text_tokenizer.decode(tokens_of(events), skip_special_tokens=True)
     assert events[-1].completion_tokens == len(tokens_of(events))
     assert events[-1].prompt_tokens == len(req.prompt_ids)
 
 
-def test_concurrent_requests_match_solo_runs(engine: Engine, smol_tokenizer: Any):
-    reqs = [request(smol_tokenizer, p, max_new_tokens=12 + 3 * i) for i, p in enumerate(PROMPTS)]
+def test_concurrent_requests_match_solo_runs(engine: Engine, text_tokenizer: Any):
+    reqs = [request(text_tokenizer, p, max_new_tokens=12 + 3 * i) for i, p in enumerate(PROMPTS)]
     solo = [tokens_of(run(engine, r)) for r in reqs]
     sinks = [Collector() for _ in reqs]
     for r, s in zip(reqs, sinks, strict=True):
@@ -94,20 +96,20 @@ def test_concurrent_requests_match_solo_runs(engine: Engine, smol_tokenizer: Any
     assert together == solo
 
 
-def test_late_short_request_finishes_first(engine: Engine, smol_tokenizer: Any):
+def test_late_short_request_finishes_first(engine: Engine, text_tokenizer: Any):
     long_sink, short_sink = Collector(), Collector()
-    engine.submit(request(smol_tokenizer, PROMPTS[0], max_new_tokens=200), long_sink)
+    engine.submit(request(text_tokenizer, PROMPTS[0], max_new_tokens=200), long_sink)
     long_sink.events.get(timeout=30)  # the long request is decoding
-    engine.submit(request(smol_tokenizer, PROMPTS[1], max_new_tokens=3), short_sink)
+    engine.submit(request(text_tokenizer, PROMPTS[1], max_new_tokens=3), short_sink)
     short_order, short_events = short_sink.wait()
     long_order, _ = long_sink.wait()
     assert short_events[-1].finish_reason is FinishReason.LENGTH
     assert short_order < long_order
 
 
-def test_cancel_frees_the_sequence(engine: Engine, smol_tokenizer: Any):
+def test_cancel_frees_the_sequence(engine: Engine, text_tokenizer: Any):
     sink = Collector()
-    handle = engine.submit(request(smol_tokenizer, PROMPTS[0], max_new_tokens=200), sink)
+    handle = engine.submit(request(text_tokenizer, PROMPTS[0], max_new_tokens=200), sink)
     sink.events.get(timeout=30)
     handle.cancel()
     deadline = time.monotonic() + 10
@@ -120,45 +122,45 @@ def test_cancel_frees_the_sequence(engine: Engine, smol_tokenizer: Any):
     assert produced < 199
 
 
-def test_stop_sequence_truncates_text(engine: Engine, smol_tokenizer: Any):
-    free = run(engine, request(smol_tokenizer, PROMPTS[2], max_new_tokens=24))
+def test_stop_sequence_truncates_text(engine: Engine, text_tokenizer: Any):
+    free = run(engine, request(text_tokenizer, PROMPTS[2], max_new_tokens=24))
     text = "".join(e.text for e in free)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), "the free run should produce text to cut"
-    stopped = run(engine, request(smol_tokenizer, PROMPTS[2], max_new_tokens=24, stop=[stop]))
+    stopped = run(engine, request(text_tokenizer, PROMPTS[2], max_new_tokens=24, stop=[stop]))
     assert stopped[-1].finish_reason is FinishReason.STOP_SEQUENCE
     assert "".join(e.text for e in stopped) == text[: text.index(stop)]
 
 
-def test_seeded_sampling_is_reproducible(engine: Engine, smol_tokenizer: Any):
+def test_seeded_sampling_is_reproducible(engine: Engine, text_tokenizer: Any):
     def sample(seed: int) -> list[int]:
-        return tokens_of(run(engine, request(smol_tokenizer, PROMPTS[3], 16, temperature=5.0, seed=seed)))
+        return tokens_of(run(engine, request(text_tokenizer, PROMPTS[3], 16, temperature=5.0, seed=seed)))
 
     first, again, other = sample(7), sample(7), sample(8)
     assert first == again
     assert first != other
 
 
-def test_full_queue_is_resource_exhausted(tiny_model: Any, smol_tokenizer: Any):
-    eng = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(max_queued=2))
+def test_full_queue_is_resource_exhausted(tiny_model: Any, text_tokenizer: Any):
+    eng = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(max_queued=2))
     try:
         # Not started: nothing leaves the queue.
-        eng.submit(request(smol_tokenizer, "a"), Collector())
-        eng.submit(request(smol_tokenizer, "b"), Collector())
+        eng.submit(request(text_tokenizer, "a"), Collector())
+        eng.submit(request(text_tokenizer, "b"), Collector())
         with pytest.raises(ResourceExhausted):
-            eng.submit(request(smol_tokenizer, "c"), Collector())
+            eng.submit(request(text_tokenizer, "c"), Collector())
     finally:
         eng.stop()
 
 
 @pytest.mark.skipif(openmp_runtime() is None, reason="needs torch's OpenMP runtime (Linux)")
-def test_the_engine_thread_claims_its_torch_threads_and_later_threads_get_one(tiny_model: Any, smol_tokenizer: Any):
+def test_the_engine_thread_claims_its_torch_threads_and_later_threads_get_one(tiny_model: Any, text_tokenizer: Any):
     before = torch.get_num_threads()
     seen: list[int] = []
-    eng = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(threads=2))
+    eng = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(threads=2))
     eng.start()
     try:
-        eng.submit(request(smol_tokenizer, "a", max_new_tokens=1), lambda event: seen.append(torch.get_num_threads()))
+        eng.submit(request(text_tokenizer, "a", max_new_tokens=1), lambda event: seen.append(torch.get_num_threads()))
         deadline = time.monotonic() + 30
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -175,28 +177,32 @@ def test_the_engine_thread_claims_its_torch_threads_and_later_threads_get_one(ti
         EngineConfig(threads=-1)
 
 
-def _unstarted(tiny_model: Any, smol_tokenizer: Any, **config: Any) -> Engine:
+def _unstarted(tiny_model: Any, text_tokenizer: Any, **config: Any) -> Engine:
     """An engine whose thread has not started: requests submitted now are all admitted at its first step."""
-    return Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(**config))
+    return Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(**config))
 
 
 def test_a_burst_of_arrivals_prefills_one_group_per_decode_step(
-    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Any, text_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ):
     """Running sequences are stalled by at most one prefill forward between two decode steps."""
     calls = _record_forwards(monkeypatch, "P", "P")
-    # Prompts of 4, 11, 6 and 8 tokens: with an 11-token budget each is a prefill group of its own (none chunked).
-    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=11)
-    sinks = [Collector() for _ in PROMPTS]
-    for prompt, sink in zip(PROMPTS, sinks, strict=True):
-        eng.submit(request(smol_tokenizer, prompt, max_new_tokens=6), sink)
+    # Prompts of 7, 11, 8 and 9 tokens and an 11-token budget: none is chunked, and no two fit one group, so each
+    # prompt is a prefill group of its own.
+    text = request(text_tokenizer, " ".join(PROMPTS * 2), max_new_tokens=6)
+    starts = itertools.accumulate((7, 11, 8, 9), initial=0)
+    prompts = [dataclasses.replace(text, prompt_ids=text.prompt_ids[a:b]) for a, b in itertools.pairwise(starts)]
+    eng = _unstarted(tiny_model, text_tokenizer, max_prefill_tokens=11)
+    sinks = [Collector() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        eng.submit(prompt, sink)
     eng.start()
     try:
         results = [sink.wait() for sink in sinks]
     finally:
         eng.stop()
     assert all(events[-1].finish_reason is FinishReason.LENGTH for _, events in results)
-    assert calls.count("P") == len(PROMPTS)
+    assert calls.count("P") == len(prompts)
     assert "PP" not in "".join(calls), calls
     # Groups go oldest first: with equal lengths, requests finish in the order they were submitted.
     finished = [order for order, _ in results]
@@ -226,22 +232,22 @@ def _record_forwards(monkeypatch: pytest.MonkeyPatch, group: str, chunk: str) ->
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
-    tiny_model: Any, smol_tokenizer: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Any, text_tokenizer: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ):
     long_prompt = " ".join(PROMPTS * 3)
-    reference = tokens_of(run(engine, request(smol_tokenizer, long_prompt, max_new_tokens=8)))
+    reference = tokens_of(run(engine, request(text_tokenizer, long_prompt, max_new_tokens=8)))
     engine.stop()  # one engine per model at a time
     calls = _record_forwards(monkeypatch, "P", "P")
-    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
+    eng = _unstarted(tiny_model, text_tokenizer, max_prefill_tokens=8)
     short, long = Collector(), Collector()
-    eng.submit(request(smol_tokenizer, PROMPTS[2], max_new_tokens=30), short)  # decoding while the long one fills
-    eng.submit(request(smol_tokenizer, long_prompt, max_new_tokens=8), long)
+    eng.submit(request(text_tokenizer, PROMPTS[2], max_new_tokens=30), short)  # decoding while the long one fills
+    eng.submit(request(text_tokenizer, long_prompt, max_new_tokens=8), long)
     eng.start()
     try:
         long_events, short_events = long.wait()[1], short.wait()[1]
     finally:
         eng.stop()
-    prompt_tokens = len(smol_tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(text_tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
     assert tokens_of(long_events) == reference  # chunked or not, the same tokens
     assert short_events[-1].finish_reason is FinishReason.LENGTH
     assert calls.count("P") == 1 + -(-prompt_tokens // 8)  # the short prompt, then the long one's chunks
@@ -249,7 +255,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
 
 
 def test_cancelling_a_prompt_between_its_chunks_drops_it(
-    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Any, text_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ):
     from quiver.server.engine import chunked_prefill
 
@@ -266,7 +272,11 @@ def test_cancelling_a_prompt_between_its_chunks_drops_it(
 
     monkeypatch.setattr(chunked_prefill, "prefill", first_chunk)
     monkeypatch.setattr(chunked_prefill, "extend", next_chunk)
-    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=4)
+    short = request(text_tokenizer, PROMPTS[0], max_new_tokens=5)
+    two_chunks = request(text_tokenizer, PROMPTS[3], max_new_tokens=3)
+    budget = len(short.prompt_ids)  # the short prompt is one ordinary group; the check request takes two chunks
+    assert budget < len(two_chunks.prompt_ids) <= 2 * budget
+    eng = _unstarted(tiny_model, text_tokenizer, max_prefill_tokens=budget)
     handles: list[RequestHandle] = []
     seen = 0
 
@@ -278,27 +288,26 @@ def test_cancelling_a_prompt_between_its_chunks_drops_it(
         driver(event)
 
     driver, victim = Collector(), Collector()
-    short = request(smol_tokenizer, PROMPTS[0], max_new_tokens=5)  # 4 tokens: one ordinary group
     eng.submit(short, cancel_on_second_token)
-    handles.append(eng.submit(request(smol_tokenizer, " ".join(PROMPTS), max_new_tokens=5), victim))
+    handles.append(eng.submit(request(text_tokenizer, " ".join(PROMPTS), max_new_tokens=5), victim))
     eng.start()
     try:
         assert driver.wait()[1][-1].finish_reason is FinishReason.LENGTH
-        assert tokens_of(run(eng, request(smol_tokenizer, PROMPTS[3], max_new_tokens=3)))  # still serving
-        assert chunks == ["first", "first", "next"]  # the victim: its first chunk only; then the 8-token prompt
+        assert tokens_of(run(eng, two_chunks))  # still serving
+        assert chunks == ["first", "first", "next"]  # the victim: its first chunk only; then the check request
         assert victim.events.empty() and eng.num_running == 0
     finally:
         eng.stop()
 
 
 def test_a_short_request_is_prefilled_between_a_long_prompts_chunks(
-    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Any, text_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ):
     calls = _record_forwards(monkeypatch, "G", "C")
-    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=8)
+    eng = _unstarted(tiny_model, text_tokenizer, max_prefill_tokens=8)
     long, short = Collector(), Collector()
-    eng.submit(request(smol_tokenizer, " ".join(PROMPTS * 3), max_new_tokens=4), long)  # the oldest: chunked
-    eng.submit(request(smol_tokenizer, PROMPTS[0], max_new_tokens=4), short)
+    eng.submit(request(text_tokenizer, " ".join(PROMPTS * 3), max_new_tokens=4), long)  # the oldest: chunked
+    eng.submit(request(text_tokenizer, PROMPTS[0], max_new_tokens=4), short)
     eng.start()
     try:
         short_events, long_events = short.wait()[1], long.wait()[1]
@@ -310,9 +319,9 @@ def test_a_short_request_is_prefilled_between_a_long_prompts_chunks(
     assert "".join(calls).startswith("CGDCDCDC"), calls
 
 
-def test_requests_waiting_only_for_their_prefill_are_not_queued(tiny_model: Any, smol_tokenizer: Any):
+def test_requests_waiting_only_for_their_prefill_are_not_queued(tiny_model: Any, text_tokenizer: Any):
     """Admitted requests hold a batch place: they do not count against --max-queued."""
-    eng = _unstarted(tiny_model, smol_tokenizer, max_prefill_tokens=11, max_queued=2)
+    eng = _unstarted(tiny_model, text_tokenizer, max_prefill_tokens=11, max_queued=2)
     seen: list[int] = []
     first = Collector()
 
@@ -320,9 +329,9 @@ def test_requests_waiting_only_for_their_prefill_are_not_queued(tiny_model: Any,
         seen.append(eng.num_waiting)  # the second request is admitted, its prefill due at the next step
         first(event)
 
-    eng.submit(request(smol_tokenizer, PROMPTS[0], max_new_tokens=2), record)
+    eng.submit(request(text_tokenizer, PROMPTS[0], max_new_tokens=2), record)
     second = Collector()
-    eng.submit(request(smol_tokenizer, PROMPTS[1], max_new_tokens=2), second)
+    eng.submit(request(text_tokenizer, PROMPTS[1], max_new_tokens=2), second)
     eng.start()
     try:
         first.wait()

@@ -35,19 +35,19 @@ class Recorder(EngineObserver):
 
 
 @pytest.fixture
-def observed(tiny_model: Any, smol_tokenizer: Any) -> Iterator[tuple[Engine, Recorder]]:
+def observed(tiny_model: Any, text_tokenizer: Any) -> Iterator[tuple[Engine, Recorder]]:
     recorder = Recorder()
-    eng = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(max_prefill_tokens=16), recorder)
+    eng = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(max_prefill_tokens=16), recorder)
     eng.start()
     yield eng, recorder
     eng.stop()
 
 
 def test_forwards_and_queue_waits_are_reported_with_rows_and_positions(observed: tuple[Engine, Recorder],
-                                                                       smol_tokenizer: Any):
+                                                                       text_tokenizer: Any):
     engine, recorder = observed
-    short = request(smol_tokenizer, "The quick brown fox", max_new_tokens=5)
-    long = request(smol_tokenizer, " ".join(["word"] * 40), max_new_tokens=3)  # chunked: over 16 positions
+    short = request(text_tokenizer, "The quick brown fox", max_new_tokens=5)
+    long = request(text_tokenizer, " ".join(["word"] * 40), max_new_tokens=3)  # chunked: over 16 positions
     sinks = [Collector(), Collector()]
     engine.submit(short, sinks[0])
     engine.submit(long, sinks[1])
@@ -66,7 +66,7 @@ def test_forwards_and_queue_waits_are_reported_with_rows_and_positions(observed:
 
 
 def test_a_stalled_step_shows_while_work_waits_and_clears_when_steps_resume(
-        observed: tuple[Engine, Recorder], smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch):
+        observed: tuple[Engine, Recorder], text_tokenizer: Any, monkeypatch: pytest.MonkeyPatch):
     engine, _ = observed
     assert engine.stalled_seconds() == 0  # idle: nothing waits, nothing is stalled
     release = threading.Event()
@@ -78,7 +78,7 @@ def test_a_stalled_step_shows_while_work_waits_and_clears_when_steps_resume(
 
     monkeypatch.setattr(engine._runner, "run", stuck)
     sink = Collector()
-    engine.submit(request(smol_tokenizer, "The quick brown fox", max_new_tokens=3), sink)
+    engine.submit(request(text_tokenizer, "The quick brown fox", max_new_tokens=3), sink)
     time.sleep(0.5)
     assert engine.stalled_seconds() >= 0.4
     release.set()
@@ -87,14 +87,14 @@ def test_a_stalled_step_shows_while_work_waits_and_clears_when_steps_resume(
 
 
 def test_a_dead_engine_thread_fails_running_and_waiting_work_and_refuses_more(
-        tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch):
-    engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(max_running=1))
+        tiny_model: Any, text_tokenizer: Any, monkeypatch: pytest.MonkeyPatch):
+    engine = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(max_running=1))
     engine.start()
     try:
         running, waiting = Collector(), Collector()
-        engine.submit(request(smol_tokenizer, "The quick brown fox", max_new_tokens=200), running)
+        engine.submit(request(text_tokenizer, "The quick brown fox", max_new_tokens=200), running)
         running.events.get(timeout=30)  # it runs
-        engine.submit(request(smol_tokenizer, "Once upon a time", max_new_tokens=5), waiting)
+        engine.submit(request(text_tokenizer, "Once upon a time", max_new_tokens=5), waiting)
 
         def broken(*args: Any) -> Any:  # a bug outside any forward: the engine loop itself fails
             raise RuntimeError("scheduler bug")
@@ -106,6 +106,6 @@ def test_a_dead_engine_thread_fails_running_and_waiting_work_and_refuses_more(
         engine._thread.join(timeout=10)
         assert not engine.alive and isinstance(engine.failure, RuntimeError)
         with pytest.raises(Unavailable, match="internal error"):
-            engine.submit(request(smol_tokenizer, "more", max_new_tokens=2), Collector())
+            engine.submit(request(text_tokenizer, "more", max_new_tokens=2), Collector())
     finally:
         engine.stop()

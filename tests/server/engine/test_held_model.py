@@ -24,15 +24,15 @@ def _linears(model: nn.Module) -> dict[str, type]:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
-def test_the_engine_packs_while_it_runs_and_gives_the_model_back(tiny_model: Any, smol_tokenizer: Any):
+def test_the_engine_packs_while_it_runs_and_gives_the_model_back(tiny_model: Any, text_tokenizer: Any):
     before = dict(tiny_model.named_modules())
-    engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
+    engine = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig())
     try:
         packed = [path for path, kind in _linears(tiny_model).items() if kind is PackedLinear]
         # Every linear, the LoRA wrappers' base layers and the output head included.
         assert "lm_head" in packed and any(p.endswith("q_proj.base_layer") for p in packed)
         with pytest.raises(ValueError, match="in use by another engine"):
-            Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
+            Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig())
     finally:
         engine.stop()
         engine.stop()  # a second stop changes nothing
@@ -40,8 +40,8 @@ def test_the_engine_packs_while_it_runs_and_gives_the_model_back(tiny_model: Any
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
 
-def test_packing_can_be_turned_off(tiny_model: Any, smol_tokenizer: Any):
-    engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig(pack_cpu_weights=False))
+def test_packing_can_be_turned_off(tiny_model: Any, text_tokenizer: Any):
+    engine = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(pack_cpu_weights=False))
     try:
         assert PackedLinear not in _linears(tiny_model).values()
     finally:
@@ -62,7 +62,7 @@ def test_a_failure_while_packing_leaves_the_model_as_it_was(tiny_model: Any, mon
 
 
 def test_an_engine_that_fails_to_build_leaves_the_model_as_it_was(
-    tiny_model: Any, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Any, text_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ):
     from quiver.server.engine import engine as engine_module
 
@@ -73,7 +73,7 @@ def test_an_engine_that_fails_to_build_leaves_the_model_as_it_was(
 
     monkeypatch.setattr(engine_module, "DeviceAdapters", broken)
     with pytest.raises(RuntimeError, match="simulated"):
-        Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
+        Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig())
     after = dict(tiny_model.named_modules())
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 

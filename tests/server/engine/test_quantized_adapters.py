@@ -23,13 +23,13 @@ from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import LocalAdapterStore, StoredAdapter
 from quiver.adapters.validation import ValidationLimits
-from quiver.server.config import ModelConfig
 from quiver.server.engine.adapter_tiers import DeviceAdapters, load_host_adapter
 from quiver.server.engine.lora.slots import LoraSlots
 from quiver.server.engine.model_forward import ModelForward
 from quiver.server.engine.prefill import PrefillRow, prefill
 
 from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
+from ...real_models import RealModels
 from ..devices import DEVICES
 
 pytestmark = pytest.mark.real_model
@@ -63,19 +63,12 @@ def stored(default_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     return {name: (path, registry.register(path, RegistrationOptions(name=name))) for name, path in made.items()}
 
 
-def _quantized(scheme: str, cache_dir: Path, device: str) -> Any:
-    from quiver.server.model.model_loader import load_base_model
-
-    # float32 compute on every device (CUDA's default is bfloat16), so the stated tolerances apply.
-    config = ModelConfig(cache_dir=str(cache_dir), quantize=scheme, device=device, dtype="float32")
-    return load_base_model(config)
-
-
 @pytest.mark.parametrize("device_name", DEVICES)
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_adapter_logits_match_peft_on_quantized_base(scheme: str, device_name: str, default_cache_dir: Path,
+def test_adapter_logits_match_peft_on_quantized_base(scheme: str, device_name: str, real_models: RealModels,
                                                      stored: dict[str, tuple[Path, StoredAdapter]]):
-    loaded = _quantized(scheme, default_cache_dir, device_name)
+    # float32 compute on every device (CUDA's default is bfloat16), so the stated tolerances apply.
+    loaded = real_models.get(scheme, device_name)
     assert loaded.info.quantization == scheme
     model = loaded.model
     on = next(model.parameters()).device

@@ -39,10 +39,10 @@ def run_all(model: Any, tokenizer: Any, requests: list[Any], eos: frozenset[int]
 
 
 @pytest.mark.parametrize("prefill_tokens", [1024, 5])  # one forward, or chunks of 5 tokens
-def test_prompt_logprobs_equal_a_teacher_forced_forward(tiny_model: Any, smol_tokenizer: Any, prefill_tokens: int):
-    scored = replace(request(smol_tokenizer, PROMPT, max_new_tokens=3), prompt_logprobs=3)
-    other = request(smol_tokenizer, "Short one", max_new_tokens=3)  # prefilled in the same group when it fits
-    events, plain = run_all(tiny_model, smol_tokenizer, [scored, other], max_prefill_tokens=prefill_tokens)
+def test_prompt_logprobs_equal_a_teacher_forced_forward(tiny_model: Any, text_tokenizer: Any, prefill_tokens: int):
+    scored = replace(request(text_tokenizer, PROMPT, max_new_tokens=3), prompt_logprobs=3)
+    other = request(text_tokenizer, "Short one", max_new_tokens=3)  # prefilled in the same group when it fits
+    events, plain = run_all(tiny_model, text_tokenizer, [scored, other], max_prefill_tokens=prefill_tokens)
     ids = scored.prompt_ids
     expected = reference(tiny_model, ids)
     first = events[0].prompt_logprobs
@@ -68,19 +68,19 @@ def test_prompt_token_logprobs_chunks_long_prompts():
     assert all(len(e.top) == 2 for e in out) and prompt_token_logprobs(logits, targets, 0)[5].top == ()
 
 
-def test_ignore_eos_generates_to_max_new_tokens(tiny_model: Any, smol_tokenizer: Any):
-    plain = request(smol_tokenizer, PROMPT, max_new_tokens=6)
-    [free] = run_all(tiny_model, smol_tokenizer, [plain])
+def test_ignore_eos_generates_to_max_new_tokens(tiny_model: Any, text_tokenizer: Any):
+    plain = request(text_tokenizer, PROMPT, max_new_tokens=6)
+    [free] = run_all(tiny_model, text_tokenizer, [plain])
     tokens = [e.token_ids[0] for e in free]
     eos = frozenset({tokens[2]})  # a token the greedy answer reaches ends the sequence there...
-    stopped, ignored = run_all(tiny_model, smol_tokenizer, [plain, replace(plain, ignore_eos=True)], eos=eos)
+    stopped, ignored = run_all(tiny_model, text_tokenizer, [plain, replace(plain, ignore_eos=True)], eos=eos)
     assert stopped[-1].finish_reason is FinishReason.EOS_TOKEN and len(stopped) == tokens.index(tokens[2]) + 1 < 6
     # ...unless the request ignores it: the same six tokens as without an end-of-sequence set.
     assert ignored[-1].finish_reason is FinishReason.LENGTH
     assert [e.token_ids for e in ignored] == [e.token_ids for e in free]
 
 
-def test_a_row_that_scores_its_prompt_is_prefilled_alone(tiny_model: Any, smol_tokenizer: Any,
+def test_a_row_that_scores_its_prompt_is_prefilled_alone(tiny_model: Any, text_tokenizer: Any,
                                                          monkeypatch: pytest.MonkeyPatch):
     """Its forward keeps every position's logits: alone, those are its own, not (rows x positions x vocabulary)."""
     import quiver.server.engine.model_runner as runner_module
@@ -93,9 +93,9 @@ def test_a_row_that_scores_its_prompt_is_prefilled_alone(tiny_model: Any, smol_t
         return real_prefill(forward, rows)
 
     monkeypatch.setattr(runner_module, "prefill", spy)
-    plain = [request(smol_tokenizer, p, max_new_tokens=2) for p in ("One two", "Three four five")]
-    scored = replace(request(smol_tokenizer, PROMPT, max_new_tokens=2), prompt_logprobs=0)
-    results = run_all(tiny_model, smol_tokenizer, [plain[0], scored, plain[1]])
+    plain = [request(text_tokenizer, p, max_new_tokens=2) for p in ("One two", "Three four five")]
+    scored = replace(request(text_tokenizer, PROMPT, max_new_tokens=2), prompt_logprobs=0)
+    results = run_all(tiny_model, text_tokenizer, [plain[0], scored, plain[1]])
     assert all(events[-1].finish_reason is not None for events in results)
     assert [True] in forwards and all(rows == [True] or not any(rows) for rows in forwards)
     assert any(len(rows) == 2 for rows in forwards)  # the plain ones still share a forward

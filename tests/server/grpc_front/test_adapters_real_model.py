@@ -9,19 +9,17 @@ import grpc
 import pytest
 
 from quiver.clients import QuiverClient, QuiverRpcError
-from quiver.server.config import ModelConfig
 
 from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
+from ...real_models import RealModels
 from ...server_thread import ServerThread
 
 pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def loaded(default_cache_dir: Path) -> Any:
-    from quiver.server.model.model_loader import load_base_model
-
-    return load_base_model(ModelConfig(cache_dir=str(default_cache_dir), quantize="none", device="cpu"))
+def loaded(real_models: RealModels) -> Any:
+    return real_models.get()
 
 
 def test_each_kind_registers_and_survives_restart(loaded: Any, default_checkpoint: Path, tmp_path: Path):

@@ -13,20 +13,18 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from quiver.server.config import ModelConfig
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
+from ...real_models import RealModels
 from ...server_thread import ServerThread
 
 pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def loaded(default_cache_dir: Any) -> Any:
-    from quiver.server.model.model_loader import load_base_model
-
-    return load_base_model(ModelConfig(cache_dir=str(default_cache_dir), quantize="none", device="cpu"))
+def loaded(real_models: RealModels) -> Any:
+    return real_models.get()
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ def test_the_cpu_platform_packs_the_weights_only_when_asked(tiny_model: Any):
     assert CudaPlatform().hold_weights(tiny_model, EngineConfig()).extra_bytes == 0  # weights as loaded
 
 
-def test_an_engine_logs_its_platform(tiny_model: Any, smol_tokenizer: Any, caplog: pytest.LogCaptureFixture):
+def test_an_engine_logs_its_platform(tiny_model: Any, text_tokenizer: Any, caplog: pytest.LogCaptureFixture):
     with caplog.at_level(logging.INFO, logger="quiver.server.engine.engine"):
-        engine = Engine(tiny_model, smol_tokenizer, frozenset(), EngineConfig())
+        engine = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig())
     try:
         assert "platform: cpu" in caplog.text
         assert engine.packed_weight_bytes > 0
