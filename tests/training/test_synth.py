@@ -12,11 +12,11 @@ import pytest
 
 from quiver.clients.cli import main
 from quiver.common.errors import InvalidArgument
-from quiver.server.config import ModelConfig
 from quiver.training.data import DataSource, FieldMapping, read_examples
 from quiver.training.synth import SynthConfig, synthesize
 from quiver.training.synth_filters import support
 
+from ..real_models import RealModels
 from ..server_thread import ServerThread
 
 pytestmark = pytest.mark.real_model
@@ -46,12 +46,9 @@ SETTINGS: dict[str, Any] = {"max_passage_tokens": 64, "overlap_tokens": 0, "max_
 
 
 @pytest.fixture(scope="module")
-def server(default_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    from quiver.server.model.model_loader import load_base_model
-
-    loaded = load_base_model(ModelConfig(model=str(default_checkpoint), device="cpu", quantize="none",
-                                         cache_dir=str(tmp_path_factory.mktemp("cache"))))
-    srv = ServerThread(loaded, tmp_path_factory.mktemp("store"), http_port=0)
+def server(default_checkpoint: Path, real_models: RealModels, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[ServerThread]:
+    srv = ServerThread(real_models.get(), tmp_path_factory.mktemp("store"), http_port=0)
     srv.checkpoint = str(default_checkpoint)  # type: ignore[attr-defined]  # passages count its tokens
     yield srv
     srv.close()
