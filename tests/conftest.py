@@ -30,6 +30,26 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (TINY_LLAMA, word-level tokenizer) written once per session; tests only read it."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def base_dir(tiny_base_dir: Path) -> Path:
+    """The base of a module's adapters: `tiny_base_dir` unless a module or package overrides this name (and then
+    `loaded` with it)."""
+    return tiny_base_dir
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`tiny_base_dir` loaded for serving (fp32, CPU) once per session. It names `tiny_base_dir`, not `base_dir`:
+    a session fixture over a name that packages override would keep whichever base it was first built with."""
+    return load_served_base(tiny_base_dir, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
 def served_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny served model's checkpoint (tests/served.py), written once per session."""
     return write_served_base(tmp_path_factory.mktemp("served-base"))

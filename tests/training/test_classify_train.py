@@ -15,13 +15,12 @@ from safetensors.torch import load_file
 
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
-from quiver.server.config import AdapterConfig, ModelConfig
+from quiver.server.config import AdapterConfig
 from quiver.training.classify_data import accuracy_and_macro_f1, classification_template
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 from quiver.training.train import train
 
 from ..adapters.adapter_factory import load_peft_classifier
-from ..conftest import write_tiny_checkpoint
 from ..server_thread import ServerThread
 
 TOKEN = "classify-token"
@@ -36,11 +35,6 @@ def write_labeled(path: Path, count: int) -> Path:
             f.write(json.dumps({"text": f"w{first} w{i % 7} w{(3 * i) % 11}",
                                 "topic": "odd" if first % 2 else "even"}) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +82,9 @@ def test_the_head_learns_an_easy_task(base_dir: Path, data_file: Path, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def server(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Any]]:
+def server(loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Any]]:
     """A server over the tiny base (and the model it holds, whose tokenizer the tests use)."""
-    from quiver.server.model.model_loader import load_base_model
-
     root = tmp_path_factory.mktemp("served")
-    loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none",
-                                         cache_dir=str(root / "cache")))
     srv = ServerThread(loaded, root / "store", adapter_config=AdapterConfig(store=str(root / "store"),
                                                                             admin_token=TOKEN))
     yield srv, loaded

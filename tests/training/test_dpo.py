@@ -19,12 +19,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
 from quiver.common.fingerprint import fingerprint
-from quiver.server.config import AdapterConfig, ModelConfig
+from quiver.server.config import AdapterConfig
 from quiver.training.config import MethodConfig
 from quiver.training.dpo import ServedTokensDPOTrainer, _add_dpo_results
 from quiver.training.preference_data import PreferenceRow, tokenize_pairs
 
-from ..conftest import write_tiny_checkpoint
 from ..server_thread import ServerThread
 from .test_train import EOS, MAX_NEW, TOKEN, peft_greedy, strip_eos, write_rows
 
@@ -44,21 +43,12 @@ def write_pairs(path: Path, count: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", 40)
 
 
 @pytest.fixture(scope="module")
-def server(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    from quiver.server.model.model_loader import load_base_model
-
-    loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none",
-                                         cache_dir=str(tmp_path_factory.mktemp("cache"))))
+def server(loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     store = tmp_path_factory.mktemp("store")
     srv = ServerThread(loaded, store, adapter_config=AdapterConfig(store=str(store), admin_token=TOKEN), http_port=0)
     yield srv

@@ -29,18 +29,12 @@ from quiver.training.evaluate import (
 from quiver.training.general_set import GENERAL_SET, GeneralItem, accuracy, normalise, passes
 from quiver.training.train import train
 
-from ..conftest import write_tiny_checkpoint
 from ..server_thread import ServerThread
 from .test_train import configs, write_rows
 
 TOKEN = "eval-test-token"
 NAME = "task"
 FIELDS = ["--input-field", "question", "--output-field", "answer"]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +57,8 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(base_dir: Path, adapter_dir: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[ServerThread]:
+def server(loaded: Any, adapter_dir: Path, store_dir: Path) -> Iterator[ServerThread]:
     """A running server whose store holds the trained adapter as NAME@1."""
-    from quiver.server.model.model_loader import load_base_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))
     srv = ServerThread(loaded, store_dir, adapter_config=AdapterConfig(store=str(store_dir), admin_token=TOKEN))
     try:
         with QuiverClient(srv.target, timeout=60, admin_token=TOKEN) as client:

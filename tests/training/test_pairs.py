@@ -12,11 +12,9 @@ import pytest
 
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
-from quiver.server.config import ModelConfig
 from quiver.training.pairs import PairsConfig, make_pairs
 from quiver.training.synth import request_seed
 
-from ..conftest import write_tiny_checkpoint
 from ..server_thread import ServerThread
 
 PROMPTS = 12
@@ -32,12 +30,7 @@ JUDGE = f"{__name__}:highest_first_word"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    from quiver.server.model.model_loader import load_base_model
-
-    base = write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", initializer_range=0.2)
-    loaded = load_base_model(ModelConfig(model=str(base), device="cpu", quantize="none",
-                                         cache_dir=str(tmp_path_factory.mktemp("cache"))))
+def server(loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     srv = ServerThread(loaded, tmp_path_factory.mktemp("store"), http_port=0)
     yield srv
     srv.close()

@@ -26,11 +26,10 @@ from quiver.adapters.validation import ValidationLimits
 from quiver.clients.cli import main
 from quiver.clients.client import QuiverClient
 from quiver.common.fingerprint import fingerprint
-from quiver.server.config import AdapterConfig, ModelConfig
+from quiver.server.config import AdapterConfig
 from quiver.training.config import DataConfig, MethodConfig, TrainConfig
 from quiver.training.train import train
 
-from ..conftest import write_tiny_checkpoint
 from ..server_thread import ServerThread
 
 TOKEN = "train-test-token"
@@ -61,22 +60,12 @@ def write_rows(path: Path, count: int, start: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # A wide initialisation gives peaked logits, so no greedy choice hangs on a rounding difference.
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_rows(tmp_path_factory.mktemp("data") / "train.jsonl", 40)
 
 
 @pytest.fixture(scope="module")
-def server(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    from quiver.server.model.model_loader import load_base_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    loaded = load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))
+def server(loaded: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     store = tmp_path_factory.mktemp("store")
     srv = ServerThread(loaded, store, adapter_config=AdapterConfig(store=str(store), admin_token=TOKEN))
     yield srv

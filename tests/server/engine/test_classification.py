@@ -24,15 +24,9 @@ from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 from ...adapters.adapter_factory import load_peft_classifier, make_classifier, make_lora
-from ...conftest import write_tiny_checkpoint
 
 LABELS = {"lora": 3, "prompt": 5}
 INPUTS = [(5, 17, 42, 99, 7), (8, 9), tuple(range(3, 40))]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
 
 
 @pytest.fixture(scope="module")

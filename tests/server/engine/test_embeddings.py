@@ -24,17 +24,11 @@ from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 from ...adapters.adapter_factory import load_base, load_peft_model, make_lora, make_prefix_tuning, make_prompt_tuning
-from ...conftest import write_tiny_checkpoint
 
 KINDS = ("base", "lora", "prompt", "prefix")
 SHORT = (5, 17, 42, 99, 7, 3, 250)
 LONG = tuple((11 * i) % 250 + 3 for i in range(45))  # over the chunk budget below
 BUDGET = 16  # max_prefill_tokens: LONG is prefilled in chunks
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
 
 
 @pytest.fixture(scope="module")

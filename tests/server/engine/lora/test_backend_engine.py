@@ -27,7 +27,6 @@ from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 from ....adapters.adapter_factory import load_base, load_peft_model, make_lora, make_prompt_tuning
-from ....conftest import write_tiny_checkpoint
 from ...devices import lora_backend_device
 from ..test_adapter_equivalence import _tokens
 
@@ -43,11 +42,6 @@ ROWS: list[tuple[str | None, tuple[int, ...]]] = [
     (None, (60, 61, 62, 63, 64, 65, 66, 67)),
     ("r2-qv", (70, 71, 72)),
 ]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
 
 
 @pytest.fixture(scope="module")
