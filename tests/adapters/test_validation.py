@@ -127,7 +127,8 @@ def test_lora_with_layers_to_transform_and_default_keys(base_dir: Path, base: Ba
     adapter = make_lora(base_dir, tmp_path / "lora", r=2, layers_to_transform=[1])
     edit_tensors(adapter, lambda t: t.update({k.replace(".weight", ".default.weight"): t.pop(k) for k in list(t)}))
     v = validate_adapter(adapter, base, LIMITS)
-    assert all(".layers.1." in module for module in v.lora_scalings)
+    # Exactly the default targets of layer 1 (not `all(...)`, which an empty mapping would pass), at alpha / r.
+    assert dict(v.lora_scalings) == {f"model.layers.1.self_attn.{m}": 2.0 for m in ("q_proj", "v_proj")}
 
 
 @pytest.mark.parametrize("maker", [make_prompt_tuning, make_p_tuning])
@@ -164,8 +165,15 @@ def test_prefix_matches_peft_cache(base_dir: Path, tmp_path: Path, projection: b
     assert torch.equal(kv_to_prefix(prefix), load_file(tmp_path / "prefix" / WEIGHTS)["prompt_embeddings"])
 
 
-def test_fingerprint_match_accepted(pristine: dict[str, Path], base: BaseModelSpec) -> None:
-    validate_adapter(pristine["lora"], base, LIMITS, base_fingerprint_of_adapter=base.fingerprint)
+def test_fingerprint_match_accepted(pristine: dict[str, Path], copy_of: Callable[[str], Path],
+                                    base: BaseModelSpec) -> None:  # fmt: skip
+    matched = validate_adapter(pristine["lora"], base, LIMITS, base_fingerprint_of_adapter=base.fingerprint)
+    # The same facts as without a fingerprint: it adds no problem and stands in for none of the checks.
+    assert matched == validate_adapter(pristine["lora"], base, LIMITS)
+    assert (matched.kind, matched.rank, matched.target_modules) == ("lora", 8, ("q_proj", "v_proj"))
+    broken = copy_of("lora")
+    edit_tensors(broken, lambda t: t.update({Q_A: t[Q_A][:, :32].contiguous()}))
+    assert "expected (8, 64)" in refused(FailedPrecondition, broken, base, base_fingerprint_of_adapter=base.fingerprint)
 
 
 # --- Files, size, tensors --------------------------------------------------------------------------------------

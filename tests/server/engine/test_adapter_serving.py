@@ -3,8 +3,9 @@ distinct adapters than device slots, fairness, cancellation freeing a slot, dele
 
 from __future__ import annotations
 
+import itertools
 import queue
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,15 +79,18 @@ class Run:
 
     finished = iter(range(1_000_000))
 
-    def __init__(self, engine: Engine, adapter: StoredAdapter | None, max_new: int = 8) -> None:
+    def __init__(self, engine: Engine, adapter: StoredAdapter | None, max_new: int = 8,
+                 logprobs: int | None = None) -> None:
         self.events: queue.Queue[GenerationEvent] = queue.Queue()
-        request = GenerationRequest(PROMPT, SamplingParams(), max_new, (), adapter)
+        self.order = -1  # set before submitting: the engine thread may finish the run before submit returns
+        self.logprobs: list[float] = []  # each token's, when asked for
+        request = GenerationRequest(PROMPT, SamplingParams(), max_new, (), adapter, logprobs=logprobs)
         self.handle = engine.submit(request, self._on_event)
-        self.order = -1
 
     def _on_event(self, event: GenerationEvent) -> None:
         if event.finish_reason is not None or event.error is not None:
             self.order = next(self.finished)
+        self.logprobs.extend(detail.logprob for detail in event.logprobs)
         self.events.put(event)
 
     def tokens(self, timeout: float = 60) -> list[int]:
@@ -97,6 +101,35 @@ class Run:
             out.extend(event.token_ids)
             if event.finish_reason is not None:
                 return out
+
+    def received(self) -> list[GenerationEvent]:
+        """Every event queued so far, without waiting."""
+        out: list[GenerationEvent] = []
+        while not self.events.empty():
+            out.append(self.events.get_nowait())
+        return out
+
+
+class HeldRun(Run):
+    """A run whose first event holds the engine thread (the sink is called on it) until `release`: what the test
+    does between `wait_started` and `release` happens while the request certainly still runs, however fast or
+    slow the machine."""
+
+    def __init__(self, engine: Engine, adapter: StoredAdapter | None, max_new: int) -> None:
+        self._started, self._go = threading.Event(), threading.Event()
+        super().__init__(engine, adapter, max_new)
+
+    def _on_event(self, event: GenerationEvent) -> None:
+        super()._on_event(event)
+        if not self._started.is_set():
+            self._started.set()
+            self._go.wait(timeout=120)  # bounded: a failing test must not hang the engine for ever
+
+    def wait_started(self) -> None:
+        assert self._started.wait(timeout=60), "the run never produced its first token"
+
+    def release(self) -> None:
+        self._go.set()
 
 
 def test_host_cache_evicts_by_bytes(loras: list[StoredAdapter]):
@@ -178,10 +211,15 @@ def test_more_distinct_adapters_than_slots_all_complete(engine: Engine, loras: l
 def test_waiting_for_a_slot_is_fair(engine: Engine, loras: list[StoredAdapter]):
     # Two slots, both pinned by long requests; a third adapter must get the first slot that frees up,
     # even though more requests for the resident adapters keep arriving after it.
-    long_a, long_b = Run(engine, loras[0], max_new=40), Run(engine, loras[1], max_new=60)
-    long_a.events.get(timeout=30)
-    blocked = Run(engine, loras[2], max_new=2)
-    later = [Run(engine, loras[0], max_new=2) for _ in range(3)]
+    for stored in loras[:3]:  # in host memory first: a cold load still under way would let later ones pass
+        engine.host_adapters.fetch(stored).result(timeout=30)
+    long_a, long_b = HeldRun(engine, loras[0], max_new=40), Run(engine, loras[1], max_new=60)
+    try:
+        long_a.wait_started()  # long_a has 39 tokens to go while the others arrive
+        blocked = Run(engine, loras[2], max_new=2)
+        later = [Run(engine, loras[0], max_new=2) for _ in range(3)]
+    finally:
+        long_a.release()
     for run in (long_a, long_b, blocked, *later):
         run.tokens()
     assert blocked.order < min(run.order for run in later)
@@ -190,10 +228,16 @@ def test_waiting_for_a_slot_is_fair(engine: Engine, loras: list[StoredAdapter]):
 def test_cancel_frees_the_slot(loaded: Any, loras: list[StoredAdapter]):
     engine = make_engine(loaded, max_lora_rank=8, max_lora_slots=1)
     try:
-        hog = Run(engine, loras[0], max_new=10_000 // 100)
-        hog.events.get(timeout=30)
-        hog.handle.cancel()
-        assert Run(engine, loras[1], max_new=3).tokens(timeout=30)  # needs the only slot
+        hog = HeldRun(engine, loras[0], max_new=100)
+        try:
+            hog.wait_started()
+            hog.handle.cancel()  # from another thread, as a client's disconnect does; 99 tokens still to go
+        finally:
+            hog.release()
+        assert Run(engine, loras[1], max_new=3).tokens()  # needs the only slot
+        # The slot came from the cancel, not from the hog finishing: it stopped after its first token, and a
+        # cancelled request gets no last event.
+        assert [event.finish_reason for event in hog.received()] == [None]
     finally:
         engine.stop()
 
@@ -205,22 +249,37 @@ def test_prompt_and_prefix_adapters_mix_with_lora(engine: Engine, base_dir: Path
     prefix = registry.register(make_prefix_tuning(base_dir, tmp_path / "x", num_virtual_tokens=2),
                                RegistrationOptions(name="prefix", mode="replace"))
     kinds = [None, loras[0], prompt, prefix]
-    solo = [Run(engine, adapter).tokens() for adapter in kinds]
-    mixed = [Run(engine, adapter) for adapter in kinds]
-    assert [run.tokens() for run in mixed] == solo
+    solo: list[tuple[list[int], list[float]]] = []
+    for adapter in kinds:  # one at a time: each finishes before the next starts
+        run = Run(engine, adapter, logprobs=0)
+        solo.append((run.tokens(), run.logprobs))
+    # Each adapter changes what the model predicts, so one ignored would show. On this tiny random model a soft
+    # prompt or a small prefix often leaves the greedy tokens as they are; the log-probabilities still move.
+    firsts = [logprobs[0] for _, logprobs in solo]
+    assert min(abs(a - b) for a, b in itertools.combinations(firsts, 2)) > 1e-3, firsts
+    mixed = [Run(engine, adapter, logprobs=0) for adapter in kinds]
+    for (tokens, logprobs), together in zip(solo, mixed, strict=True):
+        assert together.tokens() == tokens
+        assert together.logprobs == pytest.approx(logprobs, abs=1e-4)
 
 
 def test_delete_while_running_does_not_break_the_request(engine: Engine, base_dir: Path,
                                                          registry: AdapterRegistry, tmp_path: Path):
-    stored = registry.register(make_lora(base_dir, tmp_path / "gone", r=4, seed=99),
+    # A strong adapter (alpha 64): a weak one leaves this tiny model's greedy tokens as the base's, and then
+    # losing it mid-run would not show.
+    stored = registry.register(make_lora(base_dir, tmp_path / "gone", r=4, lora_alpha=64, seed=99),
                                RegistrationOptions(name="short-lived"))
     reference = Run(engine, stored, max_new=30).tokens()
-    run = Run(engine, stored, max_new=30)
-    run.events.get(timeout=30)
-    registry.store.delete(AdapterRef("short-lived", None))
-    time.sleep(0.01)
-    rest = run.tokens()
-    assert len(rest) == 29 and reference[1:] == rest
+    assert reference != Run(engine, None, max_new=30).tokens()
+    run = HeldRun(engine, stored, max_new=30)
+    try:
+        run.wait_started()  # 29 tokens to go: the delete lands mid-run
+        # What the server does on DeleteAdapter (app.py wires the catalog's on_deletion to the host tier's drop).
+        deleted = registry.store.delete(AdapterRef("short-lived", None))
+        assert engine.host_adapters.drop(deleted) == 1  # the run's adapter was in the host tier
+    finally:
+        run.release()
+    assert run.tokens() == reference
 
 
 def test_reregistered_name_is_a_new_key(engine: Engine, base_dir: Path, registry: AdapterRegistry, tmp_path: Path):

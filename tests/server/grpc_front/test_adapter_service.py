@@ -19,7 +19,7 @@ from quiver.v1 import adapters_pb2_grpc as apb_grpc
 from quiver.v1 import generation_pb2 as gpb
 from quiver.v1 import generation_pb2_grpc as gpb_grpc
 
-from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
+from ...adapters.adapter_factory import load_base, load_peft_model, make_lora, make_prefix_tuning, make_prompt_tuning
 from ...conftest import write_tiny_checkpoint
 from ...server_thread import ServerThread
 
@@ -142,12 +142,27 @@ def test_versions_and_delete(stub: Any, base_dir: Path, tmp_path: Path):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_generation_fails_closed_for_unknown_adapters(server: ServerThread, stub: Any, base_dir: Path, tmp_path: Path):
-    register(stub, make_lora(base_dir, tmp_path / "lora", r=2), "known")
+def greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, eos: frozenset[int]) -> list[int]:
+    """`model.generate`'s greedy new tokens (a PeftModel: the reference path for an adapter)."""
+    ids = torch.tensor([prompt_ids])  # (1, T)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=sorted(eos), pad_token_id=min(eos))
+    return list(out[0, ids.shape[1]:].tolist())
+
+
+def test_generation_fails_closed_for_unknown_adapters(server: ServerThread, stub: Any, loaded: Any, base_dir: Path,
+                                                      tmp_path: Path):
+    # Alpha 64: a weaker LoRA leaves this tiny model's greedy tokens as the base's, so ignoring it would not show.
+    lora = make_lora(base_dir, tmp_path / "lora", r=2, lora_alpha=64)
+    register(stub, lora, "known")
+    prompt_ids = list(loaded.tokenizer("w1 w2", add_special_tokens=False)["input_ids"])
+    reference = greedy(load_peft_model(base_dir, lora), prompt_ids, 8, loaded.eos_token_ids)
+    assert reference != greedy(load_base(base_dir), prompt_ids, 8, loaded.eos_token_ids)
     with grpc.insecure_channel(server.target) as channel:
         gen = gpb_grpc.GenerationServiceStub(channel)
-        request = gpb.GenerateRequest(adapter="known", text="w1 w2", stopping=gpb.StoppingCriteria(max_new_tokens=3))
-        assert len(gen.Generate(request).token_ids) >= 1
+        request = gpb.GenerateRequest(adapter="known", text="w1 w2", stopping=gpb.StoppingCriteria(max_new_tokens=8))
+        assert list(gen.Generate(request).token_ids) == reference
         for adapter, code in (("unknown", grpc.StatusCode.NOT_FOUND), ("known@2", grpc.StatusCode.NOT_FOUND),
                               ("../etc", grpc.StatusCode.INVALID_ARGUMENT)):
             with pytest.raises(grpc.RpcError) as err:
@@ -237,7 +252,7 @@ def _bad_adapters(base_dir: Path, out: Path) -> dict[str, tuple[Path, str, grpc.
         "rank-over-cap": (lora("rank", r=300), "300", pre),
         "oversized": (oversized, "bytes", res),
         "duplicate-keys": (_duplicate_keys(lora("dup")), "duplicate", inv),
-        "other-base": (make_lora(other_base, out / "foreign", r=4), "", pre),
+        "other-base": (make_lora(other_base, out / "foreign", r=4), "expected (4, 64)", pre),  # this base: hidden 64
     }
 
 

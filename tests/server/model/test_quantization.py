@@ -122,8 +122,13 @@ def test_pickle_only_checkpoint_is_refused(tiny_checkpoint: Path, tmp_path: Path
     # Only safetensors are ever read; a checkpoint with nothing else cannot load.
     (tiny_checkpoint / "model.safetensors").unlink()
     torch.save({}, tiny_checkpoint / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError):
+    # Refused by the model load, for want of safetensors: not by a later step (the fingerprint, which also
+    # reads only safetensors) after the pickle was read.
+    with pytest.raises(ModelLoadError) as info:
         _load(tiny_checkpoint, "none", tmp_path)
+    assert type(info.value) is ModelLoadError
+    assert str(info.value).startswith(f"cannot load the model in {tiny_checkpoint} (none on cpu): ")
+    assert "model.safetensors" in str(info.value)
 
 
 def _greedy_reply(loaded: LoadedModel, max_new_tokens: int) -> str:
