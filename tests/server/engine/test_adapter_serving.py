@@ -18,7 +18,7 @@ from quiver.adapters.names import AdapterRef
 from quiver.adapters.registry import AdapterRegistry, RegistrationOptions
 from quiver.adapters.store import LocalAdapterStore, StoredAdapter
 from quiver.adapters.validation import ValidationLimits
-from quiver.server.config import EngineConfig, ModelConfig
+from quiver.server.config import EngineConfig
 from quiver.server.engine.adapter_tiers import DeviceAdapters, HostAdapterCache, load_host_adapter
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.generation_events import GenerationEvent
@@ -27,22 +27,8 @@ from quiver.server.engine.request import GenerationRequest
 from quiver.server.engine.sampling import SamplingParams
 
 from ...adapters.adapter_factory import make_lora, make_prefix_tuning, make_prompt_tuning
-from ...conftest import write_tiny_checkpoint
 
 PROMPT = (5, 17, 42, 99, 7)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def loaded(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from quiver.server.model.model_loader import load_base_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    return load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))
 
 
 @pytest.fixture(scope="module")

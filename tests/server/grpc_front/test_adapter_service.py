@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quiver.server.config import AdapterConfig, ModelConfig
+from quiver.server.config import AdapterConfig
 from quiver.v1 import adapters_pb2 as apb
 from quiver.v1 import adapters_pb2_grpc as apb_grpc
 from quiver.v1 import generation_pb2 as gpb
@@ -22,23 +22,11 @@ from quiver.v1 import generation_pb2_grpc as gpb_grpc
 from ...adapters.adapter_factory import load_base, load_peft_model, make_lora, make_prefix_tuning, make_prompt_tuning
 from ...conftest import write_tiny_checkpoint
 from ...server_thread import ServerThread
+from .peft_reference import greedy
 
 TOKEN = "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 MAX_BYTES = 2 * 2**20
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def loaded(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from quiver.server.model.model_loader import load_base_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    return load_base_model(ModelConfig(model=str(base_dir), device="cpu", quantize="none", cache_dir=str(cache)))
 
 
 def adapter_config(store: Path, **kw: Any) -> AdapterConfig:
@@ -142,23 +130,14 @@ def test_versions_and_delete(stub: Any, base_dir: Path, tmp_path: Path):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, eos: frozenset[int]) -> list[int]:
-    """`model.generate`'s greedy new tokens (a PeftModel: the reference path for an adapter)."""
-    ids = torch.tensor([prompt_ids])  # (1, T)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=sorted(eos), pad_token_id=min(eos))
-    return list(out[0, ids.shape[1]:].tolist())
-
-
 def test_generation_fails_closed_for_unknown_adapters(server: ServerThread, stub: Any, loaded: Any, base_dir: Path,
                                                       tmp_path: Path):
     # Alpha 64: a weaker LoRA leaves this tiny model's greedy tokens as the base's, so ignoring it would not show.
     lora = make_lora(base_dir, tmp_path / "lora", r=2, lora_alpha=64)
     register(stub, lora, "known")
     prompt_ids = list(loaded.tokenizer("w1 w2", add_special_tokens=False)["input_ids"])
-    reference = greedy(load_peft_model(base_dir, lora), prompt_ids, 8, loaded.eos_token_ids)
-    assert reference != greedy(load_base(base_dir), prompt_ids, 8, loaded.eos_token_ids)
+    reference = greedy(load_peft_model(base_dir, lora), prompt_ids, 8, sorted(loaded.eos_token_ids))
+    assert reference != greedy(load_base(base_dir), prompt_ids, 8, sorted(loaded.eos_token_ids))
     with grpc.insecure_channel(server.target) as channel:
         gen = gpb_grpc.GenerationServiceStub(channel)
         request = gpb.GenerateRequest(adapter="known", text="w1 w2", stopping=gpb.StoppingCriteria(max_new_tokens=8))
