@@ -21,6 +21,8 @@ from quiver.common.quantization import (
 from quiver.server.config import ModelConfig, Quantize
 from quiver.server.model.model_loader import LoadedModel, load_base_model
 
+from ...real_models import RealModels
+
 
 def test_auto_resolves_per_device(caplog: pytest.LogCaptureFixture):
     with caplog.at_level(logging.INFO, logger="quiver.common.quantization"):
@@ -147,8 +149,8 @@ def _greedy_reply(loaded: LoadedModel, max_new_tokens: int) -> str:
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_default_model_generates_quantized_on_cpu(default_checkpoint: Path, default_cache_dir: Path, scheme: Quantize):
-    loaded = _load(None, scheme, default_cache_dir)
+def test_default_model_generates_quantized_on_cpu(default_checkpoint: Path, real_models: RealModels, scheme: Quantize):
+    loaded = real_models.get(scheme)
     assert loaded.info.quantization == scheme and loaded.info.device == "cpu"
     assert loaded.info.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert loaded.info.context_length == 8192 and loaded.info.has_chat_template
