@@ -114,8 +114,10 @@ class MethodConfig:
     )
     init_text: str | None = field(
         default=None,
-        metadata={"help": "prompt-tuning only: initialise the soft prompt from this text's token embeddings "
-                  "(repeated or cut to --num-virtual-tokens); unset = random"},
+        metadata={"help": "prompt-tuning: initialise the soft prompt from this text's token embeddings; "
+                  "prefix-tuning (without --prefix-projection): initialise the prefix from the base model's own keys "
+                  "and values for this text (Li & Liang); the text is repeated or cut to --num-virtual-tokens; "
+                  "unset = random"},
     )
     prefix_projection: bool = field(
         default=False,
@@ -159,8 +161,11 @@ class MethodConfig:
             raise ValueError("--dropout must be in [0, 1)")
         if not self.target_modules_list() and self.target_modules != "all-linear":
             raise ValueError("--target-modules must be all-linear or a comma-separated list of module names")
-        if self.init_text is not None and self.method != "prompt-tuning":
-            raise ValueError("--init-text applies to --method prompt-tuning only")
+        if self.init_text is not None and self.method not in ("prompt-tuning", "prefix-tuning"):
+            raise ValueError("--init-text applies to --method prompt-tuning or prefix-tuning only")
+        if self.init_text is not None and self.prefix_projection:
+            raise ValueError("--init-text sets the prefix itself, which --prefix-projection computes by an MLP; "
+                             "use one or the other")
         if self.init_text is not None and not self.init_text.strip():
             raise ValueError("--init-text must not be empty")
         if self.prefix_projection and self.method != "prefix-tuning":

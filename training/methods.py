@@ -7,7 +7,8 @@
 - prompt-tuning: prompt tuning (Lester et al., 2021), a trained soft prompt of input embeddings, optionally
   initialised from the embeddings of a text (PromptTuningInit.TEXT).
 - prefix-tuning: prefix tuning (Li & Liang, 2021), trained keys and values prepended in every layer, optionally
-  through an MLP reparametrisation (`prefix_projection`; PEFT saves the MLP's output, so serving is unchanged).
+  through an MLP reparametrisation (`prefix_projection`; PEFT saves the MLP's output, so serving is unchanged) or
+  initialised from the base model's own keys and values of a text (`init_text`, training/prefix_init.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class TrainingMethod:
     """Prepares the loaded base for training; the flag asks for gradient checkpointing."""
     supports_gradient_checkpointing: bool = True
     """Whether --gradient-checkpointing works with this method."""
+    initialise: Callable[[Any, MethodConfig, BaseFacts], None] | None = None
+    """Sets the new adapter's starting weights where its PEFT config cannot (None: PEFT's initialisation)."""
 
 
 def _lora_config(config: MethodConfig, base: BaseFacts) -> PeftConfig:
@@ -91,6 +94,16 @@ def _prefix_tuning_config(config: MethodConfig, base: BaseFacts) -> PeftConfig:
     )
 
 
+def _prefix_from_text(peft_model: Any, config: MethodConfig, base: BaseFacts) -> None:
+    if config.init_text is not None:
+        from transformers import AutoTokenizer
+
+        from quiver.training.prefix_init import initialise_prefix_from_text
+
+        tokenizer = AutoTokenizer.from_pretrained(str(base.checkpoint_dir))
+        initialise_prefix_from_text(peft_model, tokenizer, config.init_text)
+
+
 def _prepare_full_precision(model: Any, gradient_checkpointing: bool) -> Any:
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_CHECKPOINTING_KWARGS)
@@ -113,7 +126,8 @@ METHODS: dict[str, TrainingMethod] = {
     # The prefix sits in every layer's attention, so it tolerates smaller steps than a soft prompt.
     # PEFT's prefix keys/values travel as a KV cache, which gradient checkpointing disables.
     "prefix-tuning": TrainingMethod(
-        1e-2, "none", _prefix_tuning_config, _prepare_full_precision, supports_gradient_checkpointing=False
+        1e-2, "none", _prefix_tuning_config, _prepare_full_precision, supports_gradient_checkpointing=False,
+        initialise=_prefix_from_text,
     ),
 }
 
@@ -136,4 +150,7 @@ def wrap_for_training(model: Any, config: MethodConfig, base: BaseFacts, gradien
     check_gradient_checkpointing(config, gradient_checkpointing)
     method = method_for(config)
     prepared = method.prepare(model, gradient_checkpointing)
-    return get_peft_model(prepared, method.peft_config(config, base))
+    wrapped = get_peft_model(prepared, method.peft_config(config, base))
+    if method.initialise is not None:
+        method.initialise(wrapped, config, base)
+    return wrapped
