@@ -208,7 +208,13 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of adapter initialisation, data order and hold-out split"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training mixture"})
     max_steps: int | None = field(
-        default=None, metadata={"help": "optimizer steps to train; overrides --epochs"}
+        default=None, metadata={"help": "optimizer steps to train; overrides --epochs and --time-budget"}
+    )
+    time_budget: float | None = field(
+        default=None,
+        metadata={"help": "minutes the whole run may take (loading, training, evaluations, saving): the step count "
+                  "and learning-rate schedule follow from the step time measured over the first steps, and the "
+                  "checkpoint with the lowest eval loss is kept; overrides --epochs and --eval-steps"},
     )
     learning_rate: float | None = field(
         default=None,
@@ -266,6 +272,10 @@ class TrainConfig:
         _require_positive(self, "batch_size", "grad_accum", "eval_steps", "log_steps", "save_total_limit")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise ValueError("--time-budget must be a number of minutes > 0")
+        if self.time_budget is not None and self.resume:
+            raise ValueError("--time-budget plans one run from its start: it cannot --resume another")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError("--epochs must be > 0")
         if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

@@ -55,6 +55,7 @@ from quiver.training.data import (
     tokenize_examples,
 )
 from quiver.training.methods import BaseFacts, check_gradient_checkpointing, method_for, wrap_for_training
+from quiver.training.time_budget import UNPLANNED_STEPS, BudgetPlan, TimeBudget
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,9 @@ def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtyp
     """The Trainer's arguments (of `cls`, e.g. TRL's DPOConfig): one flag of ours each, plus the fixed choices
     explained inline; `overrides` replace or add arguments."""
     evaluate = "steps" if has_eval else "no"
+    if budgeted(run):  # steps and evaluations are planned once the step time is known (training/time_budget.py)
+        overrides = {"max_steps": UNPLANNED_STEPS, "eval_steps": UNPLANNED_STEPS, "save_steps": UNPLANNED_STEPS,
+                     **overrides}
     return cls(**{**dict(
         output_dir=str(run.checkpoints()),
         seed=run.seed,
@@ -219,6 +223,23 @@ def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtyp
         label_names=["labels"],  # PeftModel.forward takes **kwargs, so the Trainer cannot find them itself
         ddp_find_unused_parameters=False,  # every trainable adapter parameter is used in each step
     ), **overrides})
+
+
+def budgeted(run: TrainConfig) -> bool:
+    """Whether the run's steps follow from --time-budget (--max-steps wins over it)."""
+    return run.time_budget is not None and run.max_steps is None
+
+
+def time_budget(run: TrainConfig, setup: RunSetup, eval_rows: int) -> TimeBudget | None:
+    """The callback that plans and holds a budgeted run (None without --time-budget)."""
+    if not budgeted(run):
+        if run.time_budget is not None:
+            log.info("--max-steps %d given: --time-budget is not used", run.max_steps)
+        return None
+    assert run.time_budget is not None
+    plan = BudgetPlan(run.time_budget * 60, run.lr_schedule, run.warmup)
+    eval_batches = math.ceil(eval_rows / run.batch_size)
+    return TimeBudget(plan, setup.started, eval_batches, evaluates=setup.has_eval)
 
 
 def load_model(checkpoint: Path, method: MethodConfig, run: TrainConfig, args: TrainingArguments,
@@ -322,8 +343,8 @@ def save_adapter(trainer: Trainer, output: Path, best_checkpoint: str | None) ->
 
 def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: TrainConfig, data: TrainingData,
                   base: dict[str, str], history: dict[str, list[dict[str, float]]],
-                  final_eval_loss: float | None, seconds: float) -> None:
-    """quiver_adapter.json, metrics.json and loss.png beside the saved adapter."""
+                  final_eval_loss: float | None, seconds: float, extra: dict[str, Any] | None = None) -> None:
+    """quiver_adapter.json, metrics.json (with `extra`'s entries) and loss.png beside the saved adapter."""
     state = trainer.state
     write_json(output / METADATA_FILE, {
         "prompt_template": data.template,
@@ -346,6 +367,7 @@ def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: Tra
         "train_examples": len(data.train),
         "eval_examples": len(data.eval),
         "seconds": round(seconds, 3),
+        **(extra or {}),
     })
     plot_losses(history, output / LOSS_PLOT, f"{method.method} on {base['name']}")
     log.info("adapter written to %s (step %d, eval loss %s)", output, state.global_step, final_eval_loss)
@@ -427,6 +449,9 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
     or a base model that cannot be loaded.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing below may reach the hub
+    if run.time_budget is not None and (data.task == "classify" or method.method == "dpo"):
+        raise ValueError("--time-budget plans generation training (lora, qlora, prompt-tuning, prefix-tuning); "
+                         "give --epochs or --max-steps for --task classify and --method dpo")
     if data.task == "classify":
         from quiver.training.classify import train_classifier  # imports this module's helpers
 
@@ -448,6 +473,9 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
     callbacks: list[TrainerCallback] = []
     if run.early_stopping_patience:
         callbacks.append(BestAdapterEarlyStopping(run.early_stopping_patience))
+    budget = time_budget(run, setup, len(prepared.eval))
+    if budget is not None:
+        callbacks.append(budget)
     trainer = Trainer(
         model=model, args=args, train_dataset=prepared.train,  # type: ignore[arg-type]
         eval_dataset=prepared.eval or None, data_collator=PaddingCollator(int(tokenizer.pad_token_id)),
@@ -459,7 +487,8 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
     if written:
         save_adapter(trainer, output, best)
         seconds = time.monotonic() - setup.started
-        write_outputs(trainer, output, method, run, prepared, setup.base, history, final_eval_loss, seconds)
+        extra = {} if budget is None else {"time_budget": budget.plan.report(seconds, trainer.state.global_step)}
+        write_outputs(trainer, output, method, run, prepared, setup.base, history, final_eval_loss, seconds, extra)
         if register is not None and register.register is not None:
             registered = register_adapter(output, register, prepared.template)
     return TrainResult(output, trainer.state.global_step, final_eval_loss, written, registered)
