@@ -39,21 +39,23 @@ from quiver.training.classify_data import (
 )
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 from quiver.training.data import DataSource
-from quiver.training.train import (
+from quiver.training.outputs import (
     ADAPTER_CONFIG,
     LOSS_PLOT,
     METRICS_FILE,
+    plot_losses,
+    register_adapter,
+    save_adapter,
+    write_json,
+)
+from quiver.training.train import (
     BestAdapterEarlyStopping,
     TrainResult,
-    plot_losses,
     provenance,
-    register_adapter,
     resolve_dtype,
     run_trainer,
-    save_adapter,
     setup_run,
     training_arguments,
-    write_json,
 )
 
 log = logging.getLogger(__name__)

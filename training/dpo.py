@@ -37,21 +37,23 @@ from quiver.common.quantization import quantization_config
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 from quiver.training.data import DataSource, FieldMapping, prompt_template_for
 from quiver.training.methods import METHODS, BaseFacts
-from quiver.training.preference_data import read_preferences, split_preferences, tokenize_pairs
-from quiver.training.train import (
+from quiver.training.outputs import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     METRICS_FILE,
+    register_adapter,
+    write_outputs,
+)
+from quiver.training.preference_data import read_preferences, split_preferences, tokenize_pairs
+from quiver.training.train import (
     BestAdapterEarlyStopping,
     TrainingData,
     TrainResult,
     provenance,
-    register_adapter,
     resolve_dtype,
     run_trainer,
     setup_run,
     training_arguments,
-    write_outputs,
 )
 
 log = logging.getLogger(__name__)
