@@ -22,11 +22,9 @@ import grpc
 import httpx
 import pytest
 
-from quiver.server.config import ModelConfig
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ...conftest import write_tiny_checkpoint
 from ...server_thread import ServerThread, _free_port
 
 GENERATE_CALLS = 3
@@ -45,16 +43,6 @@ def binary(name: str) -> str:
     if path is None:
         pytest.fail(f"`{name}` is not on PATH; .ci/run installs it: apt-get install --no-install-recommends prometheus")
     return path
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A tiny random Llama, loaded once; each test gets a fresh server over it, so counters start at zero."""
-    from quiver.server.model.model_loader import load_base_model
-
-    base = write_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
-    cache = tmp_path_factory.mktemp("cache")
-    return load_base_model(ModelConfig(model=str(base), device="cpu", quantize="none", cache_dir=str(cache)))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from quiver.adapters.metadata import AdapterMetadata
 from quiver.adapters.store import StoredAdapter
@@ -21,6 +21,7 @@ from quiver.server.config import EngineConfig
 from quiver.server.engine.cache_budget import CacheBudget, position_bytes
 from quiver.server.engine.engine import Engine
 
+from ...real_models import RealModels
 from .test_engine import Collector, reference_greedy, request
 
 BLOCK = EngineConfig().cache_block_tokens
@@ -151,11 +152,11 @@ def test_the_engine_reports_what_its_rows_reserve(tiny_model: Any, text_tokenize
 
 
 @pytest.mark.real_model
-def test_with_preemption_rows_start_at_once_and_the_newest_yields_then_resumes(default_checkpoint: Path):
+def test_with_preemption_rows_start_at_once_and_the_newest_yields_then_resumes(real_models: RealModels):
     """On the real model, whose greedy text changes token by token (the tiny one repeats a token), so a resumed
     row that recomputed the wrong context would show."""
-    model = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(default_checkpoint)
+    loaded = real_models.get()
+    model, tokenizer = loaded.model, loaded.tokenizer
     prompts = ["Once upon a time, in a small village by the sea,", "The history of the printing press",
                "Here is a recipe for bread:"]
     requests = [request(tokenizer, p, max_new_tokens=40) for p in prompts]
