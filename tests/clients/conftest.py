@@ -5,9 +5,8 @@ server per module; and what those tests share for watching it."""
 from __future__ import annotations
 
 import socket
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +50,6 @@ def unused_target() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Whether `predicate` becomes true within `timeout` seconds (polled every 10 ms)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def busy(server: ServerThread) -> int:
     """Requests the server's engine is decoding or has queued."""
     engine = server.running.engine
@@ -73,3 +62,16 @@ def calls_ended(server: ServerThread, method: str, code: str) -> int:
     body = urllib.request.urlopen(url, timeout=10).read().decode()
     prefix = f'quiver_requests_total{{code="{code}",method="{method}"}} '
     return next((int(float(line[len(prefix):])) for line in body.splitlines() if line.startswith(prefix)), 0)
+
+
+SERVED = sorted([CLASSIFIER, "lora", "prefix", "prompt"])
+"""The adapters a module's server holds; tests that add others delete them again (the `admin` fixture)."""
+
+
+@pytest.fixture
+def admin(server: ServerThread) -> Iterator[QuiverClient]:
+    """An admin client of the module's server that deletes, after the test, every adapter the test added."""
+    with QuiverClient(server.target, timeout=60, admin_token=ADMIN) as c:
+        yield c
+        for name in {a.name for a in c.iter_adapters()} - set(SERVED):
+            c.delete_adapter(name)

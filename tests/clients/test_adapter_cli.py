@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,7 @@ from quiver.clients.cli import main
 
 from ..served import ADMIN
 from ..server_thread import ServerThread
-from .conftest import CLASSIFIER, unused_target
-
-SERVED = sorted([CLASSIFIER, "lora", "prefix", "prompt"])
-"""The adapters the module's server holds; tests that add others delete them again (the `admin` fixture)."""
-
-
-@pytest.fixture
-def admin(server: ServerThread) -> Iterator[QuiverClient]:
-    with QuiverClient(server.target, timeout=60, admin_token=ADMIN) as c:
-        yield c
-        for name in {a.name for a in c.iter_adapters()} - set(SERVED):
-            c.delete_adapter(name)
+from .conftest import CLASSIFIER, SERVED, unused_target
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,20 +13,8 @@ import pytest
 
 from quiver.clients import AdapterPage, QuiverClient, QuiverRpcError, RegisterMode, upload
 
-from ..served import ADMIN
 from ..server_thread import ServerThread
-from .conftest import CLASSIFIER, LABELS
-
-SERVED = sorted([CLASSIFIER, "lora", "prefix", "prompt"])
-"""The adapters the module's server holds; every test that adds one deletes it again."""
-
-
-@pytest.fixture
-def admin(server: ServerThread) -> Iterator[QuiverClient]:
-    with QuiverClient(server.target, timeout=60, admin_token=ADMIN) as c:
-        yield c
-        for name in {a.name for a in c.iter_adapters()} - set(SERVED):
-            c.delete_adapter(name)
+from .conftest import CLASSIFIER, LABELS, SERVED
 
 
 def rejected(call: object) -> QuiverRpcError:

@@ -16,8 +16,8 @@ import pytest
 from quiver.clients import AdapterInfo, AsyncQuiverClient, QuiverClient, QuiverRpcError, upload
 
 from ..served import ADMIN
-from ..server_thread import ServerThread
-from .conftest import CLASSIFIER, LONG, busy, calls_ended, wait_for
+from ..server_thread import ServerThread, wait_for
+from .conftest import CLASSIFIER, LONG, busy, calls_ended
 
 T = TypeVar("T")
 PROMPT = "w1 w2 w3"

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer
 from quiver.clients import GenerationChunk, QuiverClient, QuiverRpcError
 
 from ..adapters.adapter_factory import load_base, load_peft_classifier, load_peft_model
-from ..server_thread import ServerThread
-from .conftest import CLASSIFIER, LABELS, LONG, busy, calls_ended, unused_target, wait_for
+from ..server_thread import ServerThread, wait_for
+from .conftest import CLASSIFIER, LABELS, LONG, busy, calls_ended, unused_target
 
 PROMPT = "w1 w2 w3"
 

@@ -14,8 +14,8 @@ import pytest
 from quiver.clients import AsyncQuiverClient, QuiverClient, QuiverRpcError
 from quiver.clients.cli import main
 
-from ..server_thread import ServerThread
-from .conftest import LONG, busy, wait_for
+from ..server_thread import ServerThread, wait_for
+from .conftest import LONG, busy
 from .fake_transport import CuttableProxy
 
 PROMPT = "w1 w2 w3"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,21 +33,13 @@ from quiver.v1 import generation_pb2_grpc as pb_grpc
 
 from ...adapters.adapter_factory import load_peft_model, make_lora
 from ...served import ADMIN, start
+from ...server_thread import wait_for
 from .cli_served import start_as_cli
 from .peft_reference import greedy, greedy_to_length
 
 WAIT_S = 60.0  # bounds a failure only
 LONG = pb.StoppingCriteria(max_new_tokens=3000, ignore_eos=True)
 BIG_LIMIT = {"max_new_tokens_limit": 4000}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 class Stream(threading.Thread):
@@ -86,7 +77,7 @@ class Stream(threading.Thread):
 def running_stream(target: str, request: pb.GenerateStreamRequest) -> Stream:
     stream = Stream(target, request)
     stream.start()
-    assert wait_for(lambda: len(stream.tokens) > 0), "the stream never started"
+    assert wait_for(lambda: len(stream.tokens) > 0, WAIT_S), "the stream never started"
     return stream
 
 
@@ -101,11 +92,11 @@ def test_a_full_queue_is_resource_exhausted_for_the_client_and_the_cli(
     busy = Stream(srv.target, pb.GenerateStreamRequest(text="w1 w2", stopping=LONG))
     try:
         busy.start()
-        assert wait_for(lambda: len(busy.tokens) > 0), "the stream never started"
+        assert wait_for(lambda: len(busy.tokens) > 0, WAIT_S), "the stream never started"
         with QuiverClient(srv.target, timeout=60) as client:
             queued = pool.submit(client.generate, "w3 w4", max_new_tokens=3)
             engine = srv.running.engine
-            assert wait_for(lambda: engine.num_waiting == 1), engine.num_waiting
+            assert wait_for(lambda: engine.num_waiting == 1, WAIT_S), engine.num_waiting
             with pytest.raises(QuiverRpcError) as unary:
                 client.generate("w5", max_new_tokens=2)
             assert unary.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "waiting" in unary.value.details
@@ -148,7 +139,7 @@ def test_calls_waiting_when_the_server_stops_end_unavailable(served_loaded: Any,
         http: Future[httpx.Response] = pool.submit(httpx.post, f"{srv.http}/v1/completions", json=body,
                                                    timeout=WAIT_S)
         engine = srv.running.engine
-        assert wait_for(lambda: engine.num_waiting == 3), engine.num_waiting
+        assert wait_for(lambda: engine.num_waiting == 3, WAIT_S), engine.num_waiting
         assert not unary.done() and not http.done() and not waiting_stream.tokens
         srv.close()  # the drain of `stop(0)`: no grace for anyone
 
@@ -270,3 +261,4 @@ def test_max_running_from_the_command_line_bounds_the_running_sequences(served_l
         assert earlier_done > new // 2, earlier_done  # it waited for the first (exactly `new` less client jitter)
     else:
         assert earlier_done < new // 2, earlier_done  # both ran in the same batch
+

@@ -3,8 +3,7 @@ and the official `openai` clients pointed at it."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +53,3 @@ def grpc_client(server: ServerThread) -> Iterator[QuiverClient]:
         yield c
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Whether `predicate` becomes true within `timeout` seconds (polled every 10 ms)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False

@@ -24,8 +24,8 @@ from quiver.server.config import TRANSPORT_CEILING
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ...server_thread import ServerThread
-from .conftest import start, wait_for
+from ...server_thread import ServerThread, wait_for
+from .conftest import start
 
 LIMIT_S = 0.05
 TRANSPORT_LIMIT_S = 0.5  # grpc core's message-size refusal (module doc)

@@ -17,8 +17,8 @@ import pytest
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ...server_thread import ServerThread
-from .conftest import start, wait_for
+from ...server_thread import ServerThread, wait_for
+from .conftest import start
 
 CALLS = 100
 DEADLINE_S = 0.5

@@ -12,8 +12,7 @@ import httpx
 import openai
 import pytest
 
-from ...server_thread import ServerThread
-from .conftest import wait_for
+from ...server_thread import ServerThread, wait_for
 
 CHAT = {"model": "lora", "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 4}
 COMPLETION = {"model": "prompt", "prompt": "w1 w2", "max_tokens": 4}

@@ -22,8 +22,8 @@ from quiver.server.lifecycle import HealthMonitor
 from quiver.v1 import generation_pb2 as pb
 from quiver.v1 import generation_pb2_grpc as pb_grpc
 
-from ...server_thread import ServerThread, _free_port
-from .conftest import start, wait_for
+from ...server_thread import ServerThread, _free_port, wait_for
+from .conftest import start
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

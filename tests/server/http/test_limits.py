@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 
-from .conftest import BASE_ID, start, wait_for
+from ...server_thread import wait_for
+from .conftest import BASE_ID, start
 from .test_errors import CHAT, COMPLETION, error_of
 
 

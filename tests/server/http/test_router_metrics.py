@@ -18,8 +18,8 @@ from prometheus_client.samples import Sample
 
 from quiver.clients.client import QuiverClient
 
-from ...server_thread import ServerThread
-from .conftest import ADMIN, BASE_ID, start, wait_for
+from ...server_thread import ServerThread, wait_for
+from .conftest import ADMIN, BASE_ID, start
 
 GATEWAY = Path(__file__).resolve().parents[3] / "deploy" / "gateway"
 ROUTER_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
