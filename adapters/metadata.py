@@ -96,6 +96,9 @@ class AdapterMetadata:
     labels: tuple[str, ...] = ()
     """A classification adapter's class names, by the head's output index (its `id2label`); empty for the others:
     labels are what make an adapter a classifier (`task`)."""
+    chat_template: bool = False
+    """Trained through the base's chat template: a plain text request is served as one user turn of a chat, its
+    text wrapped in `prompt_template` inside that turn, so it is rendered as the trainer rendered its prompts."""
 
     def __post_init__(self) -> None:
         # Copies, so a caller mutating its own list or dict cannot change a frozen record.
@@ -290,6 +293,7 @@ JSON_TYPES: dict[str, Callable[[object], bool]] = {
     "prompt_template": _optional(_is_str),
     "extra": _is_str_dict,
     "labels": _is_str_list,
+    "chat_template": lambda value: isinstance(value, bool),
 }
 
 

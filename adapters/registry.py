@@ -113,7 +113,8 @@ class AdapterRegistry:
 
             def make_metadata(version: int) -> AdapterMetadata:
                 metadata = self._metadata(options, version, validated, size, digest, created, template)
-                return replace(metadata, extra={CONFIG_DIGEST: config_digest}, labels=labels or ())
+                return replace(metadata, extra={CONFIG_DIGEST: config_digest}, labels=labels or (),
+                               chat_template=own.get("chat_template") is True)
 
             return self.store.put(options.name, files, make_metadata, options.mode)
 

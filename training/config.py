@@ -63,6 +63,12 @@ class DataConfig:
     instruction: str | None = field(
         default=None, metadata={"help": "fixed instruction put before every input in the prompt template"}
     )
+    chat_template: bool = field(
+        default=True,
+        metadata={"help": "when the base has a chat template, train text rows as one user turn rendered through it "
+                  "(the prompt template inside the turn), as the server then serves plain requests to the adapter; "
+                  "--no-chat-template trains on the raw prompt template"},
+    )
     eval_fraction: float = field(
         default=0.1,
         metadata={"help": "share of each training file held out for evaluation when no --eval-data is given; "

@@ -83,6 +83,7 @@ def write_outputs(trainer: Trainer, output: Path, method: MethodConfig, run: Tra
     state = trainer.state
     write_json(output / METADATA_FILE, {
         "prompt_template": data.template,
+        "chat_template": data.chat_template,
         "base_fingerprint": base["fingerprint"],
         "base_model": base["name"],
         "method": method.method,

@@ -14,6 +14,7 @@ world's process zero writes outputs and registers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ from quiver.training.data import (
     DataSource,
     Example,
     FieldMapping,
+    Message,
     detected_format,
     mix,
     parse_source,
@@ -73,6 +75,8 @@ class TrainingData:
     template: str
     files: list[dict[str, Any]]
     """Provenance of each input file: role (train/eval), path, sha256, weight, usable rows."""
+    chat_template: bool = False
+    """Whether text rows were rendered as a user turn of the base's chat template (quiver_adapter.json says so)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,12 @@ def provenance(role: str, source: DataSource, rows: int) -> dict[str, Any]:
             "weight": source.weight, "rows": rows}
 
 
+def as_user_turns(examples: list[Example]) -> list[Example]:
+    """Text rows as one-turn chats whose user says the row's input (chat rows unchanged)."""
+    return [e if e.messages is not None else dataclasses.replace(e, messages=(Message("user", e.input),))
+            for e in examples]
+
+
 def load_data(config: DataConfig, tokenizer: Any, seed: int) -> TrainingData:
     """Read every file, hold out eval rows (per file, before mixing, so no repeated row leaks), mix, tokenize."""
     mapping = FieldMapping(config.input_field, config.output_field, config.instruction)
@@ -140,6 +150,9 @@ def load_data(config: DataConfig, tokenizer: Any, seed: int) -> TrainingData:
         held = [row for _, _, eval_rows in splits for row in eval_rows]
     mixture = mix(pairs, seed)
     template = prompt_template_for(mapping, detected_format(mixture + held))
+    chat = config.chat_template and bool(getattr(tokenizer, "chat_template", None))
+    if chat:  # a text row becomes the one user turn the server makes of a plain request to the adapter
+        mixture, held = as_user_turns(mixture), as_user_turns(held)
     train = tokenize_examples(tokenizer, template, mixture, config.max_length)
     evaluation = tokenize_examples(tokenizer, template, held, config.max_length) if held else None
     for name, result in (("train", train), ("eval", evaluation)):
@@ -148,7 +161,7 @@ def load_data(config: DataConfig, tokenizer: Any, seed: int) -> TrainingData:
                         name, len(result.dropped), result.truncated)
     log.info("data: %d training and %d eval examples; prompt template %r",
              len(train.features), len(evaluation.features) if evaluation else 0, template)
-    return TrainingData(train.features, evaluation.features if evaluation else [], template, files)
+    return TrainingData(train.features, evaluation.features if evaluation else [], template, files, chat)
 
 
 # --- model and trainer -----------------------------------------------------------------------------------------

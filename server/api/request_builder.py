@@ -79,7 +79,8 @@ class RequestBuilder:
         template = adapter.metadata.prompt_template if adapter else None
         virtual = virtual_tokens(adapter)
         _check_task(request, adapter)
-        prompt_ids = self._prompt_ids(request, template, virtual)
+        chat = adapter is not None and adapter.metadata.chat_template
+        prompt_ids = self._prompt_ids(request, template, virtual, chat)
         if request.embed is not None:  # a prefill-only row
             return GenerationRequest(tuple(prompt_ids), SamplingParams(), 0, (), adapter, embed=request.embed)
         max_new_tokens = self._max_new_tokens(request.max_new_tokens, len(prompt_ids) + virtual)
@@ -94,7 +95,9 @@ class RequestBuilder:
             ignore_eos=request.ignore_eos,
         )
 
-    def _prompt_ids(self, request: GenerationInput, template: str | None, virtual: int) -> list[int]:
+    def _prompt_ids(self, request: GenerationInput, template: str | None, virtual: int, chat: bool) -> list[int]:
+        """The prompt's tokens; `chat`: the adapter was trained through the chat template, so a plain text is
+        rendered as its one user turn, exactly as the trainer rendered its rows."""
         given = [name for name in ("text", "messages", "token_ids") if getattr(request, name) is not None]
         if len(given) != 1:
             raise InvalidArgument("input", "set exactly one of text, messages and token_ids")
@@ -106,8 +109,11 @@ class RequestBuilder:
         if request.text is not None:
             if not request.text:
                 raise InvalidArgument("text", "must not be empty")
-            text = request.text if template is None else template.format(input=request.text)
-            ids = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+            if chat:
+                ids = self._chat_ids((ChatMessage(role="user", content=request.text),), template)
+            else:
+                text = request.text if template is None else template.format(input=request.text)
+                ids = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
         elif request.messages is not None:
             ids = self._chat_ids(request.messages, template)
         else:
