@@ -45,7 +45,8 @@ def _train(name: str, args: argparse.Namespace, train_file: Path) -> dict[str, A
     method, lr = METHODS[name]
     started = time.monotonic()
     result = train(
-        DataConfig(data=(str(train_file),), eval_fraction=0.05, max_length=args.max_length, **FIELDS),
+        DataConfig(data=(str(train_file),), eval_fraction=0.05, max_length=args.max_length,
+                   chat_template=args.chat_template, **FIELDS),
         MethodConfig(method=method),  # type: ignore[arg-type]
         TrainConfig(output=str(args.work / name), max_steps=args.steps, learning_rate=lr,
                     batch_size=args.batch_size, eval_steps=max(1, args.steps // 4), seed=args.seed),
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt cut from the left)")
     parser.add_argument("--eval-rows", type=int, default=40, help="first N dev dialogues scored (500: all)")
     parser.add_argument("--methods", default="lora,prompt", help="comma-separated: lora, prompt")
+    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=False,
+                        help="train through the base's chat template (quiver train's default); the README's numbers "
+                        "were measured without it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
