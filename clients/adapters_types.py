@@ -62,6 +62,8 @@ class AdapterInfo:
     """Hard prompt with one `{input}` the server formats requests into; None when the adapter has none."""
     labels: tuple[str, ...] = ()
     """A classification adapter's class names by head output; empty for generation adapters."""
+    chat_template: bool = False
+    """Trained through the base's chat template: a plain text request is served as one user turn of it."""
 
     @property
     def ref(self) -> str:
@@ -136,6 +138,7 @@ def adapter_info_from_proto(info: apb.AdapterInfo) -> AdapterInfo:
         description=info.description,
         prompt_template=info.prompt_template or None,
         labels=tuple(info.labels),
+        chat_template=info.chat_template,
     )
 
 

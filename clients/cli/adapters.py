@@ -169,9 +169,12 @@ def _json_values(info: AdapterInfo) -> dict[str, Any]:
 
 
 def _text(value: object) -> str:
-    """One `key: value` line's value: None as "-", lists comma-separated, strings with newlines JSON-quoted."""
+    """One `key: value` line's value: None as "-", booleans as yes/no, lists comma-separated, strings with newlines
+    JSON-quoted."""
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value)
     if isinstance(value, str) and not value.isprintable():

@@ -43,7 +43,7 @@ def adapter_info(m: AdapterMetadata) -> pb.AdapterInfo:
         base_fingerprint=m.base_fingerprint, base_architecture=m.base_architecture, size_bytes=m.size_bytes,
         num_parameters=m.num_parameters, rank=m.rank or 0, num_virtual_tokens=m.num_virtual_tokens or 0,
         target_modules=m.target_modules, sha256=m.sha256, created_at=m.created_at, description=m.description,
-        prompt_template=m.prompt_template or "", labels=m.labels,
+        prompt_template=m.prompt_template or "", labels=m.labels, chat_template=m.chat_template,
     )
 
 

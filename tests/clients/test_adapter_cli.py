@@ -163,7 +163,7 @@ def test_show_prints_key_value_lines(adapters: Any, admin: QuiverClient, served_
     assert adapters("show", "shown") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == ["name: shown", "version: 2", "kind: prompt_tuning"]
-    assert lines[-2:] == ["labels: ", "versions: 1,2"]
+    assert lines[-3:] == ["labels: ", "chat_template: no", "versions: 1,2"]
     assert f"sha256: {info.sha256}" in lines and f"created_at: {info.created_at}" in lines
     assert {"rank: -", "target_modules: ", f"num_virtual_tokens: {info.num_virtual_tokens}"} <= set(lines)
     assert 'prompt_template: "w1:\\n{input}"' in lines  # a newline is shown JSON-quoted, on one line

@@ -102,7 +102,7 @@ def test_the_server_renders_plain_and_chat_requests_as_the_trainer_did(
     assert json.loads((output / "quiver_adapter.json").read_text())["chat_template"] is chat
     name = f"chat-{chat}".lower()
     with QuiverClient(server.target, timeout=60, admin_token=TOKEN) as client:
-        client.register_adapter(output, name)
+        assert client.register_adapter(output, name).chat_template is chat  # what AdapterInfo shows users
 
     tokenizer = AutoTokenizer.from_pretrained(chat_base)
     turn = Example(TEXT, "w3", 1, "t", messages=(Message("user", TEXT),))

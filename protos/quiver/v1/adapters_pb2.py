@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18quiver/v1/adapters.proto\x12\tquiver.v1\"\xea\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.quiver.v1.AdapterKind\x12\x11\n\tpeft_type\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x05 \x01(\t\x12\x19\n\x11\x62\x61se_architecture\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x04\x12\x0c\n\x04rank\x18\t \x01(\r\x12\x1a\n\x12num_virtual_tokens\x18\n \x01(\r\x12\x16\n\x0etarget_modules\x18\x0b \x03(\t\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12\x17\n\x0fprompt_template\x18\x0f \x01(\t\x12\x0e\n\x06labels\x18\x10 \x03(\t\"\xa1\x01\n\x13RegistrationOptions\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04mode\x18\x02 \x01(\x0e\x32\x17.quiver.v1.RegisterMode\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x1c\n\x0fprompt_template\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x05 \x03(\tB\x12\n\x10_prompt_template\",\n\tFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"z\n\x16RegisterAdapterRequest\x12\x31\n\x07options\x18\x01 \x01(\x0b\x32\x1e.quiver.v1.RegistrationOptionsH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.quiver.v1.FileChunkH\x00\x42\x06\n\x04part\"B\n\x17RegisterAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.quiver.v1.AdapterInfo\"U\n\x14ImportAdapterRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.quiver.v1.RegistrationOptions\"@\n\x15ImportAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.quiver.v1.AdapterInfo\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.quiver.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11GetAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"O\n\x12GetAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.quiver.v1.AdapterInfo\x12\x10\n\x08versions\x18\x02 \x03(\r\"\'\n\x14\x44\x65leteAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"@\n\x15\x44\x65leteAdapterResponse\x12\'\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x16.quiver.v1.AdapterInfo*\x82\x01\n\x0b\x41\x64\x61pterKind\x12\x1c\n\x18\x41\x44\x41PTER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_KIND_LORA\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_KIND_PROMPT_TUNING\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_KIND_PREFIX_TUNING\x10\x03*b\n\x0cRegisterMode\x12\x18\n\x14REGISTER_MODE_CREATE\x10\x00\x12\x1d\n\x19REGISTER_MODE_NEW_VERSION\x10\x01\x12\x19\n\x15REGISTER_MODE_REPLACE\x10\x02\x32\xb0\x03\n\x0e\x41\x64\x61pterService\x12Z\n\x0fRegisterAdapter\x12!.quiver.v1.RegisterAdapterRequest\x1a\".quiver.v1.RegisterAdapterResponse(\x01\x12R\n\rImportAdapter\x12\x1f.quiver.v1.ImportAdapterRequest\x1a .quiver.v1.ImportAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.quiver.v1.ListAdaptersRequest\x1a\x1f.quiver.v1.ListAdaptersResponse\x12I\n\nGetAdapter\x12\x1c.quiver.v1.GetAdapterRequest\x1a\x1d.quiver.v1.GetAdapterResponse\x12R\n\rDeleteAdapter\x12\x1f.quiver.v1.DeleteAdapterRequest\x1a .quiver.v1.DeleteAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18quiver/v1/adapters.proto\x12\tquiver.v1\"\x81\x03\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.quiver.v1.AdapterKind\x12\x11\n\tpeft_type\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x05 \x01(\t\x12\x19\n\x11\x62\x61se_architecture\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x04\x12\x0c\n\x04rank\x18\t \x01(\r\x12\x1a\n\x12num_virtual_tokens\x18\n \x01(\r\x12\x16\n\x0etarget_modules\x18\x0b \x03(\t\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0e \x01(\t\x12\x17\n\x0fprompt_template\x18\x0f \x01(\t\x12\x0e\n\x06labels\x18\x10 \x03(\t\x12\x15\n\rchat_template\x18\x11 \x01(\x08\"\xa1\x01\n\x13RegistrationOptions\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04mode\x18\x02 \x01(\x0e\x32\x17.quiver.v1.RegisterMode\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x1c\n\x0fprompt_template\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x05 \x03(\tB\x12\n\x10_prompt_template\",\n\tFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"z\n\x16RegisterAdapterRequest\x12\x31\n\x07options\x18\x01 \x01(\x0b\x32\x1e.quiver.v1.RegistrationOptionsH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.quiver.v1.FileChunkH\x00\x42\x06\n\x04part\"B\n\x17RegisterAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.quiver.v1.AdapterInfo\"U\n\x14ImportAdapterRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.quiver.v1.RegistrationOptions\"@\n\x15ImportAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.quiver.v1.AdapterInfo\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.quiver.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11GetAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"O\n\x12GetAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.quiver.v1.AdapterInfo\x12\x10\n\x08versions\x18\x02 \x03(\r\"\'\n\x14\x44\x65leteAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"@\n\x15\x44\x65leteAdapterResponse\x12\'\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x16.quiver.v1.AdapterInfo*\x82\x01\n\x0b\x41\x64\x61pterKind\x12\x1c\n\x18\x41\x44\x41PTER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_KIND_LORA\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_KIND_PROMPT_TUNING\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_KIND_PREFIX_TUNING\x10\x03*b\n\x0cRegisterMode\x12\x18\n\x14REGISTER_MODE_CREATE\x10\x00\x12\x1d\n\x19REGISTER_MODE_NEW_VERSION\x10\x01\x12\x19\n\x15REGISTER_MODE_REPLACE\x10\x02\x32\xb0\x03\n\x0e\x41\x64\x61pterService\x12Z\n\x0fRegisterAdapter\x12!.quiver.v1.RegisterAdapterRequest\x1a\".quiver.v1.RegisterAdapterResponse(\x01\x12R\n\rImportAdapter\x12\x1f.quiver.v1.ImportAdapterRequest\x1a .quiver.v1.ImportAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.quiver.v1.ListAdaptersRequest\x1a\x1f.quiver.v1.ListAdaptersResponse\x12I\n\nGetAdapter\x12\x1c.quiver.v1.GetAdapterRequest\x1a\x1d.quiver.v1.GetAdapterResponse\x12R\n\rDeleteAdapter\x12\x1f.quiver.v1.DeleteAdapterRequest\x1a .quiver.v1.DeleteAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'quiver.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERKIND']._serialized_start=1339
-  _globals['_ADAPTERKIND']._serialized_end=1469
-  _globals['_REGISTERMODE']._serialized_start=1471
-  _globals['_REGISTERMODE']._serialized_end=1569
+  _globals['_ADAPTERKIND']._serialized_start=1362
+  _globals['_ADAPTERKIND']._serialized_end=1492
+  _globals['_REGISTERMODE']._serialized_start=1494
+  _globals['_REGISTERMODE']._serialized_end=1592
   _globals['_ADAPTERINFO']._serialized_start=40
-  _globals['_ADAPTERINFO']._serialized_end=402
-  _globals['_REGISTRATIONOPTIONS']._serialized_start=405
-  _globals['_REGISTRATIONOPTIONS']._serialized_end=566
-  _globals['_FILECHUNK']._serialized_start=568
-  _globals['_FILECHUNK']._serialized_end=612
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=614
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=736
-  _globals['_REGISTERADAPTERRESPONSE']._serialized_start=738
-  _globals['_REGISTERADAPTERRESPONSE']._serialized_end=804
-  _globals['_IMPORTADAPTERREQUEST']._serialized_start=806
-  _globals['_IMPORTADAPTERREQUEST']._serialized_end=891
-  _globals['_IMPORTADAPTERRESPONSE']._serialized_start=893
-  _globals['_IMPORTADAPTERRESPONSE']._serialized_end=957
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=959
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1019
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1021
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1110
-  _globals['_GETADAPTERREQUEST']._serialized_start=1112
-  _globals['_GETADAPTERREQUEST']._serialized_end=1148
-  _globals['_GETADAPTERRESPONSE']._serialized_start=1150
-  _globals['_GETADAPTERRESPONSE']._serialized_end=1229
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1231
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1270
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1272
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1336
-  _globals['_ADAPTERSERVICE']._serialized_start=1572
-  _globals['_ADAPTERSERVICE']._serialized_end=2004
+  _globals['_ADAPTERINFO']._serialized_end=425
+  _globals['_REGISTRATIONOPTIONS']._serialized_start=428
+  _globals['_REGISTRATIONOPTIONS']._serialized_end=589
+  _globals['_FILECHUNK']._serialized_start=591
+  _globals['_FILECHUNK']._serialized_end=635
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=637
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=759
+  _globals['_REGISTERADAPTERRESPONSE']._serialized_start=761
+  _globals['_REGISTERADAPTERRESPONSE']._serialized_end=827
+  _globals['_IMPORTADAPTERREQUEST']._serialized_start=829
+  _globals['_IMPORTADAPTERREQUEST']._serialized_end=914
+  _globals['_IMPORTADAPTERRESPONSE']._serialized_start=916
+  _globals['_IMPORTADAPTERRESPONSE']._serialized_end=980
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=982
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1042
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1044
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1133
+  _globals['_GETADAPTERREQUEST']._serialized_start=1135
+  _globals['_GETADAPTERREQUEST']._serialized_end=1171
+  _globals['_GETADAPTERRESPONSE']._serialized_start=1173
+  _globals['_GETADAPTERRESPONSE']._serialized_end=1252
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1254
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1293
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1295
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1359
+  _globals['_ADAPTERSERVICE']._serialized_start=1595
+  _globals['_ADAPTERSERVICE']._serialized_end=2027
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ REGISTER_MODE_NEW_VERSION: RegisterMode
 REGISTER_MODE_REPLACE: RegisterMode
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "peft_type", "base_fingerprint", "base_architecture", "size_bytes", "num_parameters", "rank", "num_virtual_tokens", "target_modules", "sha256", "created_at", "description", "prompt_template", "labels")
+    __slots__ = ("name", "version", "kind", "peft_type", "base_fingerprint", "base_architecture", "size_bytes", "num_parameters", "rank", "num_virtual_tokens", "target_modules", "sha256", "created_at", "description", "prompt_template", "labels", "chat_template")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class AdapterInfo(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: AdapterKind
@@ -61,7 +62,8 @@ class AdapterInfo(_message.Message):
     description: str
     prompt_template: str
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., peft_type: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., base_architecture: _Optional[str] = ..., size_bytes: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rank: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., prompt_template: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    chat_template: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., peft_type: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., base_architecture: _Optional[str] = ..., size_bytes: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rank: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., description: _Optional[str] = ..., prompt_template: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., chat_template: _Optional[bool] = ...) -> None: ...
 
 class RegistrationOptions(_message.Message):
     __slots__ = ("name", "mode", "description", "prompt_template", "labels")
