@@ -27,8 +27,11 @@ from quiver.training.train import train
 
 INSTRUCTION = "Summarize the conversation."
 FIELDS = {"input_field": "dialogue", "output_field": "summary", "instruction": INSTRUCTION}
-# Method -> (training steps, learning rate): prompt tuning needs a much larger rate to move its few parameters.
-METHODS: dict[str, tuple[str, float]] = {"lora": ("lora", 2e-4), "prompt": ("prompt-tuning", 3e-2)}
+# Name -> (method, learning rate): prompt tuning needs a much larger rate to move its few parameters. With
+# --time-budget the rate is `quiver train`'s default for the method instead (what a user passing only data, fields,
+# instruction and a budget gets).
+METHODS: dict[str, tuple[str, float]] = {"lora": ("lora", 2e-4), "prompt": ("prompt-tuning", 3e-2),
+                                         "prefix": ("prefix-tuning", 1e-2), "qlora": ("qlora", 2e-4)}
 
 
 def _subset(source: Path, dest: Path, rows: int) -> Path:
@@ -44,12 +47,16 @@ def _subset(source: Path, dest: Path, rows: int) -> Path:
 def _train(name: str, args: argparse.Namespace, train_file: Path) -> dict[str, Any]:
     method, lr = METHODS[name]
     started = time.monotonic()
+    if args.time_budget is not None:
+        run = TrainConfig(output=str(args.work / name), time_budget=args.time_budget, seed=args.seed)
+    else:
+        run = TrainConfig(output=str(args.work / name), max_steps=args.steps, learning_rate=lr,
+                          batch_size=args.batch_size, eval_steps=max(1, args.steps // 4), seed=args.seed)
     result = train(
         DataConfig(data=(str(train_file),), eval_fraction=0.05, max_length=args.max_length,
                    chat_template=args.chat_template, **FIELDS),
         MethodConfig(method=method),  # type: ignore[arg-type]
-        TrainConfig(output=str(args.work / name), max_steps=args.steps, learning_rate=lr,
-                    batch_size=args.batch_size, eval_steps=max(1, args.steps // 4), seed=args.seed),
+        run,
     )
     return {"steps": result.global_step, "eval_loss": result.final_eval_loss,
             "train_seconds": round(time.monotonic() - started, 1)}
@@ -64,7 +71,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt cut from the left)")
     parser.add_argument("--eval-rows", type=int, default=40, help="first N dev dialogues scored (500: all)")
-    parser.add_argument("--methods", default="lora,prompt", help="comma-separated: lora, prompt")
+    parser.add_argument("--methods", default="lora,prompt", help="comma-separated: lora, prompt, prefix, qlora")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="minutes per adapter instead of --steps, with quiver train's defaults otherwise")
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=False,
                         help="train through the base's chat template (quiver train's default); the README's numbers "
                         "were measured without it")
