@@ -48,6 +48,8 @@ class CuttableProxy:
 
     def cut(self) -> None:
         """Drops both sides of every connection, without a gRPC status, and stops accepting new ones."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(): close() alone would not
         self._listener.close()
         with self._lock:
             for s in self._sockets:
