@@ -115,7 +115,10 @@ class TimeBudget(TrainerCallback):
         if state.global_step == self.plan.total:  # the planned end: evaluated, so it can be the one kept
             control.should_evaluate = control.should_save = self.evaluates
         cost = self._evaluation_cost() if self.evaluates else 0.0
-        if self.plan.total is not None and now + self._rate() + cost + FINAL_SECONDS > self.deadline:
+        # Going on means this step's own evaluation (if one is due), one more step, that step's evaluation as the
+        # last one, and the final save; stopping here needs only this step's evaluation and the save.
+        due = cost if control.should_evaluate else 0.0
+        if self.plan.total is not None and now + due + self._rate() + cost + FINAL_SECONDS > self.deadline:
             # One more step (and its evaluation) would overrun: this step is the last, evaluated and saved.
             if state.global_step < self.plan.total:
                 self.plan.stopped_early_at = state.global_step
