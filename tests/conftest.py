@@ -81,11 +81,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     `real_models`), so `-m "not real_model"` leaves none; without the package that ships the model they are
     skipped with the command that installs it, and everything else still runs."""
     missing = default_model_missing()
+    without_model = pytest.mark.skipif(missing is not None, reason=missing or "")
     for item in items:
         if {"default_checkpoint", "real_models"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real_model)
-        if missing and item.get_closest_marker("real_model"):
-            item.add_marker(pytest.mark.skip(reason=missing))
+        if item.get_closest_marker("real_model"):
+            item.add_marker(without_model)
 
 
 @pytest.fixture(scope="session")
