@@ -143,8 +143,11 @@ class Engine:
         return self._inbox.qsize() + len(self._admission) + len(self._scheduler.preempted)
 
     def check_queue(self) -> None:
-        """ResourceExhausted when `max_queued` requests already wait (preempted ones do not count: they started)."""
-        if self._inbox.qsize() + len(self._admission) >= self._config.max_queued:
+        """ResourceExhausted when `max_queued` requests already wait (preempted ones do not count: they started). A
+        request that will find a free batch place does not wait: a burst into an idle engine fills its batch places
+        and then its queue, whatever order the engine thread takes them in."""
+        waiting = self._inbox.qsize() + len(self._admission) - self._scheduler.free_places(self._runner)
+        if waiting >= self._config.max_queued:
             raise ResourceExhausted(f"{self._config.max_queued} requests are already waiting")
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:

@@ -106,6 +106,12 @@ class StepScheduler:
         chunked = self.chunked  # read once: another thread may ask (cache_reserved_bytes)
         return [*batch.rows, *self.ready, *([chunked] if chunked is not None else [])]
 
+    def free_places(self, batch: BatchView) -> int:
+        """Batch places no row holds or has been promised (preempted rows take theirs back first); read from other
+        threads too, so an estimate there."""
+        held = sum(1 for row in self.rows(batch) if not row.done) + len(self.preempted)
+        return max(0, self._config.max_running - held)
+
     def cache_lengths(self, batch: BatchView, extra: Sequence[RequestState] = ()) -> list[int]:
         """What admission counts for each row of the batch and for `extra` rows about to join it: its peak, or
         with `preempt` its length after the next decode step (as `_preempt` counts it)."""

@@ -141,13 +141,16 @@ def test_seeded_sampling_is_reproducible(engine: Engine, text_tokenizer: Any):
     assert first != other
 
 
-def test_full_queue_is_resource_exhausted(tiny_model: Any, text_tokenizer: Any):
-    eng = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(max_queued=2))
+@pytest.mark.parametrize("max_running", [1, 3])
+def test_a_burst_fills_the_free_batch_places_then_the_queue(tiny_model: Any, text_tokenizer: Any, max_running: int):
+    """The queue counts requests that will wait for a place: a burst into an idle engine is refused only past
+    `max_running + max_queued`, whichever order the engine thread would take it in."""
+    eng = Engine(tiny_model, text_tokenizer, frozenset(), EngineConfig(max_running=max_running, max_queued=2))
     try:
-        # Not started: nothing leaves the queue.
-        eng.submit(request(text_tokenizer, "a"), Collector())
-        eng.submit(request(text_tokenizer, "b"), Collector())
-        with pytest.raises(ResourceExhausted):
+        # Not started: nothing leaves the inbox, so every request of the burst is still there.
+        for i in range(max_running + 2):
+            eng.submit(request(text_tokenizer, f"w{i}"), Collector())
+        with pytest.raises(ResourceExhausted, match="2 requests are already waiting"):
             eng.submit(request(text_tokenizer, "c"), Collector())
     finally:
         eng.stop()
