@@ -53,6 +53,7 @@ from quiver.training.data import (
     split_holdout,
     tokenize_examples,
 )
+from quiver.training.method_defaults import with_defaults
 from quiver.training.methods import BaseFacts, check_gradient_checkpointing, method_for, wrap_for_training
 from quiver.training.outputs import loss_history, register_adapter, save_adapter, write_outputs
 from quiver.training.time_budget import UNPLANNED_STEPS, BudgetPlan, TimeBudget
@@ -197,7 +198,7 @@ def training_arguments(run: TrainConfig, method: MethodConfig, dtype: torch.dtyp
         data_seed=run.seed,
         num_train_epochs=run.epochs,
         max_steps=run.max_steps or -1,
-        learning_rate=run.learning_rate or method_for(method).default_learning_rate,
+        learning_rate=run.learning_rate or method_for(method).learning_rate(method),
         lr_scheduler_type=run.lr_schedule,
         warmup_steps=run.warmup if run.warmup < 1 else int(run.warmup),
         weight_decay=run.weight_decay,
@@ -366,6 +367,7 @@ def train(data: DataConfig, method: MethodConfig, run: TrainConfig, register: Re
         return train_dpo(data, method, run, register)
     if method.method == "head":
         raise ValueError("--method head trains a classification head: it needs --task classify")
+    method = with_defaults(method, data)
     check_gradient_checkpointing(method, run.gradient_checkpointing)
     setup = setup_run(data, run)
     output, has_eval, tokenizer = setup.output, setup.has_eval, setup.tokenizer

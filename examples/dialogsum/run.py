@@ -53,8 +53,8 @@ def _train(name: str, args: argparse.Namespace, train_file: Path) -> dict[str, A
         run = TrainConfig(output=str(args.work / name), max_steps=args.steps, learning_rate=lr,
                           batch_size=args.batch_size, eval_steps=max(1, args.steps // 4), seed=args.seed)
     result = train(
-        DataConfig(data=(str(train_file),), eval_fraction=0.05, max_length=args.max_length,
-                   chat_template=args.chat_template, **FIELDS),
+        DataConfig(data=(str(train_file),), eval_fraction=0.05, chat_template=args.chat_template,
+                   **({} if args.max_length is None else {"max_length": args.max_length}), **FIELDS),
         MethodConfig(method=method),  # type: ignore[arg-type]
         run,
     )
@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=2000, help="first N training dialogues")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per adapter")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt cut from the left)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per example (prompt cut from the left); default: quiver train's (512)")
     parser.add_argument("--eval-rows", type=int, default=40, help="first N dev dialogues scored (500: all)")
     parser.add_argument("--methods", default="lora,prompt", help="comma-separated: lora, prompt, prefix, qlora")
     parser.add_argument("--time-budget", type=float, default=None,
