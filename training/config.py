@@ -125,11 +125,11 @@ class MethodConfig:
                   "and values for this text (Li & Liang); the text is repeated or cut to --num-virtual-tokens; "
                   "unset = random"},
     )
-    prefix_projection: bool | None = field(
-        default=None,
+    prefix_projection: bool = field(
+        default=False,
         metadata={"help": "prefix-tuning only: train the prefix through a two-layer MLP (Li & Liang); the saved "
-                  "adapter holds the MLP's output either way; unset = on unless --init-text is given "
-                  "(training/README.md: the measured choice)"},
+                  "adapter holds the MLP's output either way. Off by default: the prefix then starts from the base's "
+                  "own keys and values of --init-text or the instruction (training/README.md: the measured choice)"},
     )
     init_from_instruction: bool = field(
         default=True,
@@ -183,17 +183,10 @@ class MethodConfig:
             raise ValueError("--init-text must not be empty")
         if self.prefix_projection and self.method != "prefix-tuning":
             raise ValueError("--prefix-projection applies to --method prefix-tuning only")
-        if self.prefix_hidden_size is not None and not self.projects:
+        if self.prefix_hidden_size is not None and not self.prefix_projection:
             raise ValueError("--prefix-hidden-size needs --prefix-projection")
         if self.prefix_hidden_size is not None and self.prefix_hidden_size < 1:
             raise ValueError("--prefix-hidden-size must be >= 1")
-
-    @property
-    def projects(self) -> bool:
-        """Whether a prefix is trained through the MLP: as asked, or by default unless an init text is given."""
-        if self.prefix_projection is None:
-            return self.method == "prefix-tuning" and self.init_text is None
-        return self.prefix_projection
 
     def target_modules_list(self) -> list[str]:
         """The explicit module names; empty for all-linear."""
@@ -239,7 +232,7 @@ class TrainConfig:
     learning_rate: float | None = field(
         default=None,
         metadata={"help": "peak learning rate (default per method: 2e-4 for lora and qlora, 3e-2 for "
-                  "prompt-tuning, 3e-3 for prefix-tuning through its projection and 1e-2 without)"},
+                  "prompt-tuning, 1e-2 for prefix-tuning and 1e-3 through its projection)"},
     )
     lr_schedule: LrSchedule = field(default="cosine", metadata={"help": "learning-rate decay after warmup"})
     warmup: float = field(

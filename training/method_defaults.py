@@ -1,12 +1,10 @@
 """The choices a user leaves unset, decided per method, so that data, fields, an instruction and a budget are
-enough for a good adapter. Each choice was measured on DialogSum's dev split; training/README.md has the table
-and the runs behind it.
+enough for a good adapter. Each choice was measured on DialogSum; training/README.md has the table and the runs
+behind it.
 
-- prefix-tuning trains through the MLP reparametrisation (Li & Liang) unless the user gives an initialisation text
-  or --no-prefix-projection: of the three ways measured, it reached the lowest held-out loss.
-- prompt-tuning and a projection-less prefix start from the instruction's text when no --init-text is given
-  (Lester et al.: text initialisation beats random at small scale; measured so here), unless
-  --no-init-from-instruction.
+Prompt tuning, and prefix tuning without its MLP projection (the default), start from the instruction's text when no
+--init-text is given: a soft prompt from its token embeddings (Lester et al.), a prefix from the base model's own
+keys and values of it (Li & Liang). Measured so here, both beat a random start; --no-init-from-instruction keeps it.
 """
 
 from __future__ import annotations
@@ -15,16 +13,11 @@ import dataclasses
 
 from quiver.training.config import DataConfig, MethodConfig
 
-SOFT_METHODS = ("prompt-tuning", "prefix-tuning")
-
 
 def with_defaults(method: MethodConfig, data: DataConfig) -> MethodConfig:
-    """`method` with its unset choices decided for `data`: the prefix projection (None -> on unless an init text
-    is given) and the init text (the instruction, where the method takes one). Idempotent."""
-    prefix = method.method == "prefix-tuning"
-    projection = method.projects if prefix else method.prefix_projection
-    init_text = method.init_text
-    takes_text = method.method == "prompt-tuning" or (prefix and not projection)
-    if init_text is None and takes_text and method.init_from_instruction and (data.instruction or "").strip():
-        init_text = data.instruction
-    return dataclasses.replace(method, prefix_projection=projection, init_text=init_text)
+    """`method` with its init text decided for `data`: the instruction, where the method takes one and none was
+    given. Idempotent."""
+    takes_text = method.method == "prompt-tuning" or (method.method == "prefix-tuning" and not method.prefix_projection)
+    if method.init_text is None and takes_text and method.init_from_instruction and (data.instruction or "").strip():
+        return dataclasses.replace(method, init_text=data.instruction)
+    return method

@@ -65,7 +65,7 @@ class TrainingMethod:
 
     def learning_rate(self, config: MethodConfig) -> float:
         """The default peak learning rate for `config` (training/README.md has the runs behind each)."""
-        if config.projects and self.projected_learning_rate is not None:
+        if config.prefix_projection and self.projected_learning_rate is not None:
             return self.projected_learning_rate
         return self.default_learning_rate
 
@@ -97,7 +97,7 @@ def _prefix_tuning_config(config: MethodConfig, base: BaseFacts) -> PeftConfig:
     return PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=config.num_virtual_tokens,
-        prefix_projection=config.projects,
+        prefix_projection=config.prefix_projection,
         encoder_hidden_size=config.prefix_hidden_size or base.hidden_size,
     )
 
@@ -131,12 +131,12 @@ METHODS: dict[str, TrainingMethod] = {
     # Soft prompts are few parameters starting far from a useful point: they need far larger steps than LoRA
     # (Lester et al. used 0.3 with Adafactor; 3e-2 with AdamW is PEFT's example value).
     "prompt-tuning": TrainingMethod(3e-2, "none", _prompt_tuning_config, _prepare_full_precision),
-    # The prefix sits in every layer's attention, so it tolerates smaller steps than a soft prompt; through the
-    # MLP, smaller still (training/README.md). PEFT's prefix keys/values travel as a KV cache, which gradient
-    # checkpointing disables.
+    # The prefix sits in every layer's attention, so it tolerates smaller steps than a soft prompt; the MLP far
+    # smaller ones (3e-3 diverged: training/README.md). PEFT's prefix keys/values travel as a KV cache, which
+    # gradient checkpointing disables.
     "prefix-tuning": TrainingMethod(
         1e-2, "none", _prefix_tuning_config, _prepare_full_precision, supports_gradient_checkpointing=False,
-        initialise=_prefix_from_text, projected_learning_rate=3e-3,
+        initialise=_prefix_from_text, projected_learning_rate=1e-3,
     ),
 }
 
