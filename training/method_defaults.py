@@ -4,7 +4,8 @@ behind it.
 
 Prompt tuning, and prefix tuning without its MLP projection (the default), start from the instruction's text when no
 --init-text is given: a soft prompt from its token embeddings (Lester et al.), a prefix from the base model's own
-keys and values of it (Li & Liang). Measured so here, both beat a random start; --no-init-from-instruction keeps it.
+keys and values of it (Li & Liang). Measured so here, both beat a random start; --no-init-from-instruction starts
+at random instead.
 """
 
 from __future__ import annotations
