@@ -8,12 +8,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from quiver.common.model_choices import Quantize
+
 
 @contextmanager
-def local_server(model: str | None, store: str | None) -> Iterator[str]:
-    """An in-process gRPC server over `model` and `store` (port 0, no HTTP or metrics endpoint) for the duration;
-    its target. The caller's torch thread count, which the server lowers to one for the threads outside its
-    engine, is given back afterwards (a script that trains after evaluating would otherwise train on one thread)."""
+def local_server(model: str | None, store: str | None, quantize: Quantize = "auto") -> Iterator[str]:
+    """An in-process gRPC server over `model` (quantized as `quantize`, ModelConfig's meaning) and `store` (port 0,
+    no HTTP or metrics endpoint) for the duration; its target. The caller's torch thread count, which the server
+    lowers to one for the threads outside its engine, is given back afterwards (a script that trains after
+    evaluating would otherwise train on one thread)."""
     import torch
 
     from quiver.server.platform.cpu_threads import reserve_for_engine
@@ -21,19 +24,19 @@ def local_server(model: str | None, store: str | None) -> Iterator[str]:
     threads = torch.get_num_threads()
     reserve_for_engine()  # as `quiver serve` does: the engine's thread is then the only multi-threaded one
     try:
-        with _serving(model, store) as target:
+        with _serving(model, store, quantize) as target:
             yield target
     finally:
         torch.set_num_threads(threads)
 
 
 @contextmanager
-def _serving(model: str | None, store: str | None) -> Iterator[str]:
+def _serving(model: str | None, store: str | None, quantize: Quantize) -> Iterator[str]:
     from quiver.server.app import start_server
     from quiver.server.config import AdapterConfig, EngineConfig, ModelConfig, ServerConfig
     from quiver.server.model.model_loader import load_base_model
 
-    loaded = load_base_model(ModelConfig(model=model))
+    loaded = load_base_model(ModelConfig(model=model, quantize=quantize))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="quiver-eval-server", daemon=True)
     thread.start()

@@ -231,7 +231,7 @@ class TrainConfig:
     )
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "peak learning rate (default per method: 2e-4 for lora and qlora, 3e-2 for "
+        metadata={"help": "peak learning rate (default per method: 1e-3 for lora and qlora, 3e-2 for "
                   "prompt-tuning, 1e-2 for prefix-tuning and 1e-3 through its projection)"},
     )
     lr_schedule: LrSchedule = field(default="cosine", metadata={"help": "learning-rate decay after warmup"})

@@ -126,8 +126,8 @@ def _prepare_kbit(model: Any, gradient_checkpointing: bool) -> Any:
 
 
 METHODS: dict[str, TrainingMethod] = {
-    "lora": TrainingMethod(2e-4, "none", _lora_config, _prepare_full_precision),
-    "qlora": TrainingMethod(2e-4, "nf4", _lora_config, _prepare_kbit),
+    "lora": TrainingMethod(1e-3, "none", _lora_config, _prepare_full_precision),
+    "qlora": TrainingMethod(1e-3, "nf4", _lora_config, _prepare_kbit),
     # Soft prompts are few parameters starting far from a useful point: they need far larger steps than LoRA
     # (Lester et al. used 0.3 with Adafactor; 3e-2 with AdamW is PEFT's example value).
     "prompt-tuning": TrainingMethod(3e-2, "none", _prompt_tuning_config, _prepare_full_precision),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ from quiver.training.train import train
 
 INSTRUCTION = "Summarize the conversation."
 FIELDS = {"input_field": "dialogue", "output_field": "summary", "instruction": INSTRUCTION}
-# Name -> (method, learning rate with --steps): prompt tuning needs a much larger rate to move its few parameters.
-# With the time budget the rate is `quiver train`'s default for the method instead (what a user passing only data,
-# fields, instruction and a budget gets).
-METHODS: dict[str, tuple[str, float]] = {"lora": ("lora", 2e-4), "prompt": ("prompt-tuning", 3e-2),
-                                         "prefix": ("prefix-tuning", 1e-2), "qlora": ("qlora", 2e-4)}
+# Name -> quiver train's method. Its rate, shape and initialisation are quiver train's defaults for the method
+# (what a user passing only data, fields, instruction and a budget gets) unless --learning-rate is given.
+METHODS = {"lora": "lora", "prompt": "prompt-tuning", "prefix": "prefix-tuning", "qlora": "qlora"}
+
+# A QLoRA adapter is scored where it is meant to be served: over the nf4 base it was trained on (`quiver serve
+# --quantize nf4`, the GPU default); every other adapter, and the base beside it, over the float32 base.
+SERVED_OVER = {"qlora": "nf4"}
 
 
 def _subset(source: Path, dest: Path, rows: int) -> Path:
@@ -46,12 +49,13 @@ def _subset(source: Path, dest: Path, rows: int) -> Path:
 
 
 def _train(name: str, args: argparse.Namespace, train_file: Path) -> dict[str, Any]:
-    method, lr = METHODS[name]
+    method = METHODS[name]
     started = time.monotonic()
     if args.steps is None:
-        run = TrainConfig(output=str(args.work / name), time_budget=args.time_budget, seed=args.seed)
+        run = TrainConfig(output=str(args.work / name), time_budget=args.time_budget, seed=args.seed,
+                          learning_rate=args.learning_rate)
     else:
-        run = TrainConfig(output=str(args.work / name), max_steps=args.steps, learning_rate=lr,
+        run = TrainConfig(output=str(args.work / name), max_steps=args.steps, learning_rate=args.learning_rate,
                           batch_size=args.batch_size, eval_steps=max(1, args.steps // 4), seed=args.seed)
     result = train(
         DataConfig(data=(str(train_file),), eval_fraction=0.05, chat_template=args.chat_template,
@@ -71,7 +75,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=30.0,
                         help="minutes per adapter, with quiver train's defaults for everything else")
     parser.add_argument("--steps", type=int, default=None,
-                        help="fixed optimizer steps per adapter instead of --time-budget, with the rates of METHODS")
+                        help="fixed optimizer steps per adapter instead of --time-budget")
     parser.add_argument("--batch-size", type=int, default=4, help="with --steps")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per example (prompt cut from the left); default: quiver train's (512)")
@@ -79,6 +83,8 @@ def main() -> None:
     parser.add_argument("--methods", default="lora,prefix,prompt", help="comma-separated: lora, prompt, prefix, qlora")
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                         help="train through the base's chat template (quiver train's default)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="peak rate for every method instead of its default (for tuning runs)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -93,7 +99,7 @@ def main() -> None:
         report = evaluate(EvalConfig(
             data=str(args.data_dir / "dev.jsonl"), adapter=adapter, store=str(args.work / "store"),
             limit=args.eval_rows, max_new_tokens=64, out=str(args.work / f"eval-{name}.json"), **FIELDS,
-        ), local_server)
+        ), partial(local_server, quantize=SERVED_OVER.get(name, "auto")))
         print(report.table(), flush=True)
         entry.update(base=report.base, adapter=report.adapted, eval_seconds=round(report.seconds, 1))
         results["adapters"][name] = entry

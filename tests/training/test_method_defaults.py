@@ -31,8 +31,8 @@ def resolved(**fields: Any) -> MethodConfig:
     ({"method": "prompt-tuning"}, INSTRUCTION, 3e-2),
     ({"method": "prompt-tuning", "init_text": "Sum up."}, "Sum up.", 3e-2),
     ({"method": "prompt-tuning", "init_from_instruction": False}, None, 3e-2),
-    ({"method": "lora"}, None, 2e-4),
-    ({"method": "qlora"}, None, 2e-4),
+    ({"method": "lora"}, None, 1e-3),
+    ({"method": "qlora"}, None, 1e-3),
 ])
 def test_unset_choices_are_decided_per_method(fields: dict[str, Any], init_text: str | None, learning_rate: float):
     method = resolved(**fields)
