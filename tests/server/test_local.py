@@ -25,3 +25,14 @@ def test_serves_and_gives_the_callers_threads_back(tmp_path: Path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_serves_over_the_quantization_asked_for(tmp_path: Path):
+    """`examples/dialogsum` scores a QLoRA adapter over the nf4 base it was trained on; the default on the CPU is
+    the plain base."""
+    base = write_tiny_checkpoint(tmp_path / "tiny")
+    for quantize, expected in (("auto", "none"), ("nf4", "nf4")):
+        with local_server(str(base), str(tmp_path / "store"), quantize=quantize) as target, \
+                QuiverClient(target, timeout=60) as client:
+            assert client.model_info().quantization == expected
+            assert client.generate("w1 w2", max_new_tokens=2, ignore_eos=True).completion_tokens == 2
