@@ -133,3 +133,23 @@ def resolve_quantization(choice: Quantize | str, device: str) -> str:
 def quantization_config(scheme: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """The transformers config that loads weights in `scheme`, or None for full precision."""
     return QUANTIZATION_SCHEMES[scheme](compute_dtype)
+
+
+def keep_nf4_compute_dtype(model: torch.nn.Module, device: str, dtype: torch.dtype) -> int:
+    """Keep a CPU nf4 model's matmuls in float32 when float32 is the compute dtype; how many layers were held.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks an nf4 layer's weights at its first inference call for a fused
+    kernel that computes in bfloat16, whatever `bnb_4bit_compute_dtype` says, and from then on every call of that
+    layer takes it. The result then depends on the machine (and differs from the float32 path the same model takes
+    elsewhere) and on whether the layer first ran in inference. A float32 model is meant to compute in float32, so
+    the kernel is turned off for it (logged); a bfloat16 model keeps it where the CPU has it."""
+    if _device_type(device) != "cpu" or dtype != torch.float32:
+        return 0
+    from bitsandbytes.nn import Linear4bit
+
+    held = [m for m in model.modules() if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)]
+    for module in held:
+        module.support_avx512bf16_for_cpu = False
+    if held:
+        log.info("nf4 on cpu: bitsandbytes' bfloat16 kernel off for %d layers (float32 compute)", len(held))
+    return len(held)

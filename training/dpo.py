@@ -33,7 +33,7 @@ from trl import DPOConfig, DPOTrainer
 
 from quiver.adapters.metadata import METADATA_FILE
 from quiver.common.errors import InvalidArgument
-from quiver.common.quantization import quantization_config
+from quiver.common.quantization import keep_nf4_compute_dtype, quantization_config
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 from quiver.training.data import DataSource, FieldMapping, prompt_template_for
 from quiver.training.methods import METHODS, BaseFacts
@@ -128,6 +128,7 @@ def load_policy(checkpoint: Path, method: MethodConfig, run: TrainConfig, device
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+    keep_nf4_compute_dtype(model, str(device), dtype)  # as in quiver train: evaluations must not switch kernels
     model.config.use_cache = False
     prepared = entry.prepare(model, run.gradient_checkpointing)
     transformers.set_seed(run.seed)

@@ -38,7 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from quiver.adapters.metadata import sha256_file
 from quiver.common.fingerprint import fingerprint
 from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
-from quiver.common.quantization import quantization_config
+from quiver.common.quantization import keep_nf4_compute_dtype, quantization_config
 from quiver.training.config import DataConfig, MethodConfig, RegisterConfig, TrainConfig
 from quiver.training.data import (
     DataSource,
@@ -257,6 +257,9 @@ def load_model(checkpoint: Path, method: MethodConfig, run: TrainConfig, args: T
         # Quantized weights are made on their device at load time; one copy per process under DDP.
         kwargs.update(quantization_config=quant, device_map={"": args.device})
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+    # Else, on an AVX512-BF16 CPU, the first evaluation would switch every nf4 layer to bitsandbytes' bfloat16
+    # inference kernel for the rest of the training as well.
+    keep_nf4_compute_dtype(model, str(args.device), dtype)
     model.config.use_cache = False  # no generation during training
     facts = BaseFacts(checkpoint_dir=checkpoint, hidden_size=int(model.config.get_text_config().hidden_size))
     transformers.set_seed(run.seed)  # the adapter's initialisation

@@ -20,6 +20,7 @@ from quiver.common.fingerprint import fingerprint
 from quiver.common.model_source import default_cache_dir, resolve_checkpoint, source_name
 from quiver.common.quantization import (
     dtype_name,
+    keep_nf4_compute_dtype,
     quantization_config,
     resolve_device,
     resolve_dtype,
@@ -137,6 +138,7 @@ def _load_model(checkpoint_dir: Path, device: str, dtype: torch.dtype, scheme: s
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), **kwargs)
     except Exception as e:  # start-up boundary: every cause becomes one clear load error
         raise ModelLoadError(f"cannot load the model in {checkpoint_dir} ({scheme} on {device}): {e}") from e
+    keep_nf4_compute_dtype(model, device, dtype)
     return model.eval()
 
 

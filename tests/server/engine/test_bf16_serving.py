@@ -9,7 +9,7 @@ adapter weights kept in bf16 as Quiver's slots keep them, not autocast to fp32 a
 - every token's log-probability is within LOGPROB_TOL of PEFT's for that token;
 - every token is PEFT's most likely one, or within LOGPROB_TOL of it (a near tie may fall either way).
 The check discriminates: under the base model instead of its adapter, each adapter row's tokens miss by more
-than 2x the tolerance (0.6-3.9 nats measured). The random LoRA is scaled down (lora_alpha 4 at rank 16): at
+than 1.5x the tolerance (0.5-3.9 nats measured). The random LoRA is scaled down (lora_alpha 4 at rank 16): at
 full scale it flattens the model's distributions until two correct bf16 computations (PEFT with its LoRA in
 bf16 and in fp32) disagree by 0.6 nats.
 """
@@ -40,7 +40,9 @@ from ..devices import DEVICES
 pytestmark = pytest.mark.real_model
 
 MAX_NEW = 6
-LOGPROB_TOL = 0.25  # nats; measured on CPU: 0.03-0.04 (base rows), 0.04-0.11 (adapter rows), bf16 and nf4
+# nats. Measured on CPU: 0.03-0.04 (base rows), 0.04-0.11 (adapter rows), bf16 and nf4; on a CPU with AMX-BF16,
+# whose bf16 matmuls tile and round differently, up to 0.26 (the LoRA row, unquantized).
+LOGPROB_TOL = 0.3
 PREFILL_TOKENS = 10  # the soft-prompt row (6 virtual tokens + its prompt) is prefilled in chunks
 PROMPTS = {
     "lora": "The capital of France is",
@@ -137,4 +139,4 @@ def test_bf16_mixed_batch_matches_peft_teacher_forced(
         reference = _teacher_forced(peft, prompts[name], results[name][0])
         model = peft.unload() if name == "lora" else peft.get_base_model()
         assert _misses(reference, *results[name]) <= LOGPROB_TOL, name
-        assert _misses(base_refs[name], *results[name]) > 2 * LOGPROB_TOL, f"{name} should change the output"
+        assert _misses(base_refs[name], *results[name]) > 1.5 * LOGPROB_TOL, f"{name} should change the output"

@@ -4,6 +4,7 @@ an S3 adapter store (moto's server), with 20 LoRAs registered, and Ray's metrics
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -26,10 +27,22 @@ ADMIN = "ray-admin"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free loopback port below the kernel's ephemeral range. Ray's processes open connections (each taking an
+    ephemeral local port) between the moment a port is chosen here and the moment Serve's proxy binds it; a port
+    from that range (what binding to port 0 gives) was taken that way once ("Failed to bind to address"), one
+    outside it cannot be. Above Ray's worker ports (10002-19999 by default)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, low) if low > 21000 else 0  # an unusual range: any free port, as before
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            bound: int = s.getsockname()[1]
+            return bound
+    raise RuntimeError(f"no free loopback port in [20000, {low})")
 
 
 @dataclass(frozen=True)

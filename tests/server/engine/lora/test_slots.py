@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from quiver.adapters.base_spec import base_spec_from_checkpoint
 from quiver.adapters.validation import WEIGHTS_FILE, ValidationLimits, validate_adapter
-from quiver.common.quantization import quantization_config
+from quiver.common.quantization import keep_nf4_compute_dtype, quantization_config
 from quiver.server.engine.lora.backend import LoraBackend, choose_backend
 from quiver.server.engine.lora.slots import BatchedLoraLinear, LoraSlots, lora_pairs
 from quiver.server.engine.lora.torch_backend import GATHERED, weights_for
@@ -270,6 +270,7 @@ def _quantized_base(base_dir: Path, scheme: str) -> Any:
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=torch.float32, quantization_config=quant, device_map="cpu"
     )
+    keep_nf4_compute_dtype(model, "cpu", torch.float32)  # as the server loads it: float32 on every CPU
     return model.eval()
 
 
