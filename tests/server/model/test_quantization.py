@@ -13,6 +13,7 @@ from quiver.common.errors import ModelLoadError
 from quiver.common.fingerprint import fingerprint
 from quiver.common.quantization import (
     QUANTIZATION_SCHEMES,
+    keep_nf4_compute_dtype,
     quantization_config,
     resolve_device,
     resolve_dtype,
@@ -111,6 +112,39 @@ def test_tiny_model_quantizes_on_cpu(
     assert logits.shape == (1, 4, 256) and torch.isfinite(logits).all()
     # bitsandbytes' per-matmul int8 cast warning reaches the log at most once, not once per layer and step.
     assert sum("MatMul8bitLt" in r.getMessage() for r in caplog.records) <= 1
+
+
+def test_a_float32_nf4_model_computes_in_float32(tiny_checkpoint: Path, tmp_path: Path):
+    """On a CPU with AVX512-BF16, bitsandbytes switches an nf4 layer to a bfloat16 kernel for good at its first
+    inference call. A float32 model must not switch: its inference logits equal those of a
+    training-mode forward, which never takes that kernel, before and after inference calls."""
+    loaded = _load(tiny_checkpoint, "nf4", tmp_path)
+    model, ids = loaded.model, torch.tensor([[1, 5, 9, 13, 17, 21]])
+    model.train()
+    with torch.no_grad():
+        reference = model(ids).logits  # (1, 6, vocab), float32 throughout
+    model.eval()
+    with torch.inference_mode():
+        served = [model(ids).logits, model(ids[:, :1]).logits, model(ids).logits]
+    assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+               for m in model.modules() if type(m).__name__ == "Linear4bit")
+    assert torch.allclose(served[0], reference, atol=1e-6, rtol=0)
+    assert torch.allclose(served[2], reference, atol=1e-6, rtol=0)
+    assert torch.allclose(served[1], reference[:, :1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("dtype", "held"), [(torch.float32, True), (torch.bfloat16, False)])
+def test_the_bfloat16_kernel_is_off_only_for_float32(tiny_checkpoint: Path, dtype: torch.dtype, held: bool):
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=dtype, device_map="cpu",
+                                                 quantization_config=quantization_config("nf4", dtype))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:  # as on a CPU with AVX512-BF16, whatever this one has
+        layer.support_avx512bf16_for_cpu = True
+    assert keep_nf4_compute_dtype(model, "cpu", dtype) == (len(layers) if held else 0) and layers
+    assert all(layer.support_avx512bf16_for_cpu is not held for layer in layers)
 
 
 def test_eos_ids_merge_generation_config_and_tokenizer(tmp_path: Path):
